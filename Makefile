@@ -1,0 +1,27 @@
+# Offline-first entry points. `make repro` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export YOLO_OFFLINE ?= 1
+export DVC_NO_ANALYTICS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup repro test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+	touch $@
+
+repro: setup
+	$(VENV)/bin/dvc repro
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline trainer tests benchmarks

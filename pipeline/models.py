@@ -1,0 +1,241 @@
+"""Model presets: one factory for every component (YOLO, CLIP, BERT, ViT), `tiny` or `base`.
+
+`base` loads real checkpoints through each library's own loader (hub, cache or local path).
+`tiny` builds the same architectures from small configs with seeded random weights, offline.
+Any component can be pointed at a local path instead. There is no fallback from base to tiny:
+missing weights raise `WeightsUnavailable` with instructions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_VOCAB = ASSETS / "tiny_bert_vocab.txt"
+TINY_CLIP_NAME = "pmu-tiny-clip"
+TINY_SEED = 1234  # tiny weights are random but identical on every run (deterministic shards)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Real weights were asked for but cannot be loaded here."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    detector: str
+    clip_model: str
+    clip_pretrained: str | None
+    text_encoder: str
+    vision_encoder: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "base": Preset(
+        name="base",
+        detector="yolo11n.pt",
+        clip_model="ViT-B-32",
+        clip_pretrained="openai",
+        text_encoder="bert-base-uncased",
+        vision_encoder="google/vit-base-patch16-224-in21k",
+    ),
+    "tiny": Preset(
+        name="tiny",
+        detector="yolo11n.yaml",
+        clip_model=TINY_CLIP_NAME,
+        clip_pretrained=None,
+        text_encoder="tiny",
+        vision_encoder="tiny",
+    ),
+}
+
+TINY_BERT = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=512,
+)
+TINY_VIT = dict(
+    image_size=64,
+    patch_size=16,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+)
+
+HOW_TO_GET = {
+    "detector": (
+        "download yolo11n.pt (https://github.com/ultralytics/assets/releases) on a machine with "
+        "internet and pass its path (--detector PATH / models.detector in params.yaml), "
+        "or use --preset tiny"
+    ),
+    "clip": (
+        "fetch the open_clip ViT-B-32 'openai' weights on a machine with internet (they land in the "
+        "Hugging Face cache, ~/.cache/huggingface), copy that cache here, or pass a local "
+        "checkpoint file (--clip PATH), or use --preset tiny"
+    ),
+    "hf": (
+        "run `huggingface-cli download {name}` on a machine with internet and copy the cache "
+        "(~/.cache/huggingface) here, or pass a local directory saved with save_pretrained, "
+        "or use --preset tiny"
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "YOLO_OFFLINE"))
+
+
+@contextlib.contextmanager
+def seeded(seed: int = TINY_SEED):
+    """Run random initialisation under a fixed seed without disturbing the caller's RNG."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# ----------------------------------------------------------------------------- detector (YOLO)
+
+
+def coco_names() -> dict[int, str]:
+    import yaml
+    from ultralytics.utils import ROOT
+
+    with open(ROOT / "cfg/datasets/coco.yaml", encoding="utf-8") as f:
+        return {int(k): v for k, v in yaml.safe_load(f)["names"].items()}
+
+
+def load_detector(preset: str | Preset = "tiny", path: str | os.PathLike | None = None):
+    """An ultralytics YOLO: a local .pt file, base `yolo11n.pt`, or tiny random `yolo11n.yaml`.
+
+    YOLO .pt files are pickles (ultralytics' own format): load only weights you trust.
+    """
+    from ultralytics import YOLO
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    source = str(path) if path else p.detector
+    if source.endswith(".yaml"):
+        with seeded():
+            model = YOLO(source)
+        model.model.names = coco_names()  # random weights, but real class names
+        return model
+    if not Path(source).is_file():
+        from ultralytics.utils import SETTINGS
+
+        cached = Path(SETTINGS.get("weights_dir", "weights")) / source
+        if cached.is_file():
+            source = str(cached)
+        elif path or is_offline():
+            raise WeightsUnavailable(f"detector weights {source!r} not found: {HOW_TO_GET['detector']}")
+    try:
+        return YOLO(source)
+    except Exception as e:  # ultralytics raises assorted errors when a download fails
+        raise WeightsUnavailable(f"cannot load detector {source!r} ({e}): {HOW_TO_GET['detector']}") from e
+
+
+# ----------------------------------------------------------------------------- CLIP (open_clip)
+
+
+def _register_tiny_clip() -> None:
+    import open_clip
+
+    if TINY_CLIP_NAME not in open_clip.list_models():
+        open_clip.add_model_config(ASSETS / "open_clip" / f"{TINY_CLIP_NAME}.json")
+
+
+def load_clip(preset: str | Preset = "tiny", path: str | os.PathLike | None = None):
+    """(model, preprocess, tokenizer) from open_clip, in eval mode.
+
+    `path` is a local checkpoint (state dict, .safetensors preferred) for the preset's architecture.
+    """
+    import open_clip
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    _register_tiny_clip()
+    pretrained = str(path) if path else p.clip_pretrained
+    if path and not Path(path).is_file():
+        raise WeightsUnavailable(f"CLIP checkpoint {str(path)!r} not found: {HOW_TO_GET['clip']}")
+    try:
+        with seeded():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                p.clip_model, pretrained=pretrained
+            )
+    except Exception as e:
+        if pretrained is None:
+            raise
+        raise WeightsUnavailable(
+            f"cannot load CLIP {p.clip_model}/{pretrained} ({type(e).__name__}: {e}): "
+            f"{HOW_TO_GET['clip']}"
+        ) from e
+    tokenizer = open_clip.get_tokenizer(p.clip_model)
+    return model.eval(), preprocess, tokenizer
+
+
+# ----------------------------------------------------------------------------- BERT / ViT (HF)
+
+
+def load_tokenizer(preset: str | Preset = "tiny", path: str | os.PathLike | None = None):
+    """The BERT WordPiece tokenizer for the text encoder (tiny: the project's shipped vocab)."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    source = str(path) if path else p.text_encoder
+    if source == "tiny":
+        # transformers 5 ignores vocab_file=; vocab= is the argument that reads the file.
+        return BertTokenizerFast(vocab=str(TINY_VOCAB), do_lower_case=True)
+    return _hf_load(AutoTokenizer, source)
+
+
+def load_text_encoder(preset: str | Preset = "tiny", path: str | os.PathLike | None = None):
+    """A HF BertModel (or any AutoModel encoder in a local dir), without pooler."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    source = str(path) if path else p.text_encoder
+    if source == "tiny":
+        vocab_size = sum(1 for _ in open(TINY_VOCAB, encoding="utf-8"))
+        with seeded():
+            return BertModel(BertConfig(vocab_size=vocab_size, **TINY_BERT), add_pooling_layer=False)
+    return _hf_load(AutoModel, source, add_pooling_layer=False)
+
+
+def load_vision_encoder(preset: str | Preset = "tiny", path: str | os.PathLike | None = None):
+    """A HF ViTModel, without pooler."""
+    from transformers import ViTConfig, ViTModel
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    source = str(path) if path else p.vision_encoder
+    if source == "tiny":
+        with seeded(TINY_SEED + 1):
+            return ViTModel(ViTConfig(**TINY_VIT), add_pooling_layer=False)
+    return _hf_load(ViTModel, source, add_pooling_layer=False)
+
+
+def _hf_load(cls, source: str, **kwargs):
+    local = Path(source)
+    if source.startswith((".", "/")) and not local.is_dir():
+        raise WeightsUnavailable(f"model directory {source!r} not found: {HOW_TO_GET['hf'].format(name=source)}")
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise WeightsUnavailable(
+            f"cannot load {source!r} ({e.__class__.__name__}): {HOW_TO_GET['hf'].format(name=source)}"
+        ) from e

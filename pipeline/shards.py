@@ -1,0 +1,202 @@
+"""The shard contract between pipeline and trainer: encode, write, read and decode samples.
+
+A shard is a plain WebDataset tar (`shard-000000.tar`, ...) with the members of one sample
+adjacent, in a fixed order. Tars are written deterministically (fixed header fields and member
+order) and atomically (temp name, then rename). Nothing here ever unpickles: arrays are .npy
+read with allow_pickle=False, metadata is JSON.
+
+Per sample (key = `sample_key(id)`):
+    {key}.jpg           image (RGB JPEG, longest side capped)
+    {key}.txt           caption, UTF-8
+    {key}.json          id, source, itm, width, height, boxes (xyxy in [0,1]), box_classes,
+                        box_confs, ent_mass (kept q_ent mass per object), rel_mass
+    {key}.ent_idx.npy   int32 [n_objects, k_ent]   entity vocabulary indices, by falling prob
+    {key}.ent_prob.npy  float32 [n_objects, k_ent] q_ent restricted to those indices
+    {key}.rel_idx.npy   int32 [k_rel]              relation vocabulary indices
+    {key}.rel_prob.npy  float32 [k_rel]            q_rel restricted to those indices
+Beside the shards: sizes.json (shard name -> sample count), manifest.json, entities.json,
+relations.json (the vocabularies, so a trainer needs only the shard folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONTRACT_VERSION = 1
+SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_GLOB = "shard-*.tar"
+MEMBER_ORDER = ("jpg", "txt", "json", "ent_idx.npy", "ent_prob.npy", "rel_idx.npy", "rel_prob.npy")
+SIZES_FILE = "sizes.json"
+MANIFEST_FILE = "manifest.json"
+ENTITIES_FILE = "entities.json"
+RELATIONS_FILE = "relations.json"
+_SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass
+class LabelledSample:
+    """One sample as the contract stores it."""
+
+    id: str
+    jpg: bytes
+    caption: str
+    meta: dict[str, Any]
+    ent_idx: np.ndarray
+    ent_prob: np.ndarray
+    rel_idx: np.ndarray
+    rel_prob: np.ndarray
+    key: str = field(default="")
+
+    def __post_init__(self) -> None:
+        self.key = self.key or sample_key(self.id)
+
+
+def sample_key(sample_id: str) -> str:
+    """A WebDataset-safe key (no dots or slashes) that stays unique for any id."""
+    key = _SAFE_KEY.sub("_", sample_id)
+    if key != sample_id or not key:
+        key = f"{key[:80]}_{hashlib.sha1(sample_id.encode('utf-8')).hexdigest()[:10]}"
+    return key
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def encode_sample(sample: LabelledSample) -> dict[str, bytes]:
+    """Member suffix -> bytes, in contract order."""
+    meta = dict(sample.meta, id=sample.id)
+    return {
+        "jpg": sample.jpg,
+        "txt": sample.caption.encode("utf-8"),
+        "json": _json_bytes(meta),
+        "ent_idx.npy": _npy_bytes(np.asarray(sample.ent_idx, dtype=np.int32)),
+        "ent_prob.npy": _npy_bytes(np.asarray(sample.ent_prob, dtype=np.float32)),
+        "rel_idx.npy": _npy_bytes(np.asarray(sample.rel_idx, dtype=np.int32)),
+        "rel_prob.npy": _npy_bytes(np.asarray(sample.rel_prob, dtype=np.float32)),
+    }
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[LabelledSample]) -> int:
+    """Write one shard deterministically and atomically; return the number of samples."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for sample in samples:
+                for suffix, data in encode_sample(sample).items():
+                    info = tarfile.TarInfo(f"{sample.key}.{suffix}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o444
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return count
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Pretty, key-sorted JSON written to a temp file and renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def unsafe_member_reason(info: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not be read, or None when it is a plain, relative file."""
+    name = info.name
+    if not info.isfile():
+        return "not a regular file"
+    if name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name:
+        return "unsafe path"
+    if name.endswith((".pkl", ".pickle", ".pyd", ".pth")) or ".pkl." in name:
+        return "pickle member"
+    return None
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """`dir/key.ent_idx.npy` -> (`dir/key`, `ent_idx.npy`), the WebDataset convention."""
+    base = os.path.basename(name)
+    key, _, suffix = base.partition(".")
+    return os.path.join(os.path.dirname(name), key) if os.path.dirname(name) else key, suffix
+
+
+def iter_raw_samples(path: str | os.PathLike) -> Iterator[dict[str, bytes]]:
+    """Group a shard's members by key; raise ValueError on unsafe or pickle members."""
+    current: dict[str, bytes] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            reason = unsafe_member_reason(info)
+            if reason:
+                raise ValueError(f"{path}: member {info.name!r}: {reason}")
+            key, suffix = split_member(info.name)
+            if current and current["__key__"] != key:
+                yield current
+                current = {}
+            current.setdefault("__key__", key)
+            current[suffix] = tar.extractfile(info).read()
+    if current:
+        yield current
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Raw member bytes -> python values. The image stays JPEG bytes (decode where it is used)."""
+    def npy(suffix: str) -> np.ndarray:
+        return np.load(io.BytesIO(raw[suffix]), allow_pickle=False)
+
+    meta = json.loads(raw["json"])
+    return {
+        "__key__": raw.get("__key__"),
+        "jpg": raw["jpg"],
+        "caption": raw["txt"].decode("utf-8"),
+        "meta": meta,
+        "ent_idx": npy("ent_idx.npy"),
+        "ent_prob": npy("ent_prob.npy"),
+        "rel_idx": npy("rel_idx.npy"),
+        "rel_prob": npy("rel_prob.npy"),
+    }
+
+
+def shard_paths(shard_dir: str | os.PathLike) -> list[Path]:
+    return sorted(Path(shard_dir).glob(SHARD_GLOB))
+
+
+def read_sizes(shard_dir: str | os.PathLike) -> dict[str, int]:
+    return json.loads((Path(shard_dir) / SIZES_FILE).read_text(encoding="utf-8"))
+
+
+def read_vocabularies(shard_dir: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(entity names, relation labels) in index order, from the files beside the shards."""
+    shard_dir = Path(shard_dir)
+    entities = json.loads((shard_dir / ENTITIES_FILE).read_text(encoding="utf-8"))["entities"]
+    relations = json.loads((shard_dir / RELATIONS_FILE).read_text(encoding="utf-8"))["relations"]
+    return [e["name"] for e in entities], [r["label"] for r in relations]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Prompt Me Up trainer: pretraining on labelled shards, MNER/MRE fine-tuning."""
