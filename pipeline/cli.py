@@ -47,6 +47,149 @@ def inspect_cmd(
         typer.echo(f"  warning: {warning}")
 
 
+def _parse_params(spec: str | None) -> dict | None:
+    """`--stage-params params.yaml` -> the dict recorded in the shard manifest."""
+    if not spec:
+        return None
+    import yaml
+
+    with open(spec, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+@app.command("detect-objects")
+def detect_objects_cmd(
+    pairs: str = typer.Option("data/prepared/pairs.parquet", help="Prepared pairs."),
+    out: str = typer.Option("data/objects/boxes.parquet", help="Boxes parquet to write."),
+    preset: str = typer.Option("tiny", help="Model preset: tiny | base."),
+    detector: str = typer.Option("", help="Local YOLO weights file (overrides the preset)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    batch_size: int = typer.Option(16, min=1, help="Images per YOLO forward."),
+    imgsz: int = typer.Option(640, min=32, help="YOLO input size."),
+    conf: float = typer.Option(0.25, min=0.0, max=1.0, help="Confidence threshold."),
+    iou: float = typer.Option(0.7, min=0.0, max=1.0, help="NMS IoU threshold."),
+    top_k: int = typer.Option(10, min=0, help="Boxes kept per image (by confidence)."),
+    num_workers: int = typer.Option(0, min=0, help="DataLoader workers decoding images."),
+) -> None:
+    """YOLO boxes (top-K above a confidence) for every prepared image."""
+    from pipeline.detect import DetectParams, detect_objects
+
+    params = DetectParams(
+        batch_size=batch_size, imgsz=imgsz, conf=conf, iou=iou, top_k=top_k,
+        num_workers=num_workers,
+    )
+    s = detect_objects(pairs, out, preset, detector or None, params, device)
+    typer.echo(
+        f"detect-objects: {s['pairs']} pairs ({s['images']} distinct images), {s['boxes']} boxes, "
+        f"{s['without_detections']} without detections, {s['undecodable']} undecodable; "
+        f"{s['seconds']} s ({s['images_per_s']} img/s) -> {s['out']}"
+    )
+
+
+@app.command("embed-prompts")
+def embed_prompts_cmd(
+    entities: str = typer.Option("data/vocab/entities.json", help="Entity vocabulary."),
+    relations: str = typer.Option("data/vocab/relations.json", help="Relation vocabulary."),
+    out: str = typer.Option("data/vocab/prompts.safetensors", help="Embeddings to write."),
+    preset: str = typer.Option("tiny", help="Model preset: tiny | base."),
+    clip: str = typer.Option("", help="Local CLIP checkpoint (.safetensors) for the preset."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    entity_template: list[str] = typer.Option(
+        [], help="Entity prompt template with {entity}; repeat to ensemble (default: paper's)."
+    ),
+    relation_template: list[str] = typer.Option(
+        [], help="Relation prompt template with {relation}; repeat to ensemble."
+    ),
+    batch_size: int = typer.Option(256, min=1, help="Prompts per text-tower forward."),
+) -> None:
+    """Encode every entity and relation prompt once with the CLIP text tower."""
+    from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES, embed_prompts
+
+    s = embed_prompts(
+        entities, relations, out, preset, clip or None,
+        entity_template or ENTITY_TEMPLATES, relation_template or RELATION_TEMPLATES,
+        batch_size, device,
+    )
+    typer.echo(
+        f"embed-prompts: {s['entities']} entities, {s['relations']} relations "
+        f"({s['prompts_encoded']} prompts, dim {s['dim']}) in {s['seconds']} s -> {s['out']}"
+    )
+
+
+@app.command("label-objects")
+def label_objects_cmd(
+    pairs: str = typer.Option("data/prepared/pairs.parquet", help="Prepared pairs."),
+    boxes: str = typer.Option("data/objects/boxes.parquet", help="Detections."),
+    prompts: str = typer.Option("data/vocab/prompts.safetensors", help="Prompt embeddings."),
+    entities: str = typer.Option("data/vocab/entities.json", help="Entity vocabulary."),
+    relations: str = typer.Option("data/vocab/relations.json", help="Relation vocabulary."),
+    rejected: str = typer.Option(
+        "data/prepared/rejected.jsonl", help="prepare's rejections, counted into the manifest."
+    ),
+    out: str = typer.Option("shards", help="Shard folder."),
+    stats: str = typer.Option("", help="Where to write timings (JSON); not written if empty."),
+    preset: str = typer.Option("tiny", help="Model preset: tiny | base."),
+    clip: str = typer.Option("", help="Local CLIP checkpoint (.safetensors) for the preset."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    samples_per_shard: int = typer.Option(1000, min=1, help="Samples per shard (by order)."),
+    image_batch_size: int = typer.Option(32, min=1, help="Whole images per CLIP forward."),
+    crop_batch_size: int = typer.Option(128, min=1, help="Object crops per CLIP forward."),
+    num_workers: int = typer.Option(2, min=0, help="DataLoader workers (0: in-process)."),
+    tau: float = typer.Option(1.0, min=1e-6, help="Softmax temperature."),
+    logit_scale: float = typer.Option(100.0, min=0.0, help="CLIP logit scale s."),
+    k_ent: int = typer.Option(10, min=1, help="Kept q_ent entries per object."),
+    k_rel: int = typer.Option(10, min=1, help="Kept q_rel entries per image."),
+    crop_padding: float = typer.Option(0.0, min=0.0, help="Crop padding, fraction of box size."),
+    max_side: int = typer.Option(512, min=1, help="Longest side of the stored jpg."),
+    jpeg_quality: int = typer.Option(90, min=1, max=100, help="Stored jpg quality."),
+    seed: int = typer.Option(0, help="Seed (recorded; labeling itself draws no randomness)."),
+    stage_params: str = typer.Option("", help="params.yaml to record in the manifest."),
+) -> None:
+    """CLIP soft labels for every object crop (q_ent) and image (q_rel) -> WebDataset shards."""
+    from pipeline.label import LabelParams, label_objects
+
+    params = LabelParams(
+        samples_per_shard=samples_per_shard, image_batch_size=image_batch_size,
+        crop_batch_size=crop_batch_size, num_workers=num_workers, tau=tau,
+        logit_scale=logit_scale, k_ent=k_ent, k_rel=k_rel, crop_padding=crop_padding,
+        max_side=max_side, jpeg_quality=jpeg_quality, seed=seed,
+    )
+    s = label_objects(
+        pairs, boxes, prompts, entities, relations, out, preset, clip or None, params, device,
+        prepare_rejected_path=rejected or None, stats_path=stats or None,
+        stage_params=_parse_params(stage_params),
+    )
+    c, t = s["counts"], s["timing"]
+    typer.echo(
+        f"label-objects: {c['samples']} samples in {c['shards']} shards ({t['shards_resumed']} "
+        f"resumed), {c['objects']} objects, {c['images_without_objects']} images without "
+        f"detections, {c['rejected']} rejected (prepare {c['rejected_prepare']}, "
+        f"label {c['rejected_label']}) -> {s['out']}"
+    )
+    for reason, n in s["rejected_by_reason"].items():
+        typer.echo(f"  rejected {n:>6}  {reason}")
+    typer.echo(
+        f"  {t['images_labelled_this_run']} images in {t['seconds_loop']} s "
+        f"({t['images_per_s']} img/s; CLIP {t['seconds_clip_encode']} s) on {t['device']} "
+        f"with {t['num_workers']} workers; total {t['seconds_total']} s"
+    )
+
+
+@app.command("verify")
+def verify_cmd(
+    shard_dir: str = typer.Argument("shards", help="Folder with shard-*.tar, sizes.json, ..."),
+    tol: float = typer.Option(1e-4, min=0.0, help="Tolerance of probability sums."),
+    limit: int = typer.Option(50, min=1, help="Problems listed at most."),
+) -> None:
+    """Check every shard against the contract; exit 1 with a report when anything is wrong."""
+    from pipeline.verify import verify_shards
+
+    report = verify_shards(shard_dir, tol)
+    typer.echo(report.render(limit))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
 @app.callback()
 def main() -> None:
     """Prompt Me Up labeling pipeline. Every stage is also a DVC stage (see dvc.yaml)."""

@@ -79,8 +79,8 @@ HOW_TO_GET = {
         "or use --preset tiny"
     ),
     "clip": (
-        "fetch the open_clip ViT-B-32 'openai' weights on a machine with internet (they land in the "
-        "Hugging Face cache, ~/.cache/huggingface), copy that cache here, or pass a local "
+        "fetch the open_clip ViT-B-32 'openai' weights on a machine with internet (they land in "
+        "the Hugging Face cache, ~/.cache/huggingface), copy that cache here, or pass a local "
         "checkpoint file (--clip PATH), or use --preset tiny"
     ),
     "hf": (
@@ -144,11 +144,15 @@ def load_detector(preset: str | Preset = "tiny", path: str | os.PathLike | None 
         if cached.is_file():
             source = str(cached)
         elif path or is_offline():
-            raise WeightsUnavailable(f"detector weights {source!r} not found: {HOW_TO_GET['detector']}")
+            raise WeightsUnavailable(
+                f"detector weights {source!r} not found: {HOW_TO_GET['detector']}"
+            )
     try:
         return YOLO(source)
     except Exception as e:  # ultralytics raises assorted errors when a download fails
-        raise WeightsUnavailable(f"cannot load detector {source!r} ({e}): {HOW_TO_GET['detector']}") from e
+        raise WeightsUnavailable(
+            f"cannot load detector {source!r} ({e}): {HOW_TO_GET['detector']}"
+        ) from e
 
 
 # ----------------------------------------------------------------------------- CLIP (open_clip)
@@ -189,6 +193,41 @@ def load_clip(preset: str | Preset = "tiny", path: str | os.PathLike | None = No
     return model.eval(), preprocess, tokenizer
 
 
+def save_tiny_clip(path: str | os.PathLike) -> Path:
+    """Save the tiny CLIP's state dict as .safetensors, loadable with `load_clip(path=...)`."""
+    from safetensors.torch import save_file
+
+    model, _, _ = load_clip("tiny")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _weights_id(source: str | None, seed: int) -> str:
+    """What the weights are, independent of where they are: a file hash, a tag or a seed."""
+    if source and Path(source).is_file():
+        from pipeline.shards import file_sha256
+
+        return f"sha256:{file_sha256(source)}"
+    return source if source else f"random-init-seed-{seed}"
+
+
+def detector_identity(preset: str | Preset = "tiny", path: str | os.PathLike | None = None) -> dict:
+    """Which detector made an output (recorded in boxes.parquet and the shard manifest)."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    source = str(path) if path else p.detector
+    seed_source = None if source.endswith(".yaml") else source
+    return {"source": source, "weights": _weights_id(seed_source, TINY_SEED)}
+
+
+def clip_identity(preset: str | Preset = "tiny", path: str | os.PathLike | None = None) -> dict:
+    """Which CLIP made an output; equal `model` and `weights` mean the same embedding space."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    weights = str(path) if path else p.clip_pretrained
+    return {"model": p.clip_model, "source": weights, "weights": _weights_id(weights, TINY_SEED)}
+
+
 # ----------------------------------------------------------------------------- BERT / ViT (HF)
 
 
@@ -213,7 +252,9 @@ def load_text_encoder(preset: str | Preset = "tiny", path: str | os.PathLike | N
     if source == "tiny":
         vocab_size = sum(1 for _ in open(TINY_VOCAB, encoding="utf-8"))
         with seeded():
-            return BertModel(BertConfig(vocab_size=vocab_size, **TINY_BERT), add_pooling_layer=False)
+            return BertModel(
+                BertConfig(vocab_size=vocab_size, **TINY_BERT), add_pooling_layer=False
+            )
     return _hf_load(AutoModel, source, add_pooling_layer=False)
 
 
@@ -232,10 +273,13 @@ def load_vision_encoder(preset: str | Preset = "tiny", path: str | os.PathLike |
 def _hf_load(cls, source: str, **kwargs):
     local = Path(source)
     if source.startswith((".", "/")) and not local.is_dir():
-        raise WeightsUnavailable(f"model directory {source!r} not found: {HOW_TO_GET['hf'].format(name=source)}")
+        raise WeightsUnavailable(
+            f"model directory {source!r} not found: {HOW_TO_GET['hf'].format(name=source)}"
+        )
     try:
         return cls.from_pretrained(source, **kwargs)
     except OSError as e:
         raise WeightsUnavailable(
-            f"cannot load {source!r} ({e.__class__.__name__}): {HOW_TO_GET['hf'].format(name=source)}"
+            f"cannot load {source!r} ({e.__class__.__name__}): "
+            f"{HOW_TO_GET['hf'].format(name=source)}"
         ) from e

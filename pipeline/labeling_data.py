@@ -1,0 +1,221 @@
+"""Inputs of detect-objects and label-objects: parquet readers and the DataLoader datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline.images import (
+    ImageRejected,
+    cap_longest_side,
+    decode_rgb,
+    encode_jpeg,
+    read_image_bytes,
+)
+
+PAIRS_COLUMNS = ("id", "source", "image_path", "caption", "itm", "width", "height")
+BOXES_METADATA_KEY = b"pmu_detect"
+BOXES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        ("classes", pa.list_(pa.string())),
+        ("confs", pa.list_(pa.float32())),
+        ("error", pa.string()),
+    ]
+)
+
+
+def read_pairs(path: str | os.PathLike) -> dict[str, list]:
+    """Columns of pairs.parquet as python lists (the contract in docs/architecture.md)."""
+    table = pq.read_table(path)
+    missing = [c for c in PAIRS_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (see docs/architecture.md)")
+    pairs = {c: table.column(c).to_pylist() for c in PAIRS_COLUMNS}
+    if len(set(pairs["id"])) != len(pairs["id"]):
+        raise ValueError(f"{path}: sample ids are not unique")
+    return pairs
+
+
+def read_boxes(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """(id -> row, detect metadata) from boxes.parquet."""
+    table = pq.read_table(path)
+    meta_raw = (table.schema.metadata or {}).get(BOXES_METADATA_KEY, b"{}")
+    rows = {row["id"]: row for row in table.to_pylist()}
+    return rows, json.loads(meta_raw)
+
+
+def write_boxes(path: str | os.PathLike, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """boxes.parquet, atomically, with the detector and parameters in the schema metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = BOXES_SCHEMA.with_metadata({BOXES_METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    table = pa.Table.from_pylist(rows, schema=schema)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def load_rgb(image_path: str, max_pixels: int) -> Image.Image:
+    """Read and decode one image; raises ImageRejected with a reason."""
+    return decode_rgb(read_image_bytes(image_path), max_pixels=max_pixels)
+
+
+def as_list(items: list) -> list:
+    """Identity collate: keep a batch as a list (module level so workers can use it)."""
+    return items
+
+
+class DecodeDataset(torch.utils.data.Dataset):
+    """Image paths -> (index, BGR uint8 array or None, rejection reason or None), for YOLO."""
+
+    def __init__(self, image_paths: Sequence[str], max_pixels: int) -> None:
+        self.image_paths = list(image_paths)
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            rgb = load_rgb(self.image_paths[i], self.max_pixels)
+        except ImageRejected as e:
+            return i, None, str(e)
+        # ultralytics reads numpy input as OpenCV BGR.
+        return i, np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1]), None
+
+
+def padded_box(box: Sequence[float], width: int, height: int, padding: float) -> tuple[int, ...]:
+    """Integer crop window: the box grown by `padding` x its size per side, clamped, >= 1 px."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    pw, ph = (x1 - x0) * padding, (y1 - y0) * padding
+    left = min(max(int(np.floor(x0 - pw)), 0), width - 1)
+    top = min(max(int(np.floor(y0 - ph)), 0), height - 1)
+    right = max(min(int(np.ceil(x1 + pw)), width), left + 1)
+    bottom = max(min(int(np.ceil(y1 + ph)), height), top + 1)
+    return left, top, right, bottom
+
+
+def normalised_boxes(
+    boxes: Sequence[Sequence[float]], width: int, height: int
+) -> list[list[float]]:
+    """Pixel xyxy -> [0,1] xyxy w.r.t. the decoded image (clamped, rounded to 6 places)."""
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        nx0, nx1 = (min(max(v / width, 0.0), 1.0) for v in (x0, x1))
+        ny0, ny1 = (min(max(v / height, 0.0), 1.0) for v in (y0, y1))
+        out.append([round(nx0, 6), round(ny0, 6), round(max(nx0, nx1), 6), round(max(ny0, ny1), 6)])
+    return out
+
+
+@dataclass(frozen=True)
+class LabelItemSpec:
+    """What the label dataset needs per sample (plain values, cheap to send to workers)."""
+
+    image_path: str
+    boxes: list[list[float]]
+    width: int
+    height: int
+
+
+class LabelDataset(torch.utils.data.Dataset):
+    """Per sample: decode once, crop boxes, CLIP-preprocess crops and image, re-encode the jpg."""
+
+    def __init__(
+        self,
+        specs: Sequence[LabelItemSpec],
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        image_size: int,
+        crop_padding: float,
+        max_side: int,
+        jpeg_quality: int,
+        max_pixels: int,
+    ) -> None:
+        self.specs = list(specs)
+        self.preprocess = preprocess
+        self.image_size = image_size
+        self.crop_padding = crop_padding
+        self.max_side = max_side
+        self.jpeg_quality = jpeg_quality
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        spec = self.specs[i]
+        try:
+            img = load_rgb(spec.image_path, self.max_pixels)
+        except ImageRejected as e:
+            return {"index": i, "error": e.reason, "detail": e.detail}
+        width, height = img.size
+        if spec.boxes and (width, height) != (spec.width, spec.height):
+            return {
+                "index": i,
+                "error": "image: size differs from detection",
+                "detail": f"{width}x{height} vs {spec.width}x{spec.height}",
+            }
+        windows = [padded_box(b, width, height, self.crop_padding) for b in spec.boxes]
+        if windows:
+            crops = torch.stack([self.preprocess(img.crop(w)) for w in windows])
+        else:
+            crops = torch.zeros((0, 3, self.image_size, self.image_size))
+        return {
+            "index": i,
+            "error": None,
+            "image": self.preprocess(img),
+            "crops": crops,
+            "jpg": encode_jpeg(cap_longest_side(img, self.max_side), self.jpeg_quality),
+            "width": width,
+            "height": height,
+        }
+
+
+def collate_label_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images, concatenate crops ACROSS images; rejected items travel as (index, reason)."""
+    ok = [it for it in items if it["error"] is None]
+    batch: dict[str, Any] = {
+        "rejected": [
+            (it["index"], it["error"], it["detail"]) for it in items if it["error"] is not None
+        ],
+        "index": [it["index"] for it in ok],
+        "n_crops": [int(it["crops"].shape[0]) for it in ok],
+        "jpg": [it["jpg"] for it in ok],
+        "size": [(it["width"], it["height"]) for it in ok],
+    }
+    if ok:
+        batch["images"] = torch.stack([it["image"] for it in ok])
+        batch["crops"] = torch.cat([it["crops"] for it in ok])
+    return batch
+
+
+def shard_batches(
+    shard_ids: Sequence[int], n_samples: int, samples_per_shard: int, batch_size: int
+) -> Iterator[list[int]]:
+    """Index batches that never cross a shard boundary (so each shard is computed alone)."""
+    for s in shard_ids:
+        stop = min((s + 1) * samples_per_shard, n_samples)
+        for start in range(s * samples_per_shard, stop, batch_size):
+            yield list(range(start, min(start + batch_size, stop)))
+
+
+def clip_image_size(preprocess: Any) -> int:
+    """The square input size of an open_clip preprocess (its CenterCrop)."""
+    for t in getattr(preprocess, "transforms", []):
+        size = getattr(t, "size", None)
+        if type(t).__name__ == "CenterCrop" and size:
+            return int(size[0] if isinstance(size, (tuple, list)) else size)
+    raise ValueError("cannot find the CLIP input size in its preprocess")

@@ -1,0 +1,136 @@
+"""embed-prompts: every entity and relation prompt encoded once by the CLIP text tower."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ENTITY_TEMPLATES = ("This is an image of {entity}.", "An image of {entity} is shown here.")
+RELATION_TEMPLATES = ("This image shows the relation of {relation}.",)
+# Further relation wordings for prompt ensembling (paraphrases, selectable in params.yaml).
+RELATION_TEMPLATE_ALTERNATES = (
+    "The relation of {relation} is shown in this image.",
+    "This is an image of the relation {relation}.",
+)
+
+
+def read_entity_names(path: str | os.PathLike) -> list[str]:
+    return [e["name"] for e in json.loads(Path(path).read_text(encoding="utf-8"))["entities"]]
+
+
+def read_relation_labels(path: str | os.PathLike) -> list[str]:
+    return [r["label"] for r in json.loads(Path(path).read_text(encoding="utf-8"))["relations"]]
+
+
+def fill_templates(names: Sequence[str], templates: Sequence[str], field: str) -> list[str]:
+    """Prompts name-major: [n0 t0, n0 t1, ..., n1 t0, ...]."""
+    if not templates:
+        raise ValueError(f"no {field} templates given")
+    for t in templates:
+        if "{" + field + "}" not in t:
+            raise ValueError(f"template {t!r} has no {{{field}}} placeholder")
+    return [t.replace("{" + field + "}", name) for name in names for t in templates]
+
+
+def encode_prompts(
+    model: Any,
+    tokenizer: Any,
+    names: Sequence[str],
+    templates: Sequence[str],
+    field: str,
+    batch_size: int,
+    device: Any,
+) -> Any:
+    """[len(names), D] float32: per-template L2-normalised embeddings, averaged, renormalised."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.runtime import autocast
+
+    texts = fill_templates(names, templates, field)
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(texts[start : start + batch_size]).to(device, non_blocking=True)
+            with autocast(device):
+                feats = model.encode_text(tokens)
+            chunks.append(F.normalize(feats.float(), dim=-1).cpu())
+    feats = torch.cat(chunks).view(len(names), len(templates), -1)
+    return F.normalize(feats.mean(dim=1), dim=-1).contiguous()
+
+
+def embed_prompts(
+    entities_path: str | os.PathLike,
+    relations_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    preset: str = "tiny",
+    clip_path: str | os.PathLike | None = None,
+    entity_templates: Sequence[str] = ENTITY_TEMPLATES,
+    relation_templates: Sequence[str] = RELATION_TEMPLATES,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Write prompts.safetensors: `entity` [M, D] and `relation` [L, D] plus provenance metadata."""
+    from safetensors.torch import save_file
+
+    from pipeline.models import clip_identity, load_clip
+    from pipeline.runtime import select_device, set_threads
+    from pipeline.shards import file_sha256
+
+    set_threads()
+    entities = read_entity_names(entities_path)
+    relations = read_relation_labels(relations_path)
+    if not entities or not relations:
+        raise ValueError(
+            f"empty vocabulary: {len(entities)} entities in {entities_path}, "
+            f"{len(relations)} relations in {relations_path}"
+        )
+    dev = select_device(device)
+    t0 = time.perf_counter()
+    model, _, tokenizer = load_clip(preset, clip_path)
+    model = model.to(dev)
+    tensors = {
+        "entity": encode_prompts(
+            model, tokenizer, entities, entity_templates, "entity", batch_size, dev
+        ),
+        "relation": encode_prompts(
+            model, tokenizer, relations, relation_templates, "relation", batch_size, dev
+        ),
+    }
+    identity = clip_identity(preset, clip_path)
+    metadata = {
+        "clip_model": identity["model"],
+        "clip_weights": identity["weights"],
+        "clip_source": str(identity["source"]),
+        "preset": preset,
+        "templates_entity": json.dumps(list(entity_templates)),
+        "templates_relation": json.dumps(list(relation_templates)),
+        "entities_sha256": file_sha256(entities_path),
+        "relations_sha256": file_sha256(relations_path),
+    }
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, out_path)
+    return {
+        "entities": len(entities),
+        "relations": len(relations),
+        "dim": int(tensors["entity"].shape[1]),
+        "prompts_encoded": len(entities) * len(entity_templates)
+        + len(relations) * len(relation_templates),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "out": str(out_path),
+    }
+
+
+def load_prompts(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a prompts.safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
