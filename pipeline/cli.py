@@ -190,6 +190,128 @@ def verify_cmd(
         raise typer.Exit(code=1)
 
 
+@app.command("prepare")
+def prepare_cmd(
+    source: str = typer.Option("sample", help="sample | newsclippings | table | wds."),
+    input: str = typer.Option(
+        None,
+        "--input",
+        help="sample: folder (default: bundled); newsclippings: annotation JSON; "
+        "table: .parquet/.csv/.jsonl; wds: a tar or a folder of tars.",
+    ),
+    out: str = typer.Option("data/prepared", help="Output folder for pairs.parquet etc."),
+    image_root: str = typer.Option(None, help="Root for relative image paths (table, NCP)."),
+    visualnews_data: str = typer.Option(None, help="VisualNews data.json (newsclippings)."),
+    id_col: str = typer.Option("id", help="table: id column (row number when absent)."),
+    image_col: str = typer.Option("image_path", help="table: image path column."),
+    caption_col: str = typer.Option("caption", help="table: caption column."),
+    itm_col: str = typer.Option("itm", help="table: optional 0/1 match column."),
+    negatives: bool = typer.Option(
+        True, help="Generate mismatched pairs for sources that have none."
+    ),
+    negative_ratio: float = typer.Option(1.0, min=0.0, max=1.0, help="Negatives per positive."),
+    seed: int = typer.Option(0, help="Seed of the negative-pair shuffle."),
+    max_pixels: int = typer.Option(50_000_000, min=1, help="Reject larger images (header)."),
+    max_caption_chars: int = typer.Option(2000, min=1, help="Reject longer captions."),
+    workers: int = typer.Option(1, min=1, help="Processes decoding images."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Validate image-caption pairs into pairs.parquet; rejections go to rejected.jsonl."""
+    from pipeline.prepare import format_summary, prepare
+    from pipeline.readers import read_source
+    from pipeline.readers.tabular import Columns
+
+    try:
+        records = read_source(
+            source,
+            input,
+            image_root,
+            visualnews_data,
+            Columns(id_col, image_col, caption_col, itm_col),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    params = {
+        "source": source,
+        "negatives": negatives,
+        "negative_ratio": negative_ratio,
+        "seed": seed,
+        "max_pixels": max_pixels,
+        "max_caption_chars": max_caption_chars,
+    }
+    result = prepare(
+        records,
+        out,
+        max_pixels=max_pixels,
+        max_caption_chars=max_caption_chars,
+        negatives=negatives,
+        negative_ratio=negative_ratio,
+        seed=seed,
+        workers=workers,
+        progress=progress,
+        params=params,
+    )
+    typer.echo(format_summary(result, out))
+
+
+@app.command("mine-nouns")
+def mine_nouns_cmd(
+    pairs: str = typer.Option("data/prepared/pairs.parquet", help="pairs.parquet from prepare."),
+    out: str = typer.Option("data/vocab/entities.json", help="Entity vocabulary to write."),
+    m: int = typer.Option(1000, "--m", min=1, help="Keep the M most frequent noun lemmas."),
+    spacy_model: str = typer.Option(
+        "auto", help="spaCy model name or path; auto prefers en_core_web_sm."
+    ),
+    batch_size: int = typer.Option(256, min=1, help="nlp.pipe batch size."),
+    include_propn: bool = typer.Option(False, help="Count proper nouns too."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Mine the entity vocabulary: the top-M caption noun lemmas with counts."""
+    from pipeline.nouns import SpacyModelMissing, format_summary, mine_nouns
+
+    try:
+        doc = mine_nouns(pairs, out, m, spacy_model, batch_size, include_propn, progress)
+    except SpacyModelMissing as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(format_summary(doc, out))
+
+
+@app.command("fetch-relations")
+def fetch_relations_cmd(
+    out: str = typer.Option("data/vocab/relations.json", help="Relation vocabulary to write."),
+    l: int = typer.Option(1000, "--l", min=1, help="Keep L relations (numeric pid order)."),  # noqa: E741
+    live: bool = typer.Option(False, "--live/--offline", help="Query Wikidata SPARQL."),
+    endpoint: str = typer.Option("https://query.wikidata.org/sparql", help="SPARQL endpoint."),
+    timeout: float = typer.Option(30.0, min=0.01, help="Seconds per HTTP attempt."),
+    retries: int = typer.Option(3, min=0, help="Retries after the first attempt."),
+    backoff: float = typer.Option(2.0, min=0.0, help="First retry delay (doubles)."),
+    cache: str = typer.Option(
+        "data/cache/wikidata_relations.json", help="Cache of the live answer ('' = none)."
+    ),
+) -> None:
+    """Fetch L Wikidata item-to-item relations, or use the bundled snapshot offline."""
+    from pipeline.relations import fetch_relations
+
+    doc = fetch_relations(
+        out,
+        l,
+        live,
+        endpoint,
+        timeout,
+        retries,
+        backoff,
+        cache or None,
+        warn=lambda msg: typer.echo(msg, err=True),
+    )
+    where = doc.get("endpoint", doc.get("snapshot"))
+    cached = " (cached)" if doc.get("cached") else ""
+    typer.echo(
+        f"fetch-relations: {len(doc['relations'])} of {doc['n_available']} relations "
+        f"(l={l}) from {doc['source']}{cached}: {where}; wrote {out}"
+    )
+
+
 @app.callback()
 def main() -> None:
     """Prompt Me Up labeling pipeline. Every stage is also a DVC stage (see dvc.yaml)."""

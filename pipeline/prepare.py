@@ -1,0 +1,302 @@
+"""The prepare stage: validate raw pairs, record rejections, de-duplicate, add negatives, write.
+
+Outputs (all written atomically): `pairs.parquet` (schema in docs/architecture.md),
+`rejected.jsonl` (one `{id, source, stage, reason, detail}` per rejected input) and
+`summary.json` (counts only, no timings, so a re-run gives identical files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb, read_image_bytes
+from pipeline.readers import RawRecord
+
+DEFAULT_MAX_CAPTION_CHARS = 2000
+PAIRS_FILE = "pairs.parquet"
+REJECTED_FILE = "rejected.jsonl"
+SUMMARY_FILE = "summary.json"
+
+# Reason categories besides the image ones in pipeline.images.
+CAPTION_MISSING = "caption: missing"
+CAPTION_EMPTY = "caption: empty"
+CAPTION_NOT_UTF8 = "caption: not UTF-8"
+CAPTION_TOO_LONG = "caption: too long"
+IMAGE_NO_PATH = "image: no path"
+DUPLICATE_ID = "duplicate id"
+
+
+@dataclass
+class Pair:
+    """One accepted pair: a row of pairs.parquet."""
+
+    id: str
+    source: str
+    image_path: str
+    caption: str
+    itm: int
+    width: int
+    height: int
+
+
+@dataclass
+class Rejection:
+    id: str
+    source: str
+    stage: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class PrepareResult:
+    pairs: list[Pair] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    n_input: int = 0
+    n_negatives: int = 0
+    seconds: float = 0.0
+
+    def counts(self) -> dict:
+        """Counts by source / itm and rejections by reason (deterministic, no timings)."""
+        by_source: dict[str, dict[str, int]] = {}
+        for p in self.pairs:
+            entry = by_source.setdefault(p.source, {"matched": 0, "mismatched": 0})
+            entry["matched" if p.itm == 1 else "mismatched"] += 1
+        reasons = Counter(r.reason for r in self.rejected)
+        return {
+            "n_input": self.n_input,
+            "n_pairs": len(self.pairs),
+            "n_negatives_generated": self.n_negatives,
+            "n_rejected": len(self.rejected),
+            "by_source": dict(sorted(by_source.items())),
+            "rejected_by_reason": dict(sorted(reasons.items())),
+        }
+
+
+def clean_caption(caption: str | bytes | None, max_chars: int) -> tuple[str | None, str, str]:
+    """(stripped text, "", "") for a usable caption, else (None, reason, detail)."""
+    if caption is None:
+        return None, CAPTION_MISSING, ""
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, CAPTION_NOT_UTF8, f"invalid byte at {exc.start}"
+    if not isinstance(caption, str):
+        return None, CAPTION_MISSING, f"not text: {type(caption).__name__}"
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, CAPTION_NOT_UTF8, "lone surrogate"
+    text = caption.strip()
+    if not text:
+        return None, CAPTION_EMPTY, ""
+    if len(text) > max_chars:
+        return None, CAPTION_TOO_LONG, f"{len(text)} > {max_chars} characters"
+    return text, "", ""
+
+
+def image_size(image_path: str, max_pixels: int) -> tuple[int, int] | tuple[str, str]:
+    """(width, height) of a fully decodable image, or (reason, detail). Runs in worker processes."""
+    try:
+        img = decode_rgb(read_image_bytes(image_path), max_pixels=max_pixels)
+    except ImageRejected as exc:
+        return exc.reason, exc.detail
+    return img.size
+
+
+def _chunks(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
+    it = iter(records)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def validate(
+    records: Iterable[RawRecord],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+    workers: int = 1,
+    progress: bool = True,
+) -> PrepareResult:
+    """Accept or reject every record in reader order; the first record with an id owns it."""
+    from tqdm import tqdm
+
+    result = PrepareResult()
+    seen: set[str] = set()
+    sizes: dict[str, tuple] = {}  # image path -> (w, h) or (reason, detail); images repeat
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    bar = tqdm(desc="prepare", unit="pair", disable=not progress)
+    try:
+        for chunk in _chunks(records, 256):
+            todo: list[tuple[RawRecord, str]] = []
+            for rec in chunk:
+                result.n_input += 1
+                if rec.id in seen:
+                    result.rejected.append(Rejection(rec.id, rec.source, "dedup", DUPLICATE_ID))
+                    continue
+                seen.add(rec.id)
+                if rec.problem:
+                    reason, _, detail = rec.problem.partition(" (")
+                    result.rejected.append(
+                        Rejection(rec.id, rec.source, "read", reason, detail.rstrip(")"))
+                    )
+                    continue
+                text, reason, detail = clean_caption(rec.caption, max_caption_chars)
+                if text is None:
+                    result.rejected.append(Rejection(rec.id, rec.source, "caption", reason, detail))
+                    continue
+                if not rec.image_path:
+                    result.rejected.append(Rejection(rec.id, rec.source, "image", IMAGE_NO_PATH))
+                    continue
+                todo.append((rec, text))
+            paths = sorted({rec.image_path for rec, _ in todo} - sizes.keys())
+            mapper = pool.map if pool else map
+            for path, size in zip(
+                paths, mapper(image_size, paths, [max_pixels] * len(paths)), strict=True
+            ):
+                sizes[path] = size
+            for rec, text in todo:
+                first, second = sizes[rec.image_path]
+                if isinstance(first, str):
+                    result.rejected.append(Rejection(rec.id, rec.source, "image", first, second))
+                    continue
+                result.pairs.append(
+                    Pair(rec.id, rec.source, rec.image_path, text, int(rec.itm), first, second)
+                )
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
+    return result
+
+
+def sattolo(n: int, rng: random.Random) -> list[int]:
+    """A uniformly random n-cycle: perm[i] != i for every i (a derangement) when n >= 2."""
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def make_negatives(pairs: list[Pair], seed: int, ratio: float = 1.0) -> list[Pair]:
+    """Mismatched pairs (itm 0) for each source that has none: image i gets the caption of
+    perm[i] from a seeded derangement, never its own. Pairs whose borrowed caption or image
+    equals their own are skipped, since they would not be mismatched."""
+    taken = {p.id for p in pairs}
+    negatives: list[Pair] = []
+    sources = sorted({p.source for p in pairs})
+    for source in sources:
+        if any(p.source == source and p.itm == 0 for p in pairs):
+            continue
+        pos = [p for p in pairs if p.source == source and p.itm == 1]
+        if len(pos) < 2:
+            continue
+        rng = random.Random(f"negatives:{seed}:{source}")  # str seeds hash with SHA-512: stable
+        perm = sattolo(len(pos), rng)
+        k = min(len(pos), max(0, round(ratio * len(pos))))
+        for i in sorted(rng.sample(range(len(pos)), k)):
+            own, other = pos[i], pos[perm[i]]
+            if other.caption == own.caption or other.image_path == own.image_path:
+                continue
+            neg_id, n = f"{own.id}-neg", 1
+            while neg_id in taken:
+                n += 1
+                neg_id = f"{own.id}-neg{n}"
+            taken.add(neg_id)
+            negatives.append(
+                Pair(neg_id, source, own.image_path, other.caption, 0, own.width, own.height)
+            )
+    return negatives
+
+
+def write_pairs_parquet(pairs: list[Pair], path: str | os.PathLike) -> None:
+    """The pairs table with the contract's column types, written to a temp file then renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("image_path", pa.string()),
+            ("caption", pa.string()),
+            ("itm", pa.int8()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+        ]
+    )
+    columns = {name: [getattr(p, name) for p in pairs] for name in schema.names}
+    table = pa.table(columns, schema=schema)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(rows: Iterable[dict], path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare(
+    records: Iterable[RawRecord],
+    out_dir: str | os.PathLike,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+    negatives: bool = True,
+    negative_ratio: float = 1.0,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+    params: dict | None = None,
+) -> PrepareResult:
+    """Run the whole stage and write pairs.parquet, rejected.jsonl and summary.json."""
+    from pipeline.shards import write_json_atomic
+
+    start = time.perf_counter()
+    result = validate(records, max_pixels, max_caption_chars, workers, progress)
+    if negatives:
+        extra = make_negatives(result.pairs, seed, negative_ratio)
+        result.pairs.extend(extra)
+        result.n_negatives = len(extra)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_pairs_parquet(result.pairs, out / PAIRS_FILE)
+    write_jsonl_atomic((asdict(r) for r in result.rejected), out / REJECTED_FILE)
+    write_json_atomic(out / SUMMARY_FILE, {**result.counts(), "params": params or {}})
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def format_summary(result: PrepareResult, out_dir: str | os.PathLike) -> str:
+    """A one-screen summary: counts by source, rejections by reason, throughput."""
+    c = result.counts()
+    rate = result.n_input / result.seconds if result.seconds > 0 else float("inf")
+    lines = [
+        f"prepare: {c['n_input']} input records -> {c['n_pairs']} pairs "
+        f"({c['n_negatives_generated']} generated negatives), {c['n_rejected']} rejected",
+    ]
+    for source, n in c["by_source"].items():
+        lines.append(f"  {source:<14} matched {n['matched']:>7}  mismatched {n['mismatched']:>7}")
+    if c["rejected_by_reason"]:
+        lines.append("  rejected by reason:")
+        for reason, n in sorted(c["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"    {n:>7}  {reason}")
+    lines.append(f"  {result.seconds:.2f} s, {rate:.1f} records/s")
+    lines.append(f"  wrote {Path(out_dir) / PAIRS_FILE}, {REJECTED_FILE}, {SUMMARY_FILE}")
+    return "\n".join(lines)

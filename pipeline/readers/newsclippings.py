@@ -1,0 +1,61 @@
+"""Reader for NewsCLIPpings annotations resolved against a VisualNews `data.json` and image root.
+
+NewsCLIPpings (Luo et al., 2021) annotation files look like
+`{"annotations": [{"id": 123, "image_id": 456, "falsified": true, ...}, ...]}`: `id` names the
+VisualNews item whose caption is used, `image_id` the item whose image is used. VisualNews'
+`data.json` is a list of `{"id", "image_path", "caption", ...}` with `image_path` relative to the
+dataset root (e.g. `./bbc/images/0001/123.jpg`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.readers import RawRecord
+
+
+def load_visualnews(data_json: str | os.PathLike) -> dict[str, dict]:
+    """VisualNews items by id (as strings, since annotation files mix ints and strings)."""
+    with open(data_json, encoding="utf-8") as f:
+        items = json.load(f)
+    if isinstance(items, dict):  # some re-distributions key the items by id
+        items = [dict(v, id=v.get("id", k)) for k, v in items.items()]
+    return {str(item["id"]): item for item in items}
+
+
+def read_newsclippings(
+    annotations: str | os.PathLike,
+    visualnews_data: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+) -> Iterator[RawRecord]:
+    """Yield one record per annotation; `falsified` pairs get itm 0. Image paths join the root."""
+    items = load_visualnews(visualnews_data)
+    root = Path(image_root) if image_root is not None else Path(visualnews_data).parent
+    with open(annotations, encoding="utf-8") as f:
+        doc = json.load(f)
+    rows = doc["annotations"] if isinstance(doc, dict) else doc
+    for n, ann in enumerate(rows):
+        cap_id, img_id = str(ann.get("id", "")), str(ann.get("image_id", ""))
+        rec_id = f"ncp-{cap_id}-{img_id}" if cap_id and img_id else f"ncp-row-{n}"
+        itm = 0 if ann.get("falsified") else 1
+        cap_item, img_item = items.get(cap_id), items.get(img_id)
+        problem = None
+        if cap_item is None:
+            problem = "newsclippings: caption id not in data.json"
+        elif img_item is None:
+            problem = "newsclippings: image id not in data.json"
+        image_path = None
+        if img_item is not None and img_item.get("image_path"):
+            rel = str(img_item["image_path"])
+            image_path = str(root / rel.removeprefix("./"))
+        yield RawRecord(
+            id=rec_id,
+            source="newsclippings",
+            image_path=image_path,
+            caption=cap_item.get("caption") if cap_item else None,
+            itm=itm,
+            problem=problem,
+        )
