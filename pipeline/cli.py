@@ -94,11 +94,18 @@ def embed_prompts_cmd(
     preset: str = typer.Option("tiny", help="Model preset: tiny | base."),
     clip: str = typer.Option("", help="Local CLIP checkpoint (.safetensors) for the preset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    # The underscore spellings are what DVC's dict unpacking of params.yaml produces.
     entity_template: list[str] = typer.Option(
-        [], help="Entity prompt template with {entity}; repeat to ensemble (default: paper's)."
+        [],
+        "--entity-template",
+        "--entity_template",
+        help="Entity prompt template with {entity}; repeat to ensemble (default: paper's).",
     ),
     relation_template: list[str] = typer.Option(
-        [], help="Relation prompt template with {relation}; repeat to ensemble."
+        [],
+        "--relation-template",
+        "--relation_template",
+        help="Relation prompt template with {relation}; repeat to ensemble.",
     ),
     batch_size: int = typer.Option(256, min=1, help="Prompts per text-tower forward."),
 ) -> None:
