@@ -113,6 +113,32 @@ class LabelStats:
             self.rel_mass.add(float(np.clip(rel_prob.astype(np.float64).sum(), 0.0, 1.0)))
 
 
+class Reservoir:
+    """Seeded uniform sample of at most `size` items from a stream (Algorithm R).
+
+    Memory is O(size) however long the stream; the same stream and seed pick the same items.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seen = 0
+        self._rng = random.Random(seed)
+        self._kept: list[tuple[int, Any]] = []
+
+    def offer(self, item: Any) -> None:
+        if len(self._kept) < self.size:
+            self._kept.append((self.seen, item))
+        else:
+            j = self._rng.randrange(self.seen + 1)
+            if j < self.size:
+                self._kept[j] = (self.seen, item)
+        self.seen += 1
+
+    def items(self) -> list[tuple[int, Any]]:
+        """(stream index, item) pairs in stream order."""
+        return sorted(self._kept, key=lambda pair: pair[0])
+
+
 def scan_shards(
     shard_dir: str | Path,
     n_samples: int,
@@ -129,9 +155,7 @@ def scan_shards(
     from tqdm import tqdm
 
     stats = LabelStats(n_entities=n_entities, n_relations=n_relations)
-    rng = random.Random(seed)
-    reservoir: list[tuple[int, dict[str, Any]]] = []
-    seen = 0
+    reservoir = Reservoir(n_samples, seed)
     paths = shards.shard_paths(shard_dir)
     if not paths:
         raise FileNotFoundError(f"no {shards.SHARD_GLOB} in {shard_dir}")
@@ -145,15 +169,8 @@ def scan_shards(
                     stats.add_unreadable(where, f"{type(exc).__name__}: {exc}")
                     continue
                 stats.add(sample)
-                if len(reservoir) < n_samples:
-                    reservoir.append((seen, raw))
-                else:
-                    j = rng.randrange(seen + 1)
-                    if j < n_samples:
-                        reservoir[j] = (seen, raw)
-                seen += 1
+                reservoir.offer(raw)
             stats.shards_read += 1
         except (OSError, EOFError, ValueError, tarfile.TarError) as exc:  # the run goes on
             stats.add_unreadable(path.name, f"{type(exc).__name__}: {exc}")
-    reservoir.sort(key=lambda item: item[0])
-    return stats, reservoir
+    return stats, reservoir.items()
