@@ -197,6 +197,16 @@ def verify_cmd(
         raise typer.Exit(code=1)
 
 
+def _truthy(value: str, name: str) -> bool:
+    """Boolean options take a value (true/false) so DVC can pass `${group.flag}` directly."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise typer.BadParameter(f"{name} expects true or false, got {value!r}")
+
+
 @app.command("prepare")
 def prepare_cmd(
     source: str = typer.Option("sample", help="sample | newsclippings | table | wds."),
@@ -213,8 +223,8 @@ def prepare_cmd(
     image_col: str = typer.Option("image_path", help="table: image path column."),
     caption_col: str = typer.Option("caption", help="table: caption column."),
     itm_col: str = typer.Option("itm", help="table: optional 0/1 match column."),
-    negatives: bool = typer.Option(
-        True, help="Generate mismatched pairs for sources that have none."
+    negatives: str = typer.Option(
+        "true", help="true|false: generate mismatched pairs for sources that have none."
     ),
     negative_ratio: float = typer.Option(1.0, min=0.0, max=1.0, help="Negatives per positive."),
     seed: int = typer.Option(0, help="Seed of the negative-pair shuffle."),
@@ -225,9 +235,12 @@ def prepare_cmd(
 ) -> None:
     """Validate image-caption pairs into pairs.parquet; rejections go to rejected.jsonl."""
     from pipeline.prepare import format_summary, prepare
+
+    negatives = _truthy(negatives, "--negatives")
     from pipeline.readers import read_source
     from pipeline.readers.tabular import Columns
 
+    image_root, visualnews_data = image_root or None, visualnews_data or None  # DVC passes ""
     try:
         records = read_source(
             source,
@@ -288,18 +301,19 @@ def mine_nouns_cmd(
 def fetch_relations_cmd(
     out: str = typer.Option("data/vocab/relations.json", help="Relation vocabulary to write."),
     l: int = typer.Option(1000, "--l", min=1, help="Keep L relations (numeric pid order)."),  # noqa: E741
-    live: bool = typer.Option(False, "--live/--offline", help="Query Wikidata SPARQL."),
+    live: str = typer.Option("false", help="true|false: query Wikidata SPARQL (else snapshot)."),
     endpoint: str = typer.Option("https://query.wikidata.org/sparql", help="SPARQL endpoint."),
     timeout: float = typer.Option(30.0, min=0.01, help="Seconds per HTTP attempt."),
     retries: int = typer.Option(3, min=0, help="Retries after the first attempt."),
     backoff: float = typer.Option(2.0, min=0.0, help="First retry delay (doubles)."),
     cache: str = typer.Option(
-        "data/cache/wikidata_relations.json", help="Cache of the live answer ('' = none)."
+        "data/vocab/wikidata_sparql_cache.json", help="Cache of the live answer ('' = none)."
     ),
 ) -> None:
     """Fetch L Wikidata item-to-item relations, or use the bundled snapshot offline."""
     from pipeline.relations import fetch_relations
 
+    live = _truthy(live, "--live")
     doc = fetch_relations(
         out,
         l,
