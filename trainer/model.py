@@ -180,10 +180,21 @@ class PretrainModel(nn.Module):
             vision_states = self.vision_states(pixel_values)
         return F.normalize(self.image_proj(vision_states[:, 0]).float(), dim=-1)
 
+    def object_states(self, fused_patches: Tensor, boxes: Tensor, min_cover: float = 0.5) -> Tensor:
+        """COE object pooling: mean fused patch state under each box [B, O, H]."""
+        from trainer.losses import box_patch_mask, pool_patches
+
+        return pool_patches(fused_patches, box_patch_mask(boxes, self.patch_grid(), min_cover))
+
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor,
+        boxes: Tensor | None = None,
+        min_cover: float = 0.5,
     ) -> dict[str, Tensor]:
-        """All pretraining outputs from one pass (the ViT runs once)."""
+        """All pretraining outputs from one pass (the ViT runs once); boxes [B, O, 4] for COE."""
         text_states = self.encode_text(input_ids, attention_mask)
         vis = self.vision_states(pixel_values)
         fused = self.fuse(text_states, attention_mask, self.project_image(vis))
@@ -196,6 +207,10 @@ class PretrainModel(nn.Module):
             out["text_emb"] = self.text_embedding(text_states=text_states)
             out["image_emb"] = self.image_embedding(vision_states=vis)
             out["temp"] = self.temp
+        if self.fc_ent is not None and boxes is not None:
+            out["ent_logits"] = self.fc_ent(
+                self.object_states(out["fused_patches"], boxes, min_cover)
+            )
         if self.fc_rel is not None:
             out["rel_logits"] = self.fc_rel(fused[:, 0])
         return out
@@ -265,7 +280,9 @@ def _build_from_configs(cfg: ModelConfig, bert_cfg: dict, vit_cfg: dict) -> Pret
 # ------------------------------------------------------------------------------ save / load
 
 
-def save_pretrained(model: PretrainModel, tokenizer, cfg: ModelConfig, out_dir) -> Path:
+def save_pretrained(
+    model: PretrainModel, tokenizer, cfg: ModelConfig, out_dir, extra: dict | None = None
+) -> Path:
     """safetensors weights + config.json (+ tokenizer files), written to a temp dir, renamed."""
     from safetensors.torch import save_file
 
@@ -283,6 +300,7 @@ def save_pretrained(model: PretrainModel, tokenizer, cfg: ModelConfig, out_dir) 
         "model_config": cfg.to_dict(),
         "bert_config": model.bert.config.to_dict(),
         "vit_config": model.vit.config.to_dict(),
+        **(extra or {}),
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     if tokenizer is not None:
@@ -320,7 +338,9 @@ def export_hf(model: PretrainModel, out_dir, tokenizer=None) -> Path:
     bert/   BertModel with all layers: the text-only encoder (equals text -> fusion without image)
     """
     from safetensors.torch import save_file
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per sub-model is noise in the trainer's output
     model = unwrap(model)
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")

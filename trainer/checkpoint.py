@@ -1,0 +1,171 @@
+"""Resumable training state: atomic step folders of safetensors + JSON (never pickle).
+
+    {state_dir}/step-00000050/model/        save_pretrained folder (loadable with load_pretrained)
+    {state_dir}/step-00000050/optimizer.safetensors + trainer_state.json
+    {state_dir}/step-00000050/rng-rank{r}.safetensors + rng-rank{r}.json   (one per DDP rank)
+    {state_dir}/latest.json                 {"step": 50, "dir": "step-00000050"}
+
+A step folder is assembled under a temp name and renamed into place; latest.json is replaced
+after it, so a crash at any moment leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.shards import write_json_atomic
+from trainer.model import save_pretrained, unwrap
+
+LATEST = "latest.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (safetensors) and JSON-able rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ------------------------------------------------------------------------------ RNG
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *[float(x) for x in np_state[2:]]],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), cached))
+
+
+# ------------------------------------------------------------------------------ save / load
+
+
+def _tmp_dir(state_dir: Path, step: int) -> Path:
+    return state_dir / (step_dir_name(step) + ".tmp")
+
+
+def save_rank_rng(state_dir: str | os.PathLike, step: int, rank: int) -> None:
+    """Every rank writes its own RNG state into the step's temp folder (before `save_state`)."""
+    tmp = _tmp_dir(Path(state_dir), step)
+    tmp.mkdir(parents=True, exist_ok=True)
+    tensors, meta = rng_state()
+    save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def save_state(
+    state_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer,
+    model_cfg,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Rank 0: finish the step folder (model, optimizer, scheduler, counters), publish it."""
+    state_dir = Path(state_dir)
+    tmp = _tmp_dir(state_dir, step)
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_pretrained(unwrap(model), tokenizer, model_cfg, tmp / "model")
+    tensors, meta = optimizer_to_flat(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    state = {
+        "step": step,
+        "optimizer": meta,
+        "scheduler": scheduler.state_dict(),
+        "trainer": trainer_state,
+    }
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    final = state_dir / step_dir_name(step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_json_atomic(state_dir / LATEST, {"step": step, "dir": final.name})
+    for old in sorted(state_dir.glob("step-*"))[:-keep] if keep > 0 else []:
+        if old.name != final.name and not old.name.endswith(".tmp"):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_state(state_dir: str | os.PathLike) -> Path | None:
+    """The folder named by latest.json, or None when there is no checkpoint yet."""
+    state_dir = Path(state_dir)
+    if not (state_dir / LATEST).is_file():
+        return None
+    path = state_dir / json.loads((state_dir / LATEST).read_text(encoding="utf-8"))["dir"]
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{state_dir}/{LATEST} points at {path.name}, which is incomplete")
+    return path
+
+
+def load_state(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    rank: int = 0,
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""
+    from trainer.model import WEIGHTS_FILE
+
+    path = Path(path)
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    target = unwrap(model)
+    device = next(target.parameters()).device
+    weights = load_file(str(path / "model" / WEIGHTS_FILE), device=str(device))
+    target.load_state_dict(weights, strict=True)
+    # on CPU: load_state_dict moves moments to the parameters and keeps `step` where it belongs
+    opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(optimizer_from_flat(opt_tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / f"rng-rank{rank}.safetensors"
+    if rng_file.is_file():
+        meta = json.loads((path / f"rng-rank{rank}.json").read_text(encoding="utf-8"))
+        set_rng_state(load_file(str(rng_file)), meta)
+    return {"step": int(state["step"]), **state["trainer"]}
