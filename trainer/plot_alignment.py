@@ -31,7 +31,7 @@ from pipeline.report.images import decode_image, pixel_box  # noqa: E402
 
 ENTITY_TEMPLATE = "This is an image of {entity}."
 RELATION_TEMPLATE = "This image shows the relation of {relation}."
-VIT_MEAN = VIT_STD = 0.5  # the ViT image processor's normalisation (google/vit-base-*-in21k)
+VIT_MEAN = VIT_STD = 0.5  # as trainer/data.py preprocess (ViT-in21k normalisation)
 MIN_POINTS = 4  # below this t-SNE (perplexity >= 1) has nothing to embed
 MODALITY_COLOURS = {"image": "#1f77b4", "text": "#ff7f0e"}
 

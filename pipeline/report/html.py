@@ -107,7 +107,9 @@ def render_object(obj: ObjectView) -> str:
         if obj.crop_uri
         else ""
     )
-    conf = f" {obj.conf:.2f}" if obj.conf is not None else ""
+    conf = (
+        "" if obj.conf is None else f" {obj.conf:.2f}" if obj.conf >= 0.01 else f" {obj.conf:.1e}"
+    )
     mass = (
         f'<div class="muted">kept mass {obj.kept_mass:.3f}</div>'
         if obj.kept_mass is not None
