@@ -135,6 +135,9 @@ def load_detector(preset: str | Preset = "tiny", path: str | os.PathLike | None 
     if source.endswith(".yaml"):
         with seeded():
             model = YOLO(source)
+        # ultralytics saves checkpoints in fp16: fp16-representable weights make a saved tiny
+        # detector reload bit-identical.
+        model.model.half().float()
         model.model.names = coco_names()  # random weights, but real class names
         return model
     if not Path(source).is_file():
@@ -153,6 +156,14 @@ def load_detector(preset: str | Preset = "tiny", path: str | os.PathLike | None 
         raise WeightsUnavailable(
             f"cannot load detector {source!r} ({e}): {HOW_TO_GET['detector']}"
         ) from e
+
+
+def save_tiny_detector(path: str | os.PathLike) -> Path:
+    """Save the tiny detector with ultralytics' own checkpoint format (loadable by path)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    load_detector("tiny").save(str(path))
+    return path
 
 
 # ----------------------------------------------------------------------------- CLIP (open_clip)
