@@ -1,0 +1,221 @@
+"""prepare: every bad-input case is rejected with its reason, good records survive, outputs
+are deterministic, negatives are a seeded derangement."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline import images
+from pipeline import prepare as prep
+from pipeline.cli import app
+from pipeline.readers.sample import read_sample
+from pipeline.readers.tabular import read_table
+
+
+def _save(img: Image.Image, path, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _photo(seed: int = 0, w: int = 64, h: int = 48) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """A JSONL table mixing good rows with every bad-input case of the issue."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        _save(_photo(i), d / f"good{i}.jpg", "JPEG")
+    full = _save(_photo(9, 200, 150), d / "tmp.jpg", "JPEG")
+    (d / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (d / "empty.jpg").write_bytes(b"")
+    _save(Image.new("RGBA", (40, 30), (255, 0, 0, 0)), d / "alpha.png", "PNG")
+    _save(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), d / "cmyk.jpg", "JPEG")
+    gray16 = Image.fromarray(np.full((30, 40), 50000, dtype=np.uint16))
+    _save(gray16, d / "gray16.png", "PNG")
+    _save(Image.new("1", (20000, 20000)), d / "bomb.png", "PNG")  # 400 Mpx, ~50 kB on disk
+
+    def row(id_, image, caption):
+        return {"id": id_, "image_path": f"imgs/{image}", "caption": caption}
+
+    rows = [
+        row("good0", "good0.jpg", "A dog runs on the beach."),
+        row("truncated", "truncated.jpg", "ok caption"),
+        row("zero-byte", "empty.jpg", "ok caption"),
+        row("missing", "does-not-exist.jpg", "ok caption"),
+        row("alpha", "alpha.png", "A red sign."),
+        row("cmyk", "cmyk.jpg", "A printed poster."),
+        row("gray16", "gray16.png", "An x-ray scan."),
+        row("bomb", "bomb.png", "ok caption"),
+        row("empty-caption", "good1.jpg", ""),
+        row("space-caption", "good1.jpg", "  \t\n "),
+        row("long-caption", "good2.jpg", "word " * 1000),
+        row("dup", "good3.jpg", "The first one wins."),
+        row("dup", "good1.jpg", "The second one is rejected."),
+        row("good1", "good1.jpg", "  A cat sleeps on a sofa.  "),
+    ]
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.insert(1, b'{"id": "non-utf8", "image_path": "imgs/good0.jpg", "caption": "caf\xe9"}')
+    table = tmp_path / "pairs.jsonl"
+    table.write_bytes(b"\n".join(lines) + b"\n")
+    return table
+
+
+EXPECTED_REJECTS = {
+    "truncated": images.TRUNCATED,
+    "zero-byte": images.EMPTY,
+    "missing": images.MISSING,
+    "bomb": images.TOO_MANY_PIXELS,
+    "empty-caption": prep.CAPTION_EMPTY,
+    "space-caption": prep.CAPTION_EMPTY,
+    "long-caption": prep.CAPTION_TOO_LONG,
+    "non-utf8": prep.CAPTION_NOT_UTF8,
+    "dup": prep.DUPLICATE_ID,
+}
+
+
+def _rejected(out):
+    return [json.loads(line) for line in (out / prep.REJECTED_FILE).read_text().splitlines()]
+
+
+def test_every_bad_input_rejected_with_reason_and_good_ones_kept(bad_inputs, tmp_path):
+    out = tmp_path / "prepared"
+    result = prep.prepare(read_table(bad_inputs), out, negatives=False, progress=False)
+    rejected = _rejected(out)
+    assert {r["id"]: r["reason"] for r in rejected} == EXPECTED_REJECTS
+    assert all(set(r) == {"id", "source", "stage", "reason", "detail"} for r in rejected)
+    assert all(r["source"] == "table" for r in rejected)
+    stages = {r["id"]: r["stage"] for r in rejected}
+    assert stages["dup"] == "dedup" and stages["bomb"] == "image"
+    assert stages["non-utf8"] == "caption"
+
+    table = pq.read_table(out / prep.PAIRS_FILE).to_pylist()
+    kept = {r["id"]: r for r in table}
+    assert list(kept) == ["good0", "alpha", "cmyk", "gray16", "dup", "good1"]
+    assert kept["dup"]["caption"] == "The first one wins."
+    assert kept["good1"]["caption"] == "A cat sleeps on a sofa."  # stripped
+    assert (kept["alpha"]["width"], kept["alpha"]["height"]) == (40, 30)
+    assert all(r["itm"] == 1 and r["source"] == "table" for r in table)
+    counts = result.counts()
+    assert counts["n_input"] == 15 and counts["n_rejected"] == 9
+    assert counts["rejected_by_reason"][prep.CAPTION_EMPTY] == 2
+    summary = json.loads((out / prep.SUMMARY_FILE).read_text())
+    assert summary["rejected_by_reason"] == counts["rejected_by_reason"]
+
+
+def test_schema_matches_the_contract(bad_inputs, tmp_path):
+    prep.prepare(read_table(bad_inputs), tmp_path / "p", negatives=False, progress=False)
+    schema = pq.read_schema(tmp_path / "p" / prep.PAIRS_FILE)
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("id", "string"),
+        ("source", "string"),
+        ("image_path", "string"),
+        ("caption", "string"),
+        ("itm", "int8"),
+        ("width", "int32"),
+        ("height", "int32"),
+    ]
+
+
+def test_limits_are_parameters(bad_inputs, tmp_path):
+    small = tmp_path / "small"
+    prep.prepare(read_table(bad_inputs), small, max_pixels=1500, negatives=False, progress=False)
+    reasons = {r["id"]: r["reason"] for r in _rejected(small)}
+    assert reasons["good0"] == reasons["good1"] == images.TOO_MANY_PIXELS  # 64x48 > 1500
+    assert "alpha" not in reasons  # 40x30 = 1200 pixels
+    short = tmp_path / "short"
+    prep.prepare(
+        read_table(bad_inputs), short, max_caption_chars=23, negatives=False, progress=False
+    )
+    reasons = {r["id"]: r["reason"] for r in _rejected(short)}
+    assert reasons["good0"] == prep.CAPTION_TOO_LONG  # "A dog runs on the beach." is 24
+    assert "good1" not in reasons  # 23 characters once stripped: at the limit, kept
+
+
+def test_csv_non_utf8_row_rejected_rest_kept(tmp_path):
+    _save(_photo(), tmp_path / "a.jpg", "JPEG")
+    (tmp_path / "t.csv").write_bytes(
+        b"id,image_path,caption\nr1,a.jpg,fine caption\nr2,a.jpg,caf\xe9 au lait\n"
+        b'r3,a.jpg,"quoted, with comma"\n'
+    )
+    out = tmp_path / "p"
+    prep.prepare(read_table(tmp_path / "t.csv"), out, negatives=False, progress=False)
+    assert [r["reason"] for r in _rejected(out)] == [prep.CAPTION_NOT_UTF8]
+    captions = pq.read_table(out / prep.PAIRS_FILE).column("caption").to_pylist()
+    assert captions == ["fine caption", "quoted, with comma"]
+
+
+def test_outputs_are_byte_identical_across_runs(bad_inputs, tmp_path):
+    for name, workers in (("a", 1), ("b", 2)):  # worker processes change nothing
+        prep.prepare(
+            read_table(bad_inputs), tmp_path / name, seed=3, workers=workers, progress=False
+        )
+    for f in (prep.PAIRS_FILE, prep.REJECTED_FILE, prep.SUMMARY_FILE):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def _pairs(n):
+    return [prep.Pair(f"p{i}", "table", f"img{i}.jpg", f"caption {i}", 1, 10, 10) for i in range(n)]
+
+
+def test_negatives_are_a_seeded_derangement():
+    pairs = _pairs(20)
+    neg = prep.make_negatives(pairs, seed=7)
+    assert len(neg) == 20 and all(n.itm == 0 for n in neg)
+    own = {p.image_path: p.caption for p in pairs}
+    assert all(own[n.image_path] != n.caption for n in neg)
+    assert sorted(n.caption for n in neg) == sorted(p.caption for p in pairs)  # a permutation
+    assert prep.make_negatives(pairs, seed=7) == neg
+    assert prep.make_negatives(pairs, seed=8) != neg
+    assert len(prep.make_negatives(pairs, seed=7, ratio=0.5)) == 10
+    assert len({n.id for n in neg} | {p.id for p in pairs}) == 40
+
+
+def test_negatives_only_for_sources_without_mismatched_pairs():
+    pairs = _pairs(5) + [prep.Pair("x", "table", "imgx.jpg", "other", 0, 10, 10)]
+    assert prep.make_negatives(pairs, seed=0) == []
+    assert prep.make_negatives(_pairs(1), seed=0) == []
+
+
+def test_bundled_sample_prepares_cleanly(tmp_path):
+    result = prep.prepare(read_sample(), tmp_path / "p", progress=False)
+    counts = result.counts()
+    assert counts["n_rejected"] == 0 and counts["n_negatives_generated"] == 0
+    assert counts["by_source"] == {"sample": {"matched": 17, "mismatched": 10}}
+
+
+def test_cli_prepare_prints_summary_with_rejections(bad_inputs, tmp_path):
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            "--source",
+            "table",
+            "--input",
+            str(bad_inputs),
+            "--out",
+            str(out),
+            "--negatives",
+            "true",
+            "--seed",
+            "1",
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "rejected by reason" in res.output and prep.DUPLICATE_ID in res.output
+    table = pq.read_table(out / prep.PAIRS_FILE).to_pylist()
+    assert sum(r["itm"] == 0 for r in table) == 6  # one negative per kept pair
+    bad = CliRunner().invoke(app, ["prepare", "--negatives", "maybe", "--out", str(out)])
+    assert bad.exit_code != 0
