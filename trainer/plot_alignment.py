@@ -128,8 +128,11 @@ def _panel(ax, xy: np.ndarray | None, n_image: int, names: list[str], n_annotate
                label=image_label, linewidths=0)  # fmt: skip
     ax.scatter(txt[:, 0], txt[:, 1], s=40, c=MODALITY_COLOURS["text"], marker="^",
                label=text_label, edgecolors="black", linewidths=0.4)  # fmt: skip
+    mid_x = float(np.median(xy[:, 0]))
     for (x, y), name in list(zip(txt, names, strict=True))[:n_annotate]:
-        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        right = x > mid_x  # write labels towards the middle so they stay inside the panel
+        ax.annotate(name, (x, y), fontsize=7, xytext=(-3 if right else 3, 3),
+                    textcoords="offset points", ha="right" if right else "left")  # fmt: skip
     ax.legend(fontsize=8, loc="best")
 
 
