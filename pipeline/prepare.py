@@ -18,7 +18,13 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb, read_image_bytes
+from pipeline.images import (
+    DECODE_ERROR,
+    DEFAULT_MAX_PIXELS,
+    ImageRejected,
+    decode_rgb,
+    read_image_bytes,
+)
 from pipeline.readers import RawRecord
 
 DEFAULT_MAX_CAPTION_CHARS = 2000
@@ -111,6 +117,8 @@ def image_size(image_path: str, max_pixels: int) -> tuple[int, int] | tuple[str,
         img = decode_rgb(read_image_bytes(image_path), max_pixels=max_pixels)
     except ImageRejected as exc:
         return exc.reason, exc.detail
+    except Exception as exc:  # noqa: BLE001 (a decoder bug in one file must not stop the run)
+        return DECODE_ERROR, f"{type(exc).__name__}: {exc}"
     return img.size
 
 
