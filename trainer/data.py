@@ -75,22 +75,36 @@ def steps_per_epoch(n_samples: int, world_size: int, batch_size: int) -> int:
     return steps
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """Endless shard list: pass r of epoch e is the shards shuffled with seed (seed, e, r).
+class SampleStream(torch.utils.data.IterableDataset):
+    """Endless raw samples for this rank and worker, one shuffled pass over its shards at a time.
 
-    Endless, so `split_by_node`/`split_by_worker` never starve a rank or worker (with fewer
-    shards than ranks × workers, shards are shared between passes rather than left out).
+    Pass r of epoch e: the shard list shuffled with seed (seed, e, r), split with
+    `split_by_node` then `split_by_worker`, read with `tarfile_to_samples`, and shuffled in a
+    buffer that is flushed at the end of the pass, so a balanced epoch sees every sample once.
+    When shards are fewer than ranks × workers, the list is repeated within a pass so that
+    every worker gets at least one shard (ranks then share shards instead of starving).
     """
 
-    def __init__(self, urls: list[str], seed: int, epoch: int):
+    def __init__(self, urls: list[str], seed: int, epoch: int, bufsize: int, handler):
         self.urls, self.seed, self.epoch = list(urls), seed, epoch
+        self.bufsize, self.handler = bufsize, handler
 
-    def __iter__(self) -> Iterator[dict[str, str]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
+        copies = -(-world * n_workers // len(self.urls))  # ceil: >= 1 shard per worker
         for r in range(1 << 62):
-            order = list(self.urls)
+            order = list(self.urls) * copies
             random.Random(f"shards:{self.seed}:{self.epoch}:{r}").shuffle(order)
-            for url in order:
-                yield {"url": url}
+            src = wds.split_by_worker(wds.split_by_node([{"url": u} for u in order]))
+            samples = wds.tarfile_to_samples(handler=self.handler)(src)
+            if self.bufsize > 1:
+                rng = random.Random(f"samples:{self.seed}:{self.epoch}:{r}:{rank}:{worker}")
+                samples = wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(samples)
+            n = 0
+            for n, sample in enumerate(samples, 1):  # noqa: B007
+                yield sample
+            if n == 0 and r > 0:
+                raise RuntimeError(f"rank {rank} worker {worker}: its shards hold no samples")
 
 
 # ------------------------------------------------------------------------------ bad samples
@@ -220,17 +234,6 @@ class Collate:
 # ------------------------------------------------------------------------------ pipeline
 
 
-def _seeded_shuffle(bufsize: int, seed: int, epoch: int):
-    """Sample buffer shuffle whose RNG is seeded per (seed, epoch, rank, worker) in the worker."""
-
-    def stage(src):
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"samples:{seed}:{epoch}:{rank}:{worker}")
-        yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
-
-    return stage
-
-
 def make_dataset(cfg: DataConfig, tokenizer, epoch: int = 0) -> wds.DataPipeline:
     """The WebDataset pipeline for one epoch: endless batches for this rank and worker."""
     bad = BadSamples(cfg.max_consecutive_bad)
@@ -240,18 +243,17 @@ def make_dataset(cfg: DataConfig, tokenizer, epoch: int = 0) -> wds.DataPipeline
         bad.good()
         return sample
 
-    stages = [
-        ShardStream(shard_urls(cfg.shard_dir), cfg.seed, epoch),
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=bad.handler),
-    ]
-    # a buffer larger than one worker's share of an epoch only re-reads the same shards
-    rank, world, _, _ = wds.utils.pytorch_worker_info()
+    # a buffer larger than one worker's share of an epoch only delays the first batch
+    _, world, _, _ = wds.utils.pytorch_worker_info()
     share = total_samples(cfg.shard_dir) // (world * max(1, cfg.num_workers))
-    bufsize = min(cfg.shuffle_buffer, share)
-    if bufsize > 1:
-        stages.append(_seeded_shuffle(bufsize, cfg.seed, epoch))
+    stream = SampleStream(
+        shard_urls(cfg.shard_dir),
+        cfg.seed,
+        epoch,
+        min(cfg.shuffle_buffer, share),
+        bad.handler,
+    )
+    stages = [stream]
     stages += [
         wds.map(decode, handler=bad.handler),
         wds.batched(

