@@ -21,6 +21,12 @@ class DetectParams:
     max_pixels: int = DEFAULT_MAX_PIXELS
     num_workers: int = 0  # DataLoader workers decoding images while YOLO runs
 
+    def recorded(self) -> dict[str, Any]:
+        """The parameters that shape the output (worker counts do not)."""
+        d = asdict(self)
+        d.pop("num_workers")
+        return d
+
 
 def detect_objects(
     pairs_path: str | os.PathLike,
@@ -102,7 +108,7 @@ def detect_objects(
     meta = {
         "preset": preset,
         "detector": detector_identity(preset, detector_path),
-        "params": asdict(params),
+        "params": params.recorded(),
     }
     data.write_boxes(out_path, rows, meta)
     summary = {

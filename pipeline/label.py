@@ -41,6 +41,12 @@ class LabelParams:
     max_pixels: int = DEFAULT_MAX_PIXELS
     seed: int = 0
 
+    def recorded(self) -> dict[str, Any]:
+        """The parameters that shape the shards (worker counts do not)."""
+        d = asdict(self)
+        d.pop("num_workers")
+        return d
+
 
 def soft_labels(
     feats: Any, prompts: Any, logit_scale: float, tau: float, k: int
@@ -147,7 +153,7 @@ def label_objects(
         )
     n_shards = (n + params.samples_per_shard - 1) // params.samples_per_shard
     fingerprint = _fingerprint(
-        [Path(pairs_path), Path(boxes_path), Path(prompts_path)], asdict(params), clip_id
+        [Path(pairs_path), Path(boxes_path), Path(prompts_path)], params.recorded(), clip_id
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
@@ -476,7 +482,7 @@ def _finish_run(
                 "templates_entity": json.loads(prompt_meta.get("templates_entity", "[]")),
                 "templates_relation": json.loads(prompt_meta.get("templates_relation", "[]")),
             },
-            "label": asdict(params),
+            "label": params.recorded(),
             **({"stages": stage_params} if stage_params else {}),
         },
         "inputs": {
