@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# DVC stage commands call `python -m pipeline ...`: run them with the project's interpreter.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	touch $@
 
 repro: setup
-	$(VENV)/bin/dvc repro
+	dvc repro
 
 test: setup
 	$(PY) -m pytest -q
