@@ -1,0 +1,214 @@
+"""Pretraining end to end: overfitting a fixed batch, exact resume, the CLI, DDP with 2 ranks."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import data, run
+from trainer.losses import pretrain_loss
+from trainer.model import ModelConfig, build_model, build_tokenizer, load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+LAMBDAS = {"itm": 1.0, "cit": 1.0, "coe": 1.0, "cir": 1.0}
+
+
+def test_overfits_a_fixed_tiny_batch(tmp_path):
+    from pipeline.synthetic import write_synthetic_shards
+
+    torch.set_num_threads(1)
+    folder = write_synthetic_shards(tmp_path / "s", n_samples=8, samples_per_shard=8)
+    tok = build_tokenizer(ModelConfig())
+    cfg = data.DataConfig(
+        shard_dir=str(folder), batch_size=8, n_entities=20, n_relations=10, shuffle_buffer=0
+    )
+    batch = next(iter(data.make_loader(cfg, tok)))
+    assert batch["itm"].tolist().count(1) >= 2 and bool(batch["box_mask"].any())
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_entities=20, n_relations=10)).train()
+    opt = torch.optim.AdamW(run.param_groups(model, 1e-3), lr=1e-3)
+    history = []
+    for _ in range(80):  # bounded: 80 steps, about 3 s on one CPU thread
+        out = model(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], boxes=batch["boxes"]
+        )
+        loss, parts = pretrain_loss(out, batch, LAMBDAS)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append({"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
+
+    def mean(key, rows):
+        return sum(r[key] for r in rows) / len(rows)
+
+    first, last = history[:3], history[-5:]
+    assert mean("loss", last) <= 0.5 * mean("loss", first), (history[0], history[-1])
+    for key in LAMBDAS:  # every enabled component falls
+        assert mean(key, last) < mean(key, first), (key, history[0], history[-1])
+
+
+def small_config(tmp_path, shards, **kw):
+    values = dict(
+        shards=str(shards),
+        out=str(tmp_path / "ckpt" / "pretrain"),
+        metrics=str(tmp_path / "metrics.json"),
+        live_dir="",
+        steps=6,
+        batch_size=4,
+        warmup_steps=2,
+        ckpt_every=3,
+        num_workers=0,
+        shuffle_buffer=8,
+        threads=1,
+        log_every=1,
+        export_hf=False,
+        lr=1e-3,
+    )
+    values.update(kw)
+    return run.TrainConfig(**values)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path, synthetic_shards):
+    """Tolerance: exact equality (CPU, fp32, deterministic data order and restored RNG)."""
+    full = small_config(tmp_path / "a", synthetic_shards)
+    metrics_full = run.train(full)
+    ref, _, _ = load_pretrained(full.out)
+
+    cut = small_config(tmp_path / "b", synthetic_shards)
+
+    def crash(step):  # dies after step 5: the checkpoint of step 3 survives, step 4-5 are lost
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run.train(cut, on_step=crash)
+    assert json.loads((cut.state_dir / "latest.json").read_text())["step"] == 3
+    resumed_metrics = run.train(dataclass_replace(cut, resume=True))
+    got, _, _ = load_pretrained(cut.out)
+    assert resumed_metrics["steps"] == metrics_full["steps"] == 6
+    ref_state, got_state = ref.state_dict(), got.state_dict()
+    assert ref_state.keys() == got_state.keys()
+    for k in ref_state:
+        assert torch.equal(ref_state[k], got_state[k]), k
+    assert resumed_metrics["train"] == metrics_full["train"]  # same losses at the last step
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_zero_lambda_removes_loss_and_head(tmp_path, synthetic_shards):
+    cfg = small_config(tmp_path, synthetic_shards, steps=2, lambda_coe=0.0, hard_labels=True)
+    metrics = run.train(cfg)
+    assert set(metrics["train"]) == {"step", "loss", "itm", "cit", "cir"}
+    model, mcfg, _ = load_pretrained(cfg.out)
+    assert model.fc_ent is None and mcfg.n_entities == 0 and mcfg.n_relations == 10
+
+
+def cli_env():
+    env = dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"})
+    return env
+
+
+def test_cli_trains_and_writes_checkpoints_metrics_and_plots(tmp_path, synthetic_shards):
+    from transformers import AutoModel
+
+    cmd = [
+        sys.executable,
+        str(REPO / "trainer" / "run.py"),
+        "--shards",
+        str(synthetic_shards),
+        "--preset",
+        "tiny",
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "1",
+        "--log-every",
+        "2",
+        "--ckpt-every",
+        "4",
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pretrain done: 8 steps" in proc.stdout
+    assert "itm=" in proc.stderr and "coe=" in proc.stderr  # the progress bar shows each loss
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["steps"] == 8 and metrics["bad_samples"] == 0 and metrics["samples_per_s"] > 0
+    assert set(metrics["train"]) >= {"loss", "itm", "cit", "coe", "cir"}
+    out = tmp_path / "checkpoints" / "pretrain"
+    model, cfg, tok = load_pretrained(out)
+    assert cfg.n_entities == 20 and tok is not None
+    for sub in ("text", "vision", "fusion", "bert"):
+        assert AutoModel.from_pretrained(out / "hf" / sub) is not None
+    states = sorted(p.name for p in (tmp_path / "checkpoints" / "pretrain_state").glob("step-*"))
+    assert states == ["step-00000004", "step-00000008"]
+    loss_plot = tmp_path / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv"
+    assert len(loss_plot.read_text().splitlines()) == 1 + 4  # header + steps 2, 4, 6, 8
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_agree_on_parameters(tmp_path, synthetic_shards):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "trainer" / "run.py"),
+        "--shards",
+        str(synthetic_shards),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "1",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+        "--no-export-hf",
+        "--live-dir",
+        "",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3
+    assert metrics["steps_per_epoch"] == 16 // (2 * 2)
+    checksums = metrics["param_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert metrics["samples_seen"] == 3 * 2 * 2
