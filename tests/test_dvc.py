@@ -1,0 +1,129 @@
+"""DVC wiring: the labeling chain reproduces on the sample, re-runs are no-ops, params invalidate
+exactly their stage and what is downstream of it."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.verify import verify_shards
+
+REPO = Path(__file__).resolve().parents[1]
+LABELING = {
+    "prepare",
+    "mine-nouns",
+    "fetch-relations",
+    "detect-objects",
+    "embed-prompts",
+    "label-objects",
+    "verify",
+}
+TARGET = "verify"  # the end of the labeling chain (training stages are not run here)
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A temp git+DVC copy of the repo's pipeline, reproduced once up to `verify`."""
+    root = tmp_path_factory.mktemp("dvc") / "repo"
+    root.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=ignore)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy2(REPO / name, root / name)
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(
+        os.environ,
+        PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        PYTHONPATH=str(root),
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
+    dvc = [os.path.join(venv_bin, "dvc")]
+    _run(["git", "init", "-q"], root, env)
+    _run(dvc + ["init", "-q"], root, env)
+    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")  # analytics off, list=append
+    _run(dvc + ["repro", TARGET], root, env)
+    return root, env, dvc
+
+
+def _stages_that_would_run(project) -> set[str]:
+    root, env, dvc = project
+    out = _run(dvc + ["repro", "--dry", "--force-downstream", TARGET], root, env)
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def _with_param(project, group: str, key: str, value):
+    """Set params.yaml[group][key] and return what would re-run; params.yaml is restored."""
+    path = project[0] / "params.yaml"
+    original = path.read_text(encoding="utf-8")
+    params = yaml.safe_load(original)
+    params[group][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    try:
+        return _stages_that_would_run(project)
+    finally:
+        path.write_text(original, encoding="utf-8")
+
+
+def test_repro_builds_verified_shards_and_a_second_repro_is_a_no_op(project):
+    root, env, dvc = project
+    report = verify_shards(root / "shards")
+    assert report.ok, report.render()
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    assert manifest["preset"] == "tiny" and manifest["counts"]["samples"] == report.samples > 0
+    assert manifest["counts"]["objects"] > 0
+    assert (root / "metrics" / "label_stats.json").is_file()
+
+    again = _run(dvc + ["repro", TARGET], root, env)
+    assert "Running stage" not in again
+    status = json.loads(_run(dvc + ["status", "--json"], root, env) or "{}")
+    assert not LABELING & set(status)
+    assert _stages_that_would_run(project) == set()
+
+
+@pytest.mark.parametrize(
+    "group, key, value, expected",
+    [
+        ("label", "tau", 0.5, {"label-objects", "verify"}),
+        ("label", "k_ent", 3, {"label-objects", "verify"}),
+        ("label", "crop_padding", 0.1, {"label-objects", "verify"}),
+        ("detect", "top_k", 2, {"detect-objects", "label-objects", "verify"}),
+        ("mine_nouns", "m", 20, {"mine-nouns", "embed-prompts", "label-objects", "verify"}),
+    ],
+)
+def test_a_parameter_invalidates_its_stage_and_what_is_downstream(
+    project, group, key, value, expected
+):
+    assert _with_param(project, group, key, value) & LABELING == expected
+
+
+def test_prompt_templates_invalidate_embed_prompts_and_labels(project):
+    path = project[0] / "params.yaml"
+    original = path.read_text(encoding="utf-8")
+    params = yaml.safe_load(original)
+    params["embed_prompts"]["templates"]["relation_template"].append(
+        "The relation of {relation} is shown in this image."
+    )
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    try:
+        stale = _stages_that_would_run(project) & LABELING
+    finally:
+        path.write_text(original, encoding="utf-8")
+    assert stale == {"embed-prompts", "label-objects", "verify"}
