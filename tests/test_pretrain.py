@@ -163,7 +163,8 @@ def test_cli_trains_and_writes_checkpoints_metrics_and_plots(tmp_path, synthetic
     states = sorted(p.name for p in (tmp_path / "checkpoints" / "pretrain_state").glob("step-*"))
     assert states == ["step-00000004", "step-00000008"]
     loss_plot = tmp_path / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv"
-    assert len(loss_plot.read_text().splitlines()) == 1 + 4  # header + steps 2, 4, 6, 8
+    rows = [line.split("\t") for line in loss_plot.read_text().splitlines()]
+    assert rows[0] == ["step", "loss"] and [int(r[0]) for r in rows[1:]] == [2, 4, 6, 8]
 
 
 def free_port():

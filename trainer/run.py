@@ -288,12 +288,12 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
                         | {"lr": f"{lr:.1e}", "sps": f"{sps:.1f}"}
                     )
                 if live is not None:
+                    live.step = step  # dvclive's x axis is the optimiser step
                     for k, v in avg.items():
                         live.log_metric(f"train/{k}", v)
                     live.log_metric("train/lr", lr)
                     live.log_metric("train/samples_per_s", sps)
                     live.log_metric("train/grad_norm", float(grad_norm))
-                    live.step = step
                     live.next_step()
             bar.update(1)
 
