@@ -1,0 +1,204 @@
+"""Fine-tuning loop: short real training runs on the bundled samples, images, CLI, checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+from trainer import ie_data
+from trainer.finetune import (
+    FinetuneConfig,
+    ensure_vocab,
+    fused_text_states,
+    length_grouped_batches,
+    load_encoder,
+    run_finetune,
+)
+
+SAMPLE = REPO_ROOT / "trainer" / "sample"
+
+
+def sample_config(task: str, tmp_path, **kw) -> FinetuneConfig:
+    d = SAMPLE / task
+    base = dict(
+        task=task,
+        train=str(d / "train.txt"),
+        dev=str(d / "dev.txt"),
+        test=str(d / "test.txt"),
+        init="tiny",
+        out=str(tmp_path / task),
+        epochs=12,
+        batch_size=8,
+        lr_encoder=1e-3,
+        lr_head=3e-3,
+        patience=0,
+        threads=1,
+        device="cpu",
+    )
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_mner_training_beats_majority_baseline(tmp_path):
+    m = run_finetune(sample_config("mner", tmp_path))
+    test = m["test"]["overall"]
+    assert m["test_majority_baseline"]["f1"] == 0.0  # all-O tagging finds no entity
+    assert test["f1"] > 0.4, m["history"]
+    assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"] / 3
+    assert set(m["test"]["per_type"]) == {"PER", "LOC", "ORG", "MISC"}
+    assert m["text_only"]["samples"] == {"train": 48, "dev": 16, "test": 16}
+    assert 1 <= m["best_epoch"] <= m["epochs_run"] == 12
+    # predictions: CoNLL style, the same sentences and gold labels as the test file
+    blocks = (tmp_path / "mner" / "predictions.txt").read_text().strip().split("\n\n")
+    gold = ie_data.read_ner(SAMPLE / "mner" / "test.txt")
+    assert len(blocks) == len(gold)
+    first = blocks[0].split("\n")
+    assert first[0] == f"IMGID:{gold[0].img_id}"
+    assert [ln.split("\t")[:2] for ln in first[1:]] == [
+        [t, g] for t, g in zip(gold[0].tokens, gold[0].labels, strict=True)
+    ]
+    saved = json.loads((tmp_path / "mner" / "metrics.json").read_text())
+    assert saved["test"]["overall"]["f1"] == test["f1"]
+
+
+def test_mre_training_beats_majority_baseline(tmp_path):
+    m = run_finetune(sample_config("mre", tmp_path, epochs=15))
+    test, base = m["test"]["overall"], m["test_majority_baseline"]
+    assert base["accuracy"] == pytest.approx(0.4)  # "None" is the majority relation
+    assert test["accuracy"] > base["accuracy"] + 0.15, m["history"]
+    assert test["f1"] > 0.3
+    assert m["encoder"]["embeddings_resized"] is True
+    rows = [
+        json.loads(x) for x in (tmp_path / "mre" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 20 and all(r["text_only"] for r in rows)
+    assert sum(r["gold"] == r["pred"] for r in rows) / 20 == pytest.approx(test["accuracy"])
+
+
+def test_same_seed_same_outputs(tmp_path):
+    a = run_finetune(sample_config("mre", tmp_path / "a", epochs=2))
+    b = run_finetune(sample_config("mre", tmp_path / "b", epochs=2))
+    assert a["history"] == b["history"]
+    pa = (tmp_path / "a" / "mre" / "predictions.jsonl").read_bytes()
+    assert pa == (tmp_path / "b" / "mre" / "predictions.jsonl").read_bytes()
+
+
+def test_marker_embeddings_resized_once(tmp_path):
+    cfg = sample_config("mre", tmp_path)
+    model, tok, _, _ = load_encoder(cfg)
+    emb = model.bert.get_input_embeddings()
+    n0, old = emb.num_embeddings, emb.weight[:5].detach().clone()
+    ie_data.add_markers(tok)
+    assert ensure_vocab(model, tok) is True
+    emb = model.bert.get_input_embeddings()
+    assert emb.num_embeddings == len(tok) == n0 + 4
+    assert torch.equal(emb.weight[:5], old)  # existing rows untouched
+    ie_data.add_markers(tok)
+    assert ensure_vocab(model, tok) is False
+    assert model.bert.get_input_embeddings().num_embeddings == n0 + 4
+
+
+def test_saved_model_reloads_as_init_without_second_resize(tmp_path):
+    run_finetune(sample_config("mre", tmp_path / "first", epochs=1, save_model=True))
+    saved = tmp_path / "first" / "mre" / "model"
+    assert (saved / "head.safetensors").is_file()
+    m = run_finetune(sample_config("mre", tmp_path / "second", epochs=1, init=str(saved)))
+    assert m["encoder"]["kind"] == "pretrain-checkpoint"
+    assert m["encoder"]["embeddings_resized"] is False
+
+
+def test_init_from_local_hf_directory(tmp_path):
+    from pipeline.models import load_text_encoder, load_tokenizer
+
+    hf = tmp_path / "hf-bert"
+    load_text_encoder("tiny").save_pretrained(hf)
+    load_tokenizer("tiny").save_pretrained(hf)
+    m = run_finetune(sample_config("mner", tmp_path, epochs=1, init=str(hf)))
+    assert m["encoder"]["kind"] == "hf-dir" and m["encoder"]["text_encoder"] == str(hf)
+
+
+def test_images_missing_ones_run_text_only(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    sents = {s: ie_data.read_ner(SAMPLE / "mner" / f"{s}.txt") for s in ("train", "dev", "test")}
+    with_image = {s: v[::2] for s, v in sents.items()}  # every other sentence has an image
+    for i, sent in enumerate(x for v in with_image.values() for x in v):
+        Image.new("RGB", (40 + i, 30), (i * 7 % 255, 90, 160)).save(images / f"{sent.img_id}.jpg")
+    (images / f"{sents['test'][2].img_id}.jpg").write_bytes(b"not a jpeg")  # unreadable
+    m = run_finetune(sample_config("mner", tmp_path, epochs=2, images=str(images)))
+    expected = {s: len(v) - len(with_image[s]) for s, v in sents.items()}
+    expected["test"] += 1
+    assert m["text_only"]["samples"] == expected
+    assert m["text_only"]["unreadable_images"] == {"train": 0, "dev": 0, "test": 1}
+    assert m["text_only"]["images"] == str(images)
+
+
+def test_mixed_batch_fuses_each_sample_like_alone():
+    cfg = FinetuneConfig(task="mner", train="", dev="", test="")
+    model, *_ = load_encoder(cfg)
+    model.eval()
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    size = model.cfg.image_size
+    pixels = torch.randn(3, 3, size, size)
+    has_image = torch.tensor([True, False, True])
+    with torch.no_grad():
+        mixed = fused_text_states(model, ids, mask, pixels, has_image)
+        for i in range(3):
+            alone = fused_text_states(
+                model, ids[i : i + 1], mask[i : i + 1], pixels[i : i + 1], has_image[i : i + 1]
+            )
+            assert torch.allclose(mixed[i], alone[0], atol=1e-5)
+        text_only = fused_text_states(model, ids, mask, None, torch.zeros(3, dtype=torch.bool))
+    assert torch.allclose(mixed[1], text_only[1], atol=1e-5)
+    assert not torch.allclose(mixed[0], text_only[0], atol=1e-3)  # the image changed sample 0
+
+
+def test_length_grouped_batches_cover_every_sample_once():
+    lengths = [5, 30, 7, 12, 30, 2, 9, 18, 4, 25]
+    batches = length_grouped_batches(lengths, 3, seed=1, group=2)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert batches == length_grouped_batches(lengths, 3, seed=1, group=2)
+    assert batches != length_grouped_batches(lengths, 3, seed=2, group=2)
+    evaluation = length_grouped_batches(lengths, 4, seed=None)
+    assert [lengths[i] for b in evaluation for i in b] == sorted(lengths)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "trainer/finetune.py", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_as_script_and_malformed_input(tmp_path):
+    d = SAMPLE / "mre"
+    common = ["--task", "mre", "--dev", str(d / "dev.txt"), "--test", str(d / "test.txt")]
+    common += ["--rel2id", str(d / "rel2id.json"), "--init", "tiny", "--threads", "1"]
+    res = run_cli(
+        *common, "--train", str(d / "train.txt"), "--epochs", "1", "--out", str(tmp_path / "o"),
+        "--metrics", str(tmp_path / "m.json"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "text-only" in res.stderr and "test P/R/F1" in res.stdout
+    assert json.loads((tmp_path / "m.json").read_text())["task"] == "mre"
+    assert (tmp_path / "o" / "predictions.jsonl").is_file()
+    bad = tmp_path / "bad.txt"
+    lines = (d / "train.txt").read_text().splitlines()
+    bad.write_text("\n".join(lines[:3] + ["{'token': ['x'"] + lines[3:]) + "\n")
+    res = run_cli(*common, "--train", str(bad), "--epochs", "1", "--out", str(tmp_path / "o2"))
+    assert res.returncode == 2
+    assert f"{bad}:4:" in res.stderr
