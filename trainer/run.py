@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         )
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, desc="pretrain", unit="step")
-    window: dict[str, list[float]] = {}
+    window: dict[str, list[torch.Tensor]] = {}
     t_start, seen_start, t_data = time.perf_counter(), step, 0.0
     pin = device.type == "cuda"
     while step < cfg.steps:
@@ -272,11 +272,12 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
                     core.temp.clamp_(TEMP_MIN, TEMP_MAX)
             step += 1
 
-            values = {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
-            for k, v in values.items():
+            # losses stay on the device between log steps: no host sync per step on CUDA
+            for k, v in {"loss": loss.detach(), **parts}.items():
                 window.setdefault(k, []).append(v)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                avg = _reduce_mean({k: sum(v) / len(v) for k, v in window.items()}, world, device)
+                means = {k: float(torch.stack(v).float().mean()) for k, v in window.items()}
+                avg = _reduce_mean(means, world, device)
                 window = {}
                 elapsed = time.perf_counter() - t_start
                 sps = (step - seen_start) * cfg.batch_size * world / max(elapsed, 1e-9)
