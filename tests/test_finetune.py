@@ -111,6 +111,16 @@ def test_saved_model_reloads_as_init_without_second_resize(tmp_path):
     assert m["encoder"]["embeddings_resized"] is False
 
 
+def test_init_from_pretraining_checkpoint(tmp_path):
+    from trainer.model import ModelConfig, build_model, build_tokenizer, save_pretrained
+
+    cfg = ModelConfig(n_entities=6, n_relations=3)  # a checkpoint with all pretraining heads
+    save_pretrained(build_model(cfg), build_tokenizer(cfg), cfg, tmp_path / "pretrain")
+    m = run_finetune(sample_config("mner", tmp_path, epochs=1, init=str(tmp_path / "pretrain")))
+    assert m["encoder"]["kind"] == "pretrain-checkpoint"
+    assert m["encoder"]["n_fusion_layers"] == 1 and m["encoder"]["n_layers"] == 2
+
+
 def test_init_from_local_hf_directory(tmp_path):
     from pipeline.models import load_text_encoder, load_tokenizer
 

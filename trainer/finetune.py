@@ -537,7 +537,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if cfg.patience and stale >= cfg.patience:
+            if cfg.patience and stale >= cfg.patience and epoch < cfg.epochs:
                 log.info("early stop: no dev improvement for %d epochs", stale)
                 break
     model.load_state_dict(best_state)
@@ -650,18 +650,22 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     for name in ("lr_encoder", "lr_head", "weight_decay", "warmup", "dropout", "grad_clip"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     p.add_argument("--save-model", action="store_true", help="save encoder + head under OUT/model")
-    args = p.parse_args(argv)
-    return FinetuneConfig(**vars(args))
+    args = vars(p.parse_args(argv))
+    for name in ("images", "rel2id", "vision_encoder", "metrics", "predictions"):
+        args[name] = args[name] or None  # "" (e.g. from params.yaml) means unset
+    return FinetuneConfig(**args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # offline-first: no hub retries
         os.environ.setdefault(var, "1")
+    from pipeline.models import WeightsUnavailable
+
     cfg = parse_args(argv)
     try:
         run_finetune(cfg)
-    except (ie_data.DataFormatError, FileNotFoundError, ValueError) as e:
+    except (ie_data.DataFormatError, FileNotFoundError, ValueError, WeightsUnavailable) as e:
         log.error("%s", e)
         return 2
     return 0
