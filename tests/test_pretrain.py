@@ -213,3 +213,13 @@ def test_ddp_two_cpu_processes_agree_on_parameters(tmp_path, synthetic_shards):
     checksums = metrics["param_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert metrics["samples_seen"] == 3 * 2 * 2
+
+
+def test_loss_plots_also_in_a_git_repo_without_commits(tmp_path, synthetic_shards, monkeypatch):
+    """dvclive raises in a fresh `git init`; the trainer then writes the same TSV plots itself."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(tmp_path, synthetic_shards, steps=2, live_dir="dvclive/pretrain")
+    run.train(cfg)
+    rows = (tmp_path / "dvclive/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert rows[0] == "step\tloss" and [r.split("\t")[0] for r in rows[1:]] == ["1", "2"]

@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import argparse
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import random
@@ -222,11 +223,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         elif is_main:
             print(f"--resume: no checkpoint in {cfg.state_dir}, starting at step 0")
 
-    live = None
-    if is_main and cfg.live_dir:
-        from dvclive import Live
-
-        live = Live(cfg.live_dir, save_dvc_exp=False, dvcyaml=None, resume=step > 0)
+    live = open_live(cfg.live_dir, resume=step > 0) if is_main and cfg.live_dir else None
+    if live is not None:
         live.log_params({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
     if is_main:
         n_params = sum(p.numel() for p in core.parameters())
@@ -365,6 +363,50 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+class TsvLive:
+    """dvclive's plot layout (plots/metrics/<name>.tsv with step and value) without dvclive."""
+
+    def __init__(self, directory: str, resume: bool = False):
+        self.dir, self.step = Path(directory), 0
+        if not resume and (self.dir / "plots").exists():
+            import shutil
+
+            shutil.rmtree(self.dir / "plots")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "params.json").write_text(json.dumps(params, indent=1), encoding="utf-8")
+
+    def log_metric(self, name: str, value: float) -> None:
+        path = self.dir / "plots" / "metrics" / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as f:
+            if new:
+                f.write(f"step\t{path.stem}\n")
+            f.write(f"{self.step}\t{value}\n")
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    def end(self) -> None:
+        pass
+
+
+def open_live(directory: str, resume: bool):
+    """dvclive when it can start here; otherwise the same TSV plots written directly.
+
+    (dvclive 3.49 raises on a git repository without commits, e.g. a fresh `git init`.)
+    """
+    try:
+        from dvclive import Live
+
+        return Live(directory, save_dvc_exp=False, dvcyaml=None, resume=resume)
+    except Exception as e:  # noqa: BLE001 - logging must never stop training
+        print(f"dvclive unavailable ({type(e).__name__}: {e}); writing TSV plots to {directory}")
+        return TsvLive(directory, resume)
 
 
 def save_checkpoint(
