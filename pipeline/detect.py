@@ -28,68 +28,89 @@ class DetectParams:
         return d
 
 
-def detect_objects(
-    pairs_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    preset: str = "tiny",
-    detector_path: str | os.PathLike | None = None,
-    params: DetectParams = DetectParams(),
-    device: str = "auto",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Write data/objects/boxes.parquet: one row per pair (no detections -> empty lists).
+class ImageDetector:
+    """YOLO loaded once; detects lists of image paths in chunks of `batch_size` (the unit of work
+    of every engine: the same chunks give the same boxes)."""
 
-    Pairs sharing an image (mismatched ITM pairs) are detected once. Images that fail to decode
-    get a row with empty lists and `error` set; label-objects rejects them with that reason.
-    """
-    import torch
-    from tqdm import tqdm
+    def __init__(
+        self,
+        preset: str = "tiny",
+        detector_path: str | os.PathLike | None = None,
+        params: DetectParams = DetectParams(),
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        from pipeline.models import load_detector
+        from pipeline.runtime import select_device, set_threads
 
+        if params.batch_size < 1 or params.top_k < 0:
+            raise ValueError("batch_size must be >= 1 and top_k >= 0")
+        self.params = params
+        set_threads(threads)
+        self.dev = select_device(device)
+        self.model = load_detector(preset, detector_path)
+        self.threads = set_threads(threads)  # importing ultralytics pinned OMP to one thread
+        self.names = self.model.names
+
+    def detect(self, paths: list[str], progress: bool = False) -> dict[str, dict[str, Any]]:
+        """path -> row (width, height, boxes, classes, confs, error) for distinct image paths."""
+        import torch
+        from tqdm import tqdm
+
+        from pipeline import labeling_data as data
+
+        p = self.params
+        loader = torch.utils.data.DataLoader(
+            data.DecodeDataset(paths, p.max_pixels),
+            batch_size=p.batch_size,
+            shuffle=False,
+            num_workers=p.num_workers,
+            collate_fn=data.as_list,
+        )
+        by_path: dict[str, dict[str, Any]] = {}
+        bar = tqdm(total=len(paths), desc="detect-objects", unit="img", disable=not progress)
+        for chunk in loader:
+            good = [(i, arr) for i, arr, _ in chunk if arr is not None]
+            for i, _, reason in chunk:
+                if reason is not None:
+                    by_path[paths[i]] = {"width": 0, "height": 0, "error": reason}
+            if good:
+                # One explicit batch per chunk: predict() runs a list as a single batch.
+                results = self.model.predict(
+                    [arr for _, arr in good],
+                    imgsz=p.imgsz,
+                    conf=p.conf,
+                    iou=p.iou,
+                    max_det=max(p.top_k, 1),
+                    device=str(self.dev),
+                    verbose=False,
+                )
+                for (i, arr), res in zip(good, results, strict=True):
+                    by_path[paths[i]] = _result_row(res, arr.shape, self.names, p.top_k)
+            bar.update(len(chunk))
+        bar.close()
+        return by_path
+
+
+def unique_images(pairs_path: str | os.PathLike) -> tuple[dict[str, list], list[str]]:
+    """(pairs columns, distinct image paths in first-seen order): shared images detected once."""
     from pipeline import labeling_data as data
-    from pipeline.models import detector_identity, load_detector
-    from pipeline.runtime import select_device, set_threads
 
-    if params.batch_size < 1 or params.top_k < 0:
-        raise ValueError("batch_size must be >= 1 and top_k >= 0")
-    set_threads()
-    dev = select_device(device)
     pairs = data.read_pairs(pairs_path)
-    model = load_detector(preset, detector_path)
-    set_threads()  # importing ultralytics pinned OMP to one thread
-    names = model.names
+    return pairs, list(dict.fromkeys(pairs["image_path"]))
 
-    unique_paths = list(dict.fromkeys(pairs["image_path"]))
-    loader = torch.utils.data.DataLoader(
-        data.DecodeDataset(unique_paths, params.max_pixels),
-        batch_size=params.batch_size,
-        shuffle=False,
-        num_workers=params.num_workers,
-        collate_fn=data.as_list,
-    )
-    by_path: dict[str, dict[str, Any]] = {}
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(unique_paths), desc="detect-objects", unit="img", disable=not progress)
-    for chunk in loader:
-        good = [(i, arr) for i, arr, _ in chunk if arr is not None]
-        for i, _, reason in chunk:
-            if reason is not None:
-                by_path[unique_paths[i]] = {"width": 0, "height": 0, "error": reason}
-        if good:
-            # One explicit batch per chunk: predict() runs a list as a single batch.
-            results = model.predict(
-                [arr for _, arr in good],
-                imgsz=params.imgsz,
-                conf=params.conf,
-                iou=params.iou,
-                max_det=max(params.top_k, 1),
-                device=str(dev),
-                verbose=False,
-            )
-            for (i, arr), res in zip(good, results, strict=True):
-                by_path[unique_paths[i]] = _result_row(res, arr.shape, names, params.top_k)
-        bar.update(len(chunk))
-    bar.close()
-    elapsed = time.perf_counter() - t0
+
+def write_detections(
+    pairs: dict[str, list],
+    by_path: dict[str, dict[str, Any]],
+    out_path: str | os.PathLike,
+    preset: str,
+    detector_path: str | os.PathLike | None,
+    params: DetectParams,
+) -> dict[str, Any]:
+    """boxes.parquet: one row per pair in pair order; returns the counts of the summary."""
+    from pipeline import labeling_data as data
+    from pipeline.models import detector_identity
 
     rows = []
     for sid, path in zip(pairs["id"], pairs["image_path"], strict=True):
@@ -111,16 +132,44 @@ def detect_objects(
         "params": params.recorded(),
     }
     data.write_boxes(out_path, rows, meta)
-    summary = {
+    return {
         "pairs": len(rows),
-        "images": len(unique_paths),
+        "images": len(by_path),
         "boxes": sum(len(r["boxes"]) for r in rows),
         "without_detections": sum(1 for r in rows if not r["boxes"] and not r["error"]),
         "undecodable": sum(1 for r in rows if r["error"]),
-        "seconds": round(elapsed, 2),
-        "images_per_s": round(len(unique_paths) / elapsed, 1) if elapsed > 0 else None,
-        "out": str(Path(out_path)),
     }
+
+
+def detect_objects(
+    pairs_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    preset: str = "tiny",
+    detector_path: str | os.PathLike | None = None,
+    params: DetectParams = DetectParams(),
+    device: str = "auto",
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Write data/objects/boxes.parquet: one row per pair (no detections -> empty lists).
+
+    Pairs sharing an image (mismatched ITM pairs) are detected once. Images that fail to decode
+    get a row with empty lists and `error` set; label-objects rejects them with that reason.
+    `threads` caps torch's threads (default: every core this process may use).
+    """
+    if params.batch_size < 1 or params.top_k < 0:
+        raise ValueError("batch_size must be >= 1 and top_k >= 0")
+    pairs, unique_paths = unique_images(pairs_path)
+    detector = ImageDetector(preset, detector_path, params, device, threads)
+    t0 = time.perf_counter()
+    by_path = detector.detect(unique_paths, progress)
+    elapsed = time.perf_counter() - t0
+    summary = write_detections(pairs, by_path, out_path, preset, detector_path, params)
+    summary.update(
+        seconds=round(elapsed, 2),
+        images_per_s=round(len(unique_paths) / elapsed, 1) if elapsed > 0 else None,
+        out=str(Path(out_path)),
+    )
     return summary
 
 

@@ -3,16 +3,22 @@
 Shard i holds the prepared pairs [i*n, (i+1)*n) (minus rejections), and is computed from those
 samples alone (batches never cross a shard boundary), so a killed run resumes by skipping
 complete shards and still gives byte-identical output, and shards can be farmed out as tasks.
+The stage is three pieces that every engine shares: `plan_labeling` (inputs, fingerprint, which
+shards are done), `ShardLabeler` (CLIP loaded once; labels whole shards and writes each tar and
+its done-marker) and `finish_labeling` (sizes.json, manifest.json, vocabularies).
+`label_objects` runs them in this process; `pipeline.ray_engine` runs the middle one on Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,32 @@ class LabelParams:
         d = asdict(self)
         d.pop("num_workers")
         return d
+
+    def check(self) -> None:
+        if self.samples_per_shard < 1 or self.image_batch_size < 1 or self.crop_batch_size < 1:
+            raise ValueError("samples_per_shard, image_batch_size and crop_batch_size must be >= 1")
+        if self.tau <= 0 or self.k_ent < 1 or self.k_rel < 1:
+            raise ValueError("tau must be > 0 and k_ent, k_rel >= 1")
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    """What a shard task needs (plain values: cheap to send to a worker process or node)."""
+
+    pairs_path: str
+    boxes_path: str
+    prompts_path: str
+    out: str
+    preset: str
+    clip_path: str | None
+    params: LabelParams
+    n: int  # prepared pairs
+    n_shards: int
+    fingerprint: str
+
+    def shard_range(self, s: int) -> tuple[int, int]:
+        n = self.params.samples_per_shard
+        return s * n, min((s + 1) * n, self.n)
 
 
 def soft_labels(
@@ -93,6 +125,281 @@ def _complete_shards(out: Path, fingerprint: str, n_shards: int) -> dict[int, di
     return done
 
 
+def plan_labeling(
+    pairs_path: str | os.PathLike,
+    boxes_path: str | os.PathLike,
+    prompts_path: str | os.PathLike,
+    entities_path: str | os.PathLike,
+    relations_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    preset: str = "tiny",
+    clip_path: str | os.PathLike | None = None,
+    params: LabelParams = LabelParams(),
+) -> tuple[LabelJob, dict[int, dict[str, Any]]]:
+    """Check the inputs, fingerprint them and find the shards already done (to resume)."""
+    from pipeline.labeling_data import check_pairs_columns
+    from pipeline.models import clip_identity
+    from pipeline.prompts import load_prompt_metadata
+
+    params.check()
+    n = check_pairs_columns(pairs_path)
+    clip_id = clip_identity(preset, clip_path)
+    _check_prompts(load_prompt_metadata(prompts_path), clip_id, entities_path, relations_path)
+    n_shards = (n + params.samples_per_shard - 1) // params.samples_per_shard
+    fingerprint = _fingerprint(
+        [Path(pairs_path), Path(boxes_path), Path(prompts_path)], params.recorded(), clip_id
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PROGRESS_DIR).mkdir(exist_ok=True)
+    job = LabelJob(
+        pairs_path=str(pairs_path),
+        boxes_path=str(boxes_path),
+        prompts_path=str(prompts_path),
+        out=str(out),
+        preset=preset,
+        clip_path=str(clip_path) if clip_path else None,
+        params=params,
+        n=n,
+        n_shards=n_shards,
+        fingerprint=fingerprint,
+    )
+    return job, _complete_shards(out, fingerprint, n_shards)
+
+
+class ShardLabeler:
+    """CLIP and the prompt embeddings loaded once; labels whole shards, writing each shard's tar
+    and done-marker. The unit of work of every engine (all of them give the same bytes)."""
+
+    def __init__(self, job: LabelJob, device: str = "auto", threads: int | None = None) -> None:
+        import torch
+
+        from pipeline import labeling_data as data
+        from pipeline.models import load_clip
+        from pipeline.prompts import load_prompts
+        from pipeline.runtime import select_device, set_threads
+
+        self.job, self.params = job, job.params
+        self.threads = set_threads(threads)
+        torch.manual_seed(self.params.seed)
+        self.dev = select_device(device)
+        prompt_tensors, _ = load_prompts(job.prompts_path)
+        self.ent_prompts = prompt_tensors["entity"].to(self.dev)
+        self.rel_prompts = prompt_tensors["relation"].to(self.dev)
+        self.k_ent = min(self.params.k_ent, self.ent_prompts.shape[0])
+        self.k_rel = min(self.params.k_rel, self.rel_prompts.shape[0])
+        model, self.preprocess, _ = load_clip(job.preset, job.clip_path)
+        self.model = model.to(self.dev)
+        self.image_size = data.clip_image_size(self.preprocess)
+        self._pairs = data.ParquetRows(job.pairs_path, data.PAIRS_COLUMNS)
+        self._boxes = data.ParquetRows(job.boxes_path)
+        self._boxes_by_id: dict[str, dict] | None = None  # only if boxes are not in pair order
+        self.encode_seconds = 0.0
+        self.images_seen = 0
+
+    def _rows(self, shard_ids: Sequence[int]) -> tuple[list[int], list[dict], list[dict]]:
+        """(global index, pair row, detection row) of every sample of these shards."""
+        from pipeline.labeling_data import read_boxes
+
+        index, pairs, boxes = [], [], []
+        for s in shard_ids:
+            start, stop = self.job.shard_range(s)
+            p_rows = self._pairs.rows(start, stop)
+            b_rows = self._boxes.rows(start, stop)
+            if [r["id"] for r in b_rows] != [r["id"] for r in p_rows]:
+                # boxes.parquet is written in pair order; anything else is looked up by id.
+                if self._boxes_by_id is None:
+                    self._boxes_by_id = read_boxes(self.job.boxes_path)[0]
+                missing = [r["id"] for r in p_rows if r["id"] not in self._boxes_by_id]
+                if missing:
+                    raise ValueError(
+                        f"{self.job.boxes_path} lacks {len(missing)} prepared ids "
+                        f"(e.g. {missing[0]!r}): re-run detect-objects"
+                    )
+                b_rows = [self._boxes_by_id[r["id"]] for r in p_rows]
+            index.extend(range(start, stop))
+            pairs.extend(p_rows)
+            boxes.extend(b_rows)
+        if len(set(r["id"] for r in pairs)) != len(pairs):
+            raise ValueError(f"{self.job.pairs_path}: sample ids are not unique")
+        return index, pairs, boxes
+
+    def _encode(self, images: Any) -> Any:
+        import torch.nn.functional as F
+
+        from pipeline.runtime import autocast
+
+        t = time.perf_counter()
+        with autocast(self.dev):
+            feats = self.model.encode_image(images.to(self.dev, non_blocking=True))
+        feats = F.normalize(feats.float(), dim=-1)
+        self.encode_seconds += time.perf_counter() - t
+        return feats
+
+    def label(
+        self, shard_ids: Sequence[int], progress: bool = False
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Label these shards in order; yield (shard, done-marker) once each one is on disk."""
+        import torch
+        from tqdm import tqdm
+
+        from pipeline import labeling_data as data
+
+        p = self.params
+        index, pairs, boxes = self._rows(shard_ids)
+        if not index:
+            return
+        local = {g: i for i, g in enumerate(index)}
+        specs = [
+            data.LabelItemSpec(
+                image_path=pr["image_path"],
+                boxes=[] if br["error"] else br["boxes"],
+                width=br["width"],
+                height=br["height"],
+            )
+            for pr, br in zip(pairs, boxes, strict=True)
+        ]
+        dataset = data.LabelDataset(
+            specs,
+            self.preprocess,
+            self.image_size,
+            p.crop_padding,
+            p.max_side,
+            p.jpeg_quality,
+            p.max_pixels,
+        )
+        global_batches = data.shard_batches(
+            shard_ids, self.job.n, p.samples_per_shard, p.image_batch_size
+        )
+        batches = [[local[g] for g in b] for b in global_batches]
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=p.num_workers,
+            collate_fn=data.collate_label_batch,
+            pin_memory=self.dev.type == "cuda",
+            persistent_workers=False,
+        )
+        state: _ShardState | None = None
+        bar = tqdm(total=len(index), desc="label-objects", unit="img", disable=not progress)
+        with torch.inference_mode():
+            for batch in loader:
+                first = batch["index"][0] if batch["index"] else batch["rejected"][0][0]
+                s = index[first] // p.samples_per_shard
+                if state is not None and state.shard != s:
+                    yield state.shard, self._finish_shard(state)
+                    state = None
+                if state is None:
+                    state = _ShardState(s)
+                for i, reason, detail in batch["rejected"]:
+                    rejection = {"id": pairs[i]["id"], "reason": reason, "detail": detail}
+                    state.rejected.append(rejection)
+                if batch["index"]:
+                    rel_idx, rel_prob, rel_mass = soft_labels(
+                        self._encode(batch["images"]),
+                        self.rel_prompts,
+                        p.logit_scale,
+                        p.tau,
+                        self.k_rel,
+                    )
+                    if batch["crops"].shape[0]:
+                        state.crop_queue.append(batch["crops"].to(self.dev, non_blocking=True))
+                        state.queued += int(batch["crops"].shape[0])
+                        self._flush_crops(state, final=False)
+                    rel_mass = rel_mass.tolist()
+                    for j, i in enumerate(batch["index"]):
+                        state.samples.append(
+                            _sample_record(
+                                pairs[i],
+                                boxes[i],
+                                batch["jpg"][j],
+                                batch["size"][j],
+                                batch["n_crops"][j],
+                                rel_idx[j],
+                                rel_prob[j],
+                                rel_mass[j],
+                            )
+                        )
+                n_batch = len(batch["index"]) + len(batch["rejected"])
+                self.images_seen += n_batch
+                bar.update(n_batch)
+            if state is not None:
+                yield state.shard, self._finish_shard(state)
+        bar.close()
+
+    def _flush_crops(self, state: _ShardState, final: bool) -> None:
+        """Encode queued crops in fixed-size batches (the tail only at the end of a shard)."""
+        import torch
+
+        B = self.params.crop_batch_size
+        if state.queued < (1 if final else B):
+            return
+        queue = torch.cat(state.crop_queue)
+        take = queue.shape[0] if final else (queue.shape[0] // B) * B
+        for start in range(0, take, B):
+            feats = self._encode(queue[start : start + B])
+            state.crop_results.append(
+                soft_labels(
+                    feats, self.ent_prompts, self.params.logit_scale, self.params.tau, self.k_ent
+                )
+            )
+        rest = queue[take:]
+        state.crop_queue = [rest] if rest.shape[0] else []
+        state.queued = int(rest.shape[0])
+
+    def _finish_shard(self, state: _ShardState) -> dict[str, Any]:
+        """Write the shard tar (atomically), then its done-marker."""
+        import torch
+
+        self._flush_crops(state, final=True)
+        results = state.crop_results
+        if results:
+            ent_idx = torch.cat([r[0] for r in results]).numpy()
+            ent_prob = torch.cat([r[1] for r in results]).numpy()
+            ent_mass = torch.cat([r[2] for r in results]).tolist()
+        else:
+            ent_idx = np.zeros((0, self.k_ent), np.int32)
+            ent_prob = np.zeros((0, self.k_ent), np.float32)
+            ent_mass = []
+        samples, offset = [], 0
+        for rec in state.samples:
+            m = rec.pop("n_crops")
+            rec["meta"]["ent_mass"] = ent_mass[offset : offset + m]
+            samples.append(
+                shards.LabelledSample(
+                    ent_idx=ent_idx[offset : offset + m],
+                    ent_prob=ent_prob[offset : offset + m],
+                    **rec,
+                )
+            )
+            offset += m
+        out = Path(self.job.out)
+        count = shards.write_shard(out / shards.SHARD_PATTERN.format(state.shard), samples)
+        marker = {
+            "fingerprint": self.job.fingerprint,
+            "samples": count,
+            "objects": offset,
+            "no_objects": sum(1 for x in samples if not x.meta["boxes"]),
+            "rejected": state.rejected,
+        }
+        shards.write_json_atomic(out / PROGRESS_DIR / f"shard-{state.shard:06d}.json", marker)
+        return marker
+
+
+@dataclass
+class _ShardState:
+    """The shard being assembled: its records, rejections and queued / encoded crops."""
+
+    shard: int
+
+    def __post_init__(self) -> None:
+        self.samples: list[dict[str, Any]] = []
+        self.rejected: list[dict[str, Any]] = []
+        self.crop_queue: list[Any] = []
+        self.queued = 0
+        self.crop_results: list[tuple[Any, Any, Any]] = []
+
+
 def label_objects(
     pairs_path: str | os.PathLike,
     boxes_path: str | os.PathLike,
@@ -109,243 +416,63 @@ def label_objects(
     stage_params: dict[str, Any] | None = None,
     progress: bool = True,
     stop_after_shards: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Label every prepared pair and write shards + sizes.json + manifest.json + vocabularies.
 
     `stage_params` (e.g. all of params.yaml) is recorded in the manifest as given.
     `stop_after_shards` ends the run early (as a kill would) after writing that many shards.
+    `threads` caps torch's threads (default: every core this process may use).
     """
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
-    from pipeline import labeling_data as data
-    from pipeline.models import clip_identity, load_clip
-    from pipeline.prompts import load_prompts
-    from pipeline.runtime import autocast, select_device, set_threads
-
-    if params.samples_per_shard < 1 or params.image_batch_size < 1 or params.crop_batch_size < 1:
-        raise ValueError("samples_per_shard, image_batch_size and crop_batch_size must be >= 1")
-    if params.tau <= 0 or params.k_ent < 1 or params.k_rel < 1:
-        raise ValueError("tau must be > 0 and k_ent, k_rel >= 1")
     t_start = time.perf_counter()
-    set_threads()
-    torch.manual_seed(params.seed)
-    dev = select_device(device)
-    out = Path(out_dir)
-
-    pairs = data.read_pairs(pairs_path)
-    boxes, detect_meta = data.read_boxes(boxes_path)
-    prompt_tensors, prompt_meta = load_prompts(prompts_path)
-    clip_id = clip_identity(preset, clip_path)
-    _check_prompts(prompt_meta, clip_id, entities_path, relations_path)
-    ent_prompts = prompt_tensors["entity"].to(dev)
-    rel_prompts = prompt_tensors["relation"].to(dev)
-    k_ent = min(params.k_ent, ent_prompts.shape[0])
-    k_rel = min(params.k_rel, rel_prompts.shape[0])
-
-    n = len(pairs["id"])
-    missing = [sid for sid in pairs["id"] if sid not in boxes]
-    if missing:
-        raise ValueError(
-            f"{boxes_path} lacks {len(missing)} prepared ids (e.g. {missing[0]!r}): "
-            "re-run detect-objects"
-        )
-    n_shards = (n + params.samples_per_shard - 1) // params.samples_per_shard
-    fingerprint = _fingerprint(
-        [Path(pairs_path), Path(boxes_path), Path(prompts_path)], params.recorded(), clip_id
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    done = _complete_shards(out, fingerprint, n_shards)
-    todo = [s for s in range(n_shards) if s not in done]
-
-    model, preprocess, _ = load_clip(preset, clip_path)
-    model = model.to(dev)
-    on_cuda = dev.type == "cuda"
-    specs = [
-        data.LabelItemSpec(
-            image_path=path,
-            boxes=[] if boxes[sid]["error"] else boxes[sid]["boxes"],
-            width=boxes[sid]["width"],
-            height=boxes[sid]["height"],
-        )
-        for sid, path in zip(pairs["id"], pairs["image_path"], strict=True)
-    ]
-    dataset = data.LabelDataset(
-        specs,
-        preprocess,
-        data.clip_image_size(preprocess),
-        params.crop_padding,
-        params.max_side,
-        params.jpeg_quality,
-        params.max_pixels,
-    )
-    batches = list(data.shard_batches(todo, n, params.samples_per_shard, params.image_batch_size))
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=params.num_workers,
-        collate_fn=data.collate_label_batch,
-        pin_memory=on_cuda,
-        persistent_workers=False,
-    )
-
-    def encode(images: Any) -> Any:
-        with autocast(dev):
-            feats = model.encode_image(images.to(dev, non_blocking=True))
-        return F.normalize(feats.float(), dim=-1)
-
-    encode_seconds = 0.0
-    shard_state: dict[str, Any] = {}
-
-    def start_shard(s: int) -> None:
-        shard_state.clear()
-        shard_state.update(
-            shard=s, samples=[], rejected=[], crop_queue=[], queued=0, crop_results=[]
-        )
-
-    def flush_crops(final: bool) -> None:
-        """Encode queued crops in fixed-size batches (the tail only at the end of a shard)."""
-        nonlocal encode_seconds
-        B = params.crop_batch_size
-        if shard_state["queued"] < (1 if final else B):
-            return
-        queue = torch.cat(shard_state["crop_queue"])
-        n_full = (queue.shape[0] // B) * B
-        take = queue.shape[0] if final else n_full
-        t = time.perf_counter()
-        for start in range(0, take, B):
-            feats = encode(queue[start : start + B])
-            shard_state["crop_results"].append(
-                soft_labels(feats, ent_prompts, params.logit_scale, params.tau, k_ent)
-            )
-        encode_seconds += time.perf_counter() - t
-        rest = queue[take:]
-        shard_state["crop_queue"] = [rest] if rest.shape[0] else []
-        shard_state["queued"] = int(rest.shape[0])
-
-    def finish_shard() -> None:
-        flush_crops(final=True)
-        results = shard_state["crop_results"]
-        if results:
-            ent_idx = torch.cat([r[0] for r in results]).numpy()
-            ent_prob = torch.cat([r[1] for r in results]).numpy()
-            ent_mass = torch.cat([r[2] for r in results]).numpy()
-        else:
-            ent_idx = np.zeros((0, k_ent), np.int32)
-            ent_prob = np.zeros((0, k_ent), np.float32)
-            ent_mass = np.zeros((0,), np.float32)
-        samples, offset = [], 0
-        for rec in shard_state["samples"]:
-            m = rec.pop("n_crops")
-            rec["meta"]["ent_mass"] = [float(v) for v in ent_mass[offset : offset + m]]
-            samples.append(
-                shards.LabelledSample(
-                    ent_idx=ent_idx[offset : offset + m],
-                    ent_prob=ent_prob[offset : offset + m],
-                    **rec,
-                )
-            )
-            offset += m
-        s = shard_state["shard"]
-        count = shards.write_shard(out / shards.SHARD_PATTERN.format(s), samples)
-        marker = {
-            "fingerprint": fingerprint,
-            "samples": count,
-            "objects": offset,
-            "no_objects": sum(1 for x in samples if not x.meta["boxes"]),
-            "rejected": shard_state["rejected"],
-        }
-        shards.write_json_atomic(out / PROGRESS_DIR / f"shard-{s:06d}.json", marker)
-        done[s] = marker
-
-    written_now = 0
-    t_loop = time.perf_counter()
-    n_todo_images = sum(len(b) for b in batches)
-    bar = tqdm(total=n_todo_images, desc="label-objects", unit="img", disable=not progress)
-    with torch.inference_mode():
-        for batch in loader:
-            first = batch["index"][0] if batch["index"] else batch["rejected"][0][0]
-            s = first // params.samples_per_shard
-            if shard_state and shard_state["shard"] != s:
-                finish_shard()
-                written_now += 1
-                if stop_after_shards is not None and written_now >= stop_after_shards:
-                    break
-            if not shard_state or shard_state["shard"] != s:
-                start_shard(s)
-            for i, reason, detail in batch["rejected"]:
-                shard_state["rejected"].append(
-                    {"id": pairs["id"][i], "reason": reason, "detail": detail}
-                )
-            if batch["index"]:
-                t = time.perf_counter()
-                rel_idx, rel_prob, rel_mass = soft_labels(
-                    encode(batch["images"]), rel_prompts, params.logit_scale, params.tau, k_rel
-                )
-                encode_seconds += time.perf_counter() - t
-                if batch["crops"].shape[0]:
-                    shard_state["crop_queue"].append(batch["crops"].to(dev, non_blocking=True))
-                    shard_state["queued"] += int(batch["crops"].shape[0])
-                    flush_crops(final=False)
-                for j, i in enumerate(batch["index"]):
-                    shard_state["samples"].append(
-                        _sample_record(
-                            pairs,
-                            boxes,
-                            i,
-                            batch["jpg"][j],
-                            batch["size"][j],
-                            batch["n_crops"][j],
-                            rel_idx[j],
-                            rel_prob[j],
-                            float(rel_mass[j]),
-                        )
-                    )
-            bar.update(len(batch["index"]) + len(batch["rejected"]))
-        else:
-            if shard_state:
-                finish_shard()
-                written_now += 1
-    bar.close()
-    loop_seconds = time.perf_counter() - t_loop
-    if len(done) < n_shards:
-        return {"complete": False, "shards_written": written_now, "shards_done": len(done)}
-
-    summary = _finish_run(
-        out,
-        n,
-        n_shards,
-        done,
+    job, done = plan_labeling(
         pairs_path,
         boxes_path,
         prompts_path,
         entities_path,
         relations_path,
-        prepare_rejected_path,
+        out_dir,
         preset,
-        clip_id,
-        detect_meta,
-        prompt_meta,
+        clip_path,
         params,
-        stage_params,
+    )
+    todo = [s for s in range(job.n_shards) if s not in done]
+    labeler = ShardLabeler(job, device, threads)
+    written_now = 0
+    t_loop = time.perf_counter()
+    with contextlib.closing(labeler.label(todo, progress)) as labelled:
+        for s, marker in labelled:
+            done[s] = marker
+            written_now += 1
+            if stop_after_shards is not None and written_now >= stop_after_shards:
+                break
+    loop_seconds = time.perf_counter() - t_loop
+    if len(done) < job.n_shards:
+        return {"complete": False, "shards_written": written_now, "shards_done": len(done)}
+    summary = finish_labeling(
+        job, done, entities_path, relations_path, prepare_rejected_path, stage_params
     )
     timing = {
         "seconds_total": round(time.perf_counter() - t_start, 3),
         "seconds_loop": round(loop_seconds, 3),
-        "seconds_clip_encode": round(encode_seconds, 3),
-        "images_labelled_this_run": n_todo_images,
-        "images_per_s": round(n_todo_images / loop_seconds, 2) if loop_seconds > 0 else None,
-        "shards_resumed": n_shards - written_now,
-        "device": str(dev),
+        "seconds_clip_encode": round(labeler.encode_seconds, 3),
+        "images_labelled_this_run": labeler.images_seen,
+        "images_per_s": round(labeler.images_seen / loop_seconds, 2) if loop_seconds > 0 else None,
+        "shards_resumed": job.n_shards - written_now,
+        "device": str(labeler.dev),
         "num_workers": params.num_workers,
+        "engine": "local",
     }
     summary["timing"] = timing
+    write_stats(stats_path, summary)
+    return summary
+
+
+def write_stats(stats_path: str | os.PathLike | None, summary: dict[str, Any]) -> None:
+    """Timings and counts beside the shards' provenance (never inside the manifest)."""
     if stats_path:
         Path(stats_path).parent.mkdir(parents=True, exist_ok=True)
-        shards.write_json_atomic(stats_path, {"counts": summary["counts"], **timing})
-    return summary
+        shards.write_json_atomic(stats_path, {"counts": summary["counts"], **summary["timing"]})
 
 
 def _check_prompts(meta: dict[str, str], clip_id: dict, entities: Any, relations: Any) -> None:
@@ -361,9 +488,8 @@ def _check_prompts(meta: dict[str, str], clip_id: dict, entities: Any, relations
 
 
 def _sample_record(
-    pairs: dict[str, list],
-    boxes: dict[str, dict],
-    i: int,
+    pair: dict[str, Any],
+    det: dict[str, Any],
     jpg: bytes,
     size: tuple[int, int],
     n_crops: int,
@@ -373,13 +499,11 @@ def _sample_record(
 ) -> dict[str, Any]:
     from pipeline.labeling_data import normalised_boxes
 
-    sid = pairs["id"][i]
-    det = boxes[sid]
     width, height = size
     det_boxes = [] if det["error"] else det["boxes"]
     meta = {
-        "source": pairs["source"][i],
-        "itm": int(pairs["itm"][i]),
+        "source": pair["source"],
+        "itm": int(pair["itm"]),
         "width": width,
         "height": height,
         "boxes": normalised_boxes(det_boxes, width, height),
@@ -388,9 +512,9 @@ def _sample_record(
         "rel_mass": rel_mass,
     }
     return {
-        "id": sid,
+        "id": pair["id"],
         "jpg": jpg,
-        "caption": pairs["caption"][i],
+        "caption": pair["caption"],
         "meta": meta,
         "rel_idx": rel_idx.numpy(),
         "rel_prob": rel_prob.numpy(),
@@ -427,27 +551,27 @@ def _vocab_entry(path: Any, name: str) -> dict[str, Any]:
     }
 
 
-def _finish_run(
-    out: Path,
-    n: int,
-    n_shards: int,
-    done: dict[int, dict],
-    pairs_path: Any,
-    boxes_path: Any,
-    prompts_path: Any,
-    entities_path: Any,
-    relations_path: Any,
-    prepare_rejected_path: Any,
-    preset: str,
-    clip_id: dict,
-    detect_meta: dict,
-    prompt_meta: dict,
-    params: LabelParams,
-    stage_params: dict | None,
+def finish_labeling(
+    job: LabelJob,
+    done: dict[int, dict[str, Any]],
+    entities_path: str | os.PathLike,
+    relations_path: str | os.PathLike,
+    prepare_rejected_path: str | os.PathLike | None = None,
+    stage_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """sizes.json, vocabularies, manifest.json; drop stale shards and the progress markers."""
     from pipeline import __version__
+    from pipeline.labeling_data import read_boxes_meta
+    from pipeline.models import clip_identity
+    from pipeline.prompts import load_prompt_metadata
 
+    out, n, n_shards, params = Path(job.out), job.n, job.n_shards, job.params
+    missing = [s for s in range(n_shards) if s not in done]
+    if missing:
+        raise ValueError(f"shards {missing[:5]} of {n_shards} are not done")
+    pairs_path, boxes_path, prompts_path = job.pairs_path, job.boxes_path, job.prompts_path
+    preset, clip_id = job.preset, clip_identity(job.preset, job.clip_path)
+    detect_meta, prompt_meta = read_boxes_meta(boxes_path), load_prompt_metadata(prompts_path)
     sizes = {shards.SHARD_PATTERN.format(s): done[s]["samples"] for s in range(n_shards)}
     for stale in shards.shard_paths(out):
         if stale.name not in sizes:

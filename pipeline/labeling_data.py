@@ -50,12 +50,60 @@ def read_pairs(path: str | os.PathLike) -> dict[str, list]:
     return pairs
 
 
+def check_pairs_columns(path: str | os.PathLike) -> int:
+    """Number of rows of pairs.parquet, after checking its columns (reads the footer only)."""
+    pf = pq.ParquetFile(path)
+    missing = [c for c in PAIRS_COLUMNS if c not in pf.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (see docs/architecture.md)")
+    return pf.metadata.num_rows
+
+
+class ParquetRows:
+    """Rows [start, stop) of a parquet file as python dicts, decoding only the row groups they
+    touch (the last one is cached: a worker labelling consecutive shards decodes it once)."""
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str] | None = None) -> None:
+        self.path = str(path)
+        self.columns = list(columns) if columns else None
+        self._file = pq.ParquetFile(self.path)
+        meta = self._file.metadata
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+        self._cached: tuple[int, pa.Table] | None = None
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _group(self, g: int) -> pa.Table:
+        if self._cached is None or self._cached[0] != g:
+            self._cached = (g, self._file.read_row_group(g, columns=self.columns))
+        return self._cached[1]
+
+    def rows(self, start: int, stop: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        stop = min(stop, len(self))
+        for g in range(len(self.offsets) - 1):
+            lo, hi = self.offsets[g], self.offsets[g + 1]
+            if hi <= start or lo >= stop:
+                continue
+            a, b = max(start, lo) - lo, min(stop, hi) - lo
+            out.extend(self._group(g).slice(a, b - a).to_pylist())
+        return out
+
+
 def read_boxes(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """(id -> row, detect metadata) from boxes.parquet."""
     table = pq.read_table(path)
     meta_raw = (table.schema.metadata or {}).get(BOXES_METADATA_KEY, b"{}")
     rows = {row["id"]: row for row in table.to_pylist()}
     return rows, json.loads(meta_raw)
+
+
+def read_boxes_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The detect metadata (preset, detector, parameters) of boxes.parquet, from its footer."""
+    meta = pq.ParquetFile(path).schema_arrow.metadata or {}
+    return json.loads(meta.get(BOXES_METADATA_KEY, b"{}"))
 
 
 def write_boxes(path: str | os.PathLike, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:

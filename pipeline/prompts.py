@@ -144,3 +144,11 @@ def load_prompts(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str
 
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def load_prompt_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a prompts.safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
