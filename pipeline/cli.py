@@ -57,6 +57,21 @@ def _parse_params(spec: str | None) -> dict | None:
         return yaml.safe_load(f)
 
 
+ENGINE_OPTION = typer.Option("local", help="local (this process) | ray (Ray Data actor pool).")
+RAY_ADDRESS_OPTION = typer.Option(
+    "", help="Ray cluster to use (default: $RAY_ADDRESS, else a Ray started on this machine)."
+)
+RAY_ACTORS_OPTION = typer.Option(0, min=0, help="Ray actors (0: as many as the cluster fits).")
+RAY_CPUS_OPTION = typer.Option(2.0, min=0.0, help="CPUs (= torch threads) per Ray actor.")
+RAY_GPUS_OPTION = typer.Option(-1.0, help="GPUs per Ray actor (-1: 1 if the cluster has GPUs).")
+
+
+def _engine(name: str) -> str:
+    if name not in ("local", "ray"):
+        raise typer.BadParameter(f"--engine must be local or ray, not {name!r}")
+    return name
+
+
 @app.command("detect-objects")
 def detect_objects_cmd(
     pairs: str = typer.Option("data/prepared/pairs.parquet", help="Prepared pairs."),
@@ -70,6 +85,11 @@ def detect_objects_cmd(
     iou: float = typer.Option(0.7, min=0.0, max=1.0, help="NMS IoU threshold."),
     top_k: int = typer.Option(10, min=0, help="Boxes kept per image (by confidence)."),
     num_workers: int = typer.Option(0, min=0, help="DataLoader workers decoding images."),
+    engine: str = ENGINE_OPTION,
+    ray_address: str = RAY_ADDRESS_OPTION,
+    ray_actors: int = RAY_ACTORS_OPTION,
+    ray_cpus_per_actor: float = RAY_CPUS_OPTION,
+    ray_gpus_per_actor: float = RAY_GPUS_OPTION,
 ) -> None:
     """YOLO boxes (top-K above a confidence) for every prepared image."""
     from pipeline.detect import DetectParams, detect_objects
@@ -78,7 +98,16 @@ def detect_objects_cmd(
         batch_size=batch_size, imgsz=imgsz, conf=conf, iou=iou, top_k=top_k,
         num_workers=num_workers,
     )
-    s = detect_objects(pairs, out, preset, detector or None, params, device)
+    if _engine(engine) == "ray":
+        from pipeline.ray_engine import detect_objects_ray
+
+        s = detect_objects_ray(
+            pairs, out, preset, detector or None, params, device, address=ray_address or None,
+            actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+            gpus_per_actor=ray_gpus_per_actor,
+        )
+    else:
+        s = detect_objects(pairs, out, preset, detector or None, params, device)
     typer.echo(
         f"detect-objects: {s['pairs']} pairs ({s['images']} distinct images), {s['boxes']} boxes, "
         f"{s['without_detections']} without detections, {s['undecodable']} undecodable; "
@@ -151,6 +180,11 @@ def label_objects_cmd(
     jpeg_quality: int = typer.Option(90, min=1, max=100, help="Stored jpg quality."),
     seed: int = typer.Option(0, help="Seed (recorded; labeling itself draws no randomness)."),
     stage_params: str = typer.Option("", help="params.yaml to record in the manifest."),
+    engine: str = ENGINE_OPTION,
+    ray_address: str = RAY_ADDRESS_OPTION,
+    ray_actors: int = RAY_ACTORS_OPTION,
+    ray_cpus_per_actor: float = RAY_CPUS_OPTION,
+    ray_gpus_per_actor: float = RAY_GPUS_OPTION,
 ) -> None:
     """CLIP soft labels for every object crop (q_ent) and image (q_rel) -> WebDataset shards."""
     from pipeline.label import LabelParams, label_objects
@@ -161,10 +195,19 @@ def label_objects_cmd(
         logit_scale=logit_scale, k_ent=k_ent, k_rel=k_rel, crop_padding=crop_padding,
         max_side=max_side, jpeg_quality=jpeg_quality, seed=seed,
     )
-    s = label_objects(
+    run = label_objects
+    extra: dict = {}
+    if _engine(engine) == "ray":
+        from pipeline.ray_engine import label_objects_ray as run
+
+        extra = dict(
+            address=ray_address or None, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+            gpus_per_actor=ray_gpus_per_actor,
+        )
+    s = run(
         pairs, boxes, prompts, entities, relations, out, preset, clip or None, params, device,
         prepare_rejected_path=rejected or None, stats_path=stats or None,
-        stage_params=_parse_params(stage_params),
+        stage_params=_parse_params(stage_params), **extra,
     )
     c, t = s["counts"], s["timing"]
     typer.echo(
@@ -177,8 +220,9 @@ def label_objects_cmd(
         typer.echo(f"  rejected {n:>6}  {reason}")
     typer.echo(
         f"  {t['images_labelled_this_run']} images in {t['seconds_loop']} s "
-        f"({t['images_per_s']} img/s; CLIP {t['seconds_clip_encode']} s) on {t['device']} "
-        f"with {t['num_workers']} workers; total {t['seconds_total']} s"
+        f"({t['images_per_s']} img/s; CLIP {t.get('seconds_clip_encode', '-')} s) on "
+        f"{t['device']} with {t['num_workers']} workers, engine {t['engine']}; "
+        f"total {t['seconds_total']} s"
     )
 
 
