@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tarfile
 import threading
 import warnings
@@ -128,6 +129,13 @@ def _decode_failure(exc: BaseException) -> ImageRejected:
     return ImageRejected(DECODE_ERROR, msg)
 
 
+def _pil_open(fp):
+    """PIL's own Image.open. Importing ultralytics replaces it with a wrapper that, on an
+    unidentifiable file, tries to pip-install and import pi-heif: never that for untrusted data."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return getattr(patches, "_image_open", Image.open)(fp)
+
+
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode bytes to an RGB image, rejecting empty, unknown, truncated and oversized inputs.
 
@@ -141,7 +149,7 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = _pil_open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise ImageRejected(TOO_MANY_PIXELS, str(exc)) from exc
         except UnidentifiedImageError as exc:

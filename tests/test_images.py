@@ -125,3 +125,14 @@ def test_cap_and_encode_are_deterministic():
     assert cap_longest_side(small, 512) is small
     assert encode_jpeg(small) == encode_jpeg(cap_longest_side(_photo(1000, 400), 256))
     assert decode_rgb(encode_jpeg(small)).size == (256, 102)
+
+
+def test_unknown_format_is_rejected_even_after_ultralytics_patched_pil():
+    """ultralytics wraps Image.open to pip-install pi-heif on unknown files; decode must not."""
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch)
+
+    from pipeline.images import ImageRejected, decode_rgb
+
+    with pytest.raises(ImageRejected) as info:
+        decode_rgb(b"definitely not an image, but not empty either")
+    assert info.value.reason == "image: unknown format"
