@@ -129,7 +129,7 @@ def _decode_failure(exc: BaseException) -> ImageRejected:
     return ImageRejected(DECODE_ERROR, msg)
 
 
-def _pil_open(fp):
+def pil_open(fp):
     """PIL's own Image.open. Importing ultralytics replaces it with a wrapper that, on an
     unidentifiable file, tries to pip-install and import pi-heif: never that for untrusted data."""
     patches = sys.modules.get("ultralytics.utils.patches")
@@ -149,7 +149,7 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = _pil_open(io.BytesIO(data))
+            img = pil_open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise ImageRejected(TOO_MANY_PIXELS, str(exc)) from exc
         except UnidentifiedImageError as exc:

@@ -23,6 +23,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import shards as contract
+from pipeline.images import pil_open
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs in shards
 
@@ -146,7 +147,7 @@ def preprocess(raw: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
         raise ValueError(f"unexpected members {unexpected} in {raw.get('__key__')}")
     s = contract.decode_sample(raw)
     meta = s["meta"]
-    with Image.open(io.BytesIO(s["jpg"])) as im:
+    with pil_open(io.BytesIO(s["jpg"])) as im:
         im = im.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
         pixels = np.asarray(im, dtype=np.float32) / 255.0
     pixels = (pixels - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)

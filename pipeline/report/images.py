@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.images import pil_open
+
 DISPLAY_SIDE = 384  # longest side of the annotated picture (small images are scaled up)
 THUMB_SIDE = 96  # longest side of a crop thumbnail
 MAX_PIXELS = 50_000_000  # refuse decompression bombs
@@ -32,7 +34,7 @@ def box_colour(i: int) -> tuple[int, int, int]:
 def decode_image(jpg: bytes) -> Image.Image:
     """JPEG bytes -> RGB image; raises ValueError with the cause when it cannot be decoded."""
     try:
-        img = Image.open(io.BytesIO(jpg))
+        img = pil_open(io.BytesIO(jpg))
         if img.width * img.height > MAX_PIXELS:
             raise ValueError(f"{img.width}x{img.height} pixels is too many")
         img.load()
