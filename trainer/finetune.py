@@ -77,7 +77,7 @@ class FinetuneConfig:
 
 
 def load_encoder(cfg: FinetuneConfig):
-    """(model, tokenizer, description) for --init: checkpoint dir, preset name or HF dir."""
+    """(model, tokenizer, model config, description) for --init: checkpoint, preset or HF dir."""
     from pipeline.models import PRESETS, WeightsUnavailable
     from trainer.model import ModelConfig, build_model, build_tokenizer, load_pretrained
 
