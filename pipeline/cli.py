@@ -95,15 +95,26 @@ def detect_objects_cmd(
     from pipeline.detect import DetectParams, detect_objects
 
     params = DetectParams(
-        batch_size=batch_size, imgsz=imgsz, conf=conf, iou=iou, top_k=top_k,
+        batch_size=batch_size,
+        imgsz=imgsz,
+        conf=conf,
+        iou=iou,
+        top_k=top_k,
         num_workers=num_workers,
     )
     if _engine(engine) == "ray":
         from pipeline.ray_engine import detect_objects_ray
 
         s = detect_objects_ray(
-            pairs, out, preset, detector or None, params, device, address=ray_address or None,
-            actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+            pairs,
+            out,
+            preset,
+            detector or None,
+            params,
+            device,
+            address=ray_address or None,
+            actors=ray_actors,
+            cpus_per_actor=ray_cpus_per_actor,
             gpus_per_actor=ray_gpus_per_actor,
         )
     else:
@@ -142,9 +153,15 @@ def embed_prompts_cmd(
     from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES, embed_prompts
 
     s = embed_prompts(
-        entities, relations, out, preset, clip or None,
-        entity_template or ENTITY_TEMPLATES, relation_template or RELATION_TEMPLATES,
-        batch_size, device,
+        entities,
+        relations,
+        out,
+        preset,
+        clip or None,
+        entity_template or ENTITY_TEMPLATES,
+        relation_template or RELATION_TEMPLATES,
+        batch_size,
+        device,
     )
     typer.echo(
         f"embed-prompts: {s['entities']} entities, {s['relations']} relations "
@@ -190,10 +207,18 @@ def label_objects_cmd(
     from pipeline.label import LabelParams, label_objects
 
     params = LabelParams(
-        samples_per_shard=samples_per_shard, image_batch_size=image_batch_size,
-        crop_batch_size=crop_batch_size, num_workers=num_workers, tau=tau,
-        logit_scale=logit_scale, k_ent=k_ent, k_rel=k_rel, crop_padding=crop_padding,
-        max_side=max_side, jpeg_quality=jpeg_quality, seed=seed,
+        samples_per_shard=samples_per_shard,
+        image_batch_size=image_batch_size,
+        crop_batch_size=crop_batch_size,
+        num_workers=num_workers,
+        tau=tau,
+        logit_scale=logit_scale,
+        k_ent=k_ent,
+        k_rel=k_rel,
+        crop_padding=crop_padding,
+        max_side=max_side,
+        jpeg_quality=jpeg_quality,
+        seed=seed,
     )
     run = label_objects
     extra: dict = {}
@@ -201,13 +226,26 @@ def label_objects_cmd(
         from pipeline.ray_engine import label_objects_ray as run
 
         extra = dict(
-            address=ray_address or None, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+            address=ray_address or None,
+            actors=ray_actors,
+            cpus_per_actor=ray_cpus_per_actor,
             gpus_per_actor=ray_gpus_per_actor,
         )
     s = run(
-        pairs, boxes, prompts, entities, relations, out, preset, clip or None, params, device,
-        prepare_rejected_path=rejected or None, stats_path=stats or None,
-        stage_params=_parse_params(stage_params), **extra,
+        pairs,
+        boxes,
+        prompts,
+        entities,
+        relations,
+        out,
+        preset,
+        clip or None,
+        params,
+        device,
+        prepare_rejected_path=rejected or None,
+        stats_path=stats or None,
+        stage_params=_parse_params(stage_params),
+        **extra,
     )
     c, t = s["counts"], s["timing"]
     typer.echo(

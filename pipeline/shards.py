@@ -77,7 +77,9 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def _json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8"
+    )
 
 
 def encode_sample(sample: LabelledSample) -> dict[str, bytes]:
@@ -119,7 +121,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Pretty, key-sorted JSON written to a temp file and renamed into place."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(
+        json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     os.replace(tmp, path)
 
 
@@ -162,6 +166,7 @@ def iter_raw_samples(path: str | os.PathLike) -> Iterator[dict[str, bytes]]:
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """Raw member bytes -> python values. The image stays JPEG bytes (decode where it is used)."""
+
     def npy(suffix: str) -> np.ndarray:
         return np.load(io.BytesIO(raw[suffix]), allow_pickle=False)
 

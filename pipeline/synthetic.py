@@ -19,7 +19,9 @@ def _jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def _topk_distribution(rng: np.random.Generator, size: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _topk_distribution(
+    rng: np.random.Generator, size: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     logits = rng.normal(size=size) * 3
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
@@ -83,13 +85,18 @@ def write_synthetic_shards(
     shards.write_json_atomic(out / shards.SIZES_FILE, sizes)
     shards.write_json_atomic(
         out / shards.ENTITIES_FILE,
-        {"source": "synthetic", "entities": [{"name": f"entity{i}", "count": 1} for i in range(n_entities)]},
+        {
+            "source": "synthetic",
+            "entities": [{"name": f"entity{i}", "count": 1} for i in range(n_entities)],
+        },
     )
     shards.write_json_atomic(
         out / shards.RELATIONS_FILE,
         {
             "source": "synthetic",
-            "relations": [{"pid": f"P{i + 1}", "label": f"relation {i}"} for i in range(n_relations)],
+            "relations": [
+                {"pid": f"P{i + 1}", "label": f"relation {i}"} for i in range(n_relations)
+            ],
         },
     )
     shards.write_json_atomic(
