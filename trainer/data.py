@@ -27,6 +27,21 @@ from pipeline.images import pil_open
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs in shards
 
+VIT_MEAN = (0.5, 0.5, 0.5)  # ViT-in21k normalisation (google/vit-base-patch16-224-in21k)
+VIT_STD = (0.5, 0.5, 0.5)
+
+
+def vit_pixels(
+    img: Image.Image, size: int, mean: tuple = VIT_MEAN, std: tuple = VIT_STD
+) -> np.ndarray:
+    """RGB image -> [3, size, size] float32: bicubic resize, normalised like the ViT processor.
+
+    The one image preprocessing of the student (pretraining, fine-tuning, alignment plot)."""
+    img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    pixels = np.asarray(img, dtype=np.float32) / 255.0
+    pixels = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
 
 @dataclass
 class DataConfig:
@@ -34,8 +49,8 @@ class DataConfig:
     batch_size: int = 8
     max_len: int = 40  # caption tokens, [CLS]/[SEP] included
     image_size: int = 64  # square ViT input; normalised boxes map onto it unchanged
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # ViT-in21k normalisation
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    mean: tuple[float, float, float] = VIT_MEAN
+    std: tuple[float, float, float] = VIT_STD
     num_workers: int = 0
     shuffle_buffer: int = 256
     seed: int = 0
@@ -148,9 +163,7 @@ def preprocess(raw: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
     s = contract.decode_sample(raw)
     meta = s["meta"]
     with pil_open(io.BytesIO(s["jpg"])) as im:
-        im = im.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
-        pixels = np.asarray(im, dtype=np.float32) / 255.0
-    pixels = (pixels - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+        pixels = vit_pixels(im, cfg.image_size, cfg.mean, cfg.std)
     boxes = np.asarray(meta.get("boxes", []), dtype=np.float32).reshape(-1, 4)
     ent_idx, ent_prob = s["ent_idx"].astype(np.int64), s["ent_prob"].astype(np.float32)
     rel_idx, rel_prob = s["rel_idx"].astype(np.int64).ravel(), s["rel_prob"].astype(np.float32)
@@ -172,7 +185,7 @@ def preprocess(raw: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
     return {
         "id": str(meta.get("id", s["__key__"])),
         "caption": s["caption"],
-        "pixel_values": np.ascontiguousarray(pixels.transpose(2, 0, 1)),
+        "pixel_values": pixels,
         "itm": int(itm),
         "boxes": boxes,
         "ent_idx": ent_idx,

@@ -36,7 +36,6 @@ from trainer.metrics import majority_baseline_ner, majority_baseline_re, ner_sco
 log = logging.getLogger("finetune")
 TASKS = ("mner", "mre")
 # ViT's own normalisation (google/vit-base-patch16-224-in21k and the tiny ViT): mean = std = 0.5.
-IMAGE_MEAN = IMAGE_STD = 0.5
 
 
 @dataclass
@@ -175,17 +174,11 @@ class FinetuneModel(nn.Module):
 
 
 def load_pixels(path: Path, image_size: int) -> torch.Tensor:
-    """RGB image -> [3, S, S] float, resized (bicubic) and normalised like the ViT's processor."""
-    import numpy as np
-    from PIL import Image
-
+    """Image file -> [3, S, S] float, preprocessed exactly as in pretraining."""
     from pipeline.images import decode_rgb, read_image_bytes
+    from trainer.data import vit_pixels
 
-    img = decode_rgb(read_image_bytes(str(path))).resize(
-        (image_size, image_size), Image.Resampling.BICUBIC
-    )
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (arr - IMAGE_MEAN) / IMAGE_STD
+    return torch.from_numpy(vit_pixels(decode_rgb(read_image_bytes(str(path))), image_size))
 
 
 def length_grouped_batches(

@@ -26,12 +26,12 @@ if __package__ in (None, ""):  # `python trainer/plot_alignment.py` puts trainer
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import shards  # noqa: E402
+from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES  # noqa: E402
 from pipeline.report.collect import Reservoir  # noqa: E402
 from pipeline.report.images import decode_image, pixel_box  # noqa: E402
 
-ENTITY_TEMPLATE = "This is an image of {entity}."
-RELATION_TEMPLATE = "This image shows the relation of {relation}."
-VIT_MEAN = VIT_STD = 0.5  # as trainer/data.py preprocess (ViT-in21k normalisation)
+ENTITY_TEMPLATE = ENTITY_TEMPLATES[0]
+RELATION_TEMPLATE = RELATION_TEMPLATES[0]
 MIN_POINTS = 4  # below this t-SNE (perplexity >= 1) has nothing to embed
 MODALITY_COLOURS = {"image": "#1f77b4", "text": "#ff7f0e"}
 
@@ -54,14 +54,10 @@ def sample_images(shard_dir: str | os.PathLike, n_images: int, seed: int) -> lis
 def pixel_values(images: list, size: int):
     """PIL RGB images -> [B, 3, size, size] float tensor, normalised like the ViT processor."""
     import torch
-    from PIL import Image
 
-    arrays = [
-        np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-        for img in images
-    ]
-    batch = (np.stack(arrays) - VIT_MEAN) / VIT_STD
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+    from trainer.data import vit_pixels
+
+    return torch.from_numpy(np.stack([vit_pixels(img, size) for img in images]))
 
 
 def embed_images(model, images: list, batch_size: int, device) -> np.ndarray:
