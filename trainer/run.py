@@ -245,9 +245,10 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         t_fetch = time.perf_counter()
         for i, batch in enumerate(loader):
             n_batches = i + 1
-            bad.update(batch.pop("bad"))
-            if i < skip:  # resumed mid-epoch: these batches were trained on before
+            batch_bad = batch.pop("bad")
+            if i < skip:  # resumed mid-epoch: trained on (and bad samples counted) before
                 continue
+            bad.update(batch_bad)
             t_data += time.perf_counter() - t_fetch
             batch = data.to_device(batch, device)
             model.train()
