@@ -223,3 +223,11 @@ def test_loss_plots_also_in_a_git_repo_without_commits(tmp_path, synthetic_shard
     run.train(cfg)
     rows = (tmp_path / "dvclive/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert rows[0] == "step\tloss" and [r.split("\t")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_a_folder_smaller_than_one_batch_trains_with_a_smaller_batch(tmp_path, synthetic_shards):
+    """The README's `--steps 50` on the 27-sample bundled shards must not fail on batch 32."""
+    metrics = run.train(small_config(tmp_path, synthetic_shards, batch_size=32, steps=2))
+    assert metrics["steps"] == 2
+    assert metrics["batch_size"] == 16  # the synthetic folder holds 16 samples
+    assert metrics["steps_per_epoch"] == 1

@@ -195,6 +195,15 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
     )
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
 
+    n_samples = data.total_samples(cfg.shards)
+    if 0 < n_samples // world < cfg.batch_size:
+        # A small folder (the bundled sample) still trains: one smaller batch per rank and epoch.
+        if is_main:
+            print(
+                f"pretrain: only {n_samples} samples for {world} rank(s): "
+                f"batch size {cfg.batch_size} -> {n_samples // world}"
+            )
+        cfg = dataclasses.replace(cfg, batch_size=n_samples // world)
     data_cfg = data.DataConfig(
         shard_dir=cfg.shards,
         batch_size=cfg.batch_size,
@@ -206,7 +215,6 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         n_entities=len(entities),
         n_relations=len(relations),
     )
-    n_samples = data.total_samples(cfg.shards)
     per_epoch = data.steps_per_epoch(n_samples, world, cfg.batch_size)
 
     step, bad = 0, Counter()
@@ -334,6 +342,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         "epochs": round(step / per_epoch, 4),
         "steps_per_epoch": per_epoch,
         "world_size": world,
+        "batch_size": cfg.batch_size,
         "samples_seen": step * cfg.batch_size * world,
         "samples_per_s": round((step - seen_start) * cfg.batch_size * world / elapsed, 3)
         if elapsed > 0
