@@ -1,6 +1,7 @@
 """Fine-tuning loop: short real training runs on the bundled samples, images, CLI, checkpoints."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -212,3 +213,69 @@ def test_cli_as_script_and_malformed_input(tmp_path):
     res = run_cli(*common, "--train", str(bad), "--epochs", "1", "--out", str(tmp_path / "o2"))
     assert res.returncode == 2
     assert f"{bad}:4:" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("task", "settings", "stop"),
+    [
+        ("mre", dict(epochs=12, patience=2), 9),  # best epoch 8, early stop after epoch 10
+        ("mner", dict(epochs=5, patience=0), 2),
+    ],
+)
+def test_interrupted_then_resumed_run_writes_the_same_files(tmp_path, caplog, task, settings, stop):
+    out = tmp_path / task
+    names = ("metrics.json", "predictions." + ("txt" if task == "mner" else "jsonl"))
+    full = run_finetune(sample_config(task, tmp_path, **settings))
+    expected = {n: (out / n).read_bytes() for n in names}
+    for n in names:
+        (out / n).unlink()
+    # same OUT without --resume: the finished run's state is ignored, then replaced
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        part = run_finetune(sample_config(task, tmp_path, stop_after_epoch=stop, **settings))
+    assert "no --resume: starting over" in caplog.text
+    assert part["interrupted_after_epoch"] == stop
+    assert not any((out / n).exists() for n in names)
+    latest = json.loads((out / "state" / "latest.json").read_text())
+    assert [p.name for p in (out / "state").glob("step-*")] == [latest["dir"]]
+    saved = json.loads((out / "state" / latest["dir"] / "trainer_state.json").read_text())
+    assert saved["trainer"]["epoch"] == stop and len(saved["trainer"]["history"]) == stop
+
+    resumed = run_finetune(sample_config(task, tmp_path, resume=True, **settings))
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["resumed_after_epoch"] == stop
+    assert stats["epochs_trained_now"] == full["epochs_run"] - stop > 0
+    assert resumed["history"] == full["history"]
+    assert resumed["best_epoch"] == full["best_epoch"]
+    for n in names:
+        assert (out / n).read_bytes() == expected[n], n
+    if task == "mre":  # early stopping and best-epoch selection as in the uninterrupted run
+        assert (full["best_epoch"], full["epochs_run"]) == (8, 10)
+    # resuming a finished run trains nothing and evaluates the same best model again
+    run_finetune(sample_config(task, tmp_path, resume=True, **settings))
+    assert json.loads((out / "stats.json").read_text())["epochs_trained_now"] == 0
+    for n in names:
+        assert (out / n).read_bytes() == expected[n], n
+
+
+def test_resume_with_other_settings_or_data_is_refused(tmp_path):
+    d = SAMPLE / "mre"
+    train = tmp_path / "train.txt"
+    train.write_bytes((d / "train.txt").read_bytes())
+    kw = dict(train=str(train), rel2id=str(d / "rel2id.json"), epochs=3, stop_after_epoch=1)
+    run_finetune(sample_config("mre", tmp_path, **kw))
+    kw.update(stop_after_epoch=None, resume=True)
+    with pytest.raises(ValueError, match=r"--resume refused: .*params\.epochs: 3 -> 4"):
+        run_finetune(sample_config("mre", tmp_path, **{**kw, "epochs": 4}))
+    with pytest.raises(ValueError, match=r"params\.lr_head: 0\.003 -> 0\.002"):
+        run_finetune(sample_config("mre", tmp_path, **kw, lr_head=2e-3))
+    # the CLI: other data content, same path -> exit code 2 and the reason
+    train.write_text("\n".join(train.read_text().splitlines()[:-1]) + "\n")
+    res = run_cli(
+        "--task", "mre", "--train", str(train), "--dev", str(d / "dev.txt"),
+        "--test", str(d / "test.txt"), "--rel2id", str(d / "rel2id.json"), "--epochs", "3",
+        "--batch-size", "8", "--lr-encoder", "1e-3", "--lr-head", "3e-3", "--patience", "0",
+        "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "mre"), "--resume",
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "--resume refused" in res.stderr and "files.train: content changed" in res.stderr
+    assert "params." not in res.stderr  # only the data differs

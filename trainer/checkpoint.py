@@ -107,11 +107,17 @@ def save_state(
     scheduler,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Rank 0: finish the step folder (model, optimizer, scheduler, counters), publish it."""
+    """Rank 0: finish the step folder (model, optimizer, scheduler, counters), publish it.
+
+    extra_tensors: more safetensors files for the folder, {file name: tensors} (e.g. a head).
+    """
     state_dir = Path(state_dir)
     tmp = _tmp_dir(state_dir, step)
     tmp.mkdir(parents=True, exist_ok=True)
+    for name, tensors in (extra_tensors or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
     save_pretrained(unwrap(model), tokenizer, model_cfg, tmp / "model")
     tensors, meta = optimizer_to_flat(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))

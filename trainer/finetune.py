@@ -6,6 +6,7 @@
 Trains, keeps the epoch with the best dev F1 (early stopping), evaluates it on test, and writes
 metrics JSON (overall, per type / per relation, text-only counts) and a predictions file.
 Samples without an image (no --images, or a missing / unreadable file) run text-only.
+Every epoch ends with a resumable state in OUT/state/; `--resume` continues from it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ if __package__ in (None, ""):  # run as `python trainer/finetune.py`: make the r
 import torch
 from torch import nn
 
-from trainer import ie_data
+from trainer import finetune_state, ie_data
 from trainer.heads import CRFTagger, RelationHead
 from trainer.metrics import majority_baseline_ner, majority_baseline_re, ner_scores, re_scores
 
@@ -69,6 +71,8 @@ class FinetuneConfig:
     threads: int | None = None
     device: str = "auto"
     save_model: bool = False
+    resume: bool = False  # continue from the latest epoch state in OUT/state
+    stop_after_epoch: int | None = None  # planned interruption: stop once this epoch is saved
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -392,7 +396,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.max_len > max_pos:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the encoder's {max_pos} positions")
 
-    markers = None
+    markers, rel2id_path = None, None
     if cfg.task == "mner":
         train_sents = ie_data.read_ner(cfg.train)
         id2label = ie_data.ner_label_list(train_sents)
@@ -485,9 +489,45 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     )
     history = []
     best_key, best_epoch, best_state, best_dev = -math.inf, 0, None, None
-    stale = 0
+    stale, stopped, best_file, start = 0, False, None, 1
+    state_dir = out / "state"
+    fingerprint = finetune_state.fingerprint(cfg, rel2id_path, missing)
+    found = finetune_state.read_latest(state_dir)
+    clear_old_state = False
+    if cfg.resume and found is None:
+        log.info("--resume: no state in %s, starting at epoch 1", state_dir)
+    elif cfg.resume:
+        path, saved = found
+        finetune_state.check_fingerprint(saved, fingerprint, state_dir)
+        t, best_state = finetune_state.restore(path, state_dir, model, optimizer, scheduler)
+        start, history, stale, stopped = t["epoch"] + 1, t["history"], t["stale"], t["stopped"]
+        best_key, best_epoch, best_dev, best_file = (
+            t["best_key"],
+            t["best_epoch"],
+            t["best_dev"],
+            t["best_file"],
+        )
+        log.info(
+            "resumed from %s: epoch %d done, best epoch %d (dev F1 %.4f), %d without improvement",
+            path,
+            t["epoch"],
+            best_epoch,
+            best_key,
+            stale,
+        )
+    elif found is not None:
+        clear_old_state = True
+        log.warning(
+            "%s holds a resume state (epoch %d); no --resume: starting over, it is replaced "
+            "at the end of epoch 1",
+            state_dir,
+            found[1]["trainer"]["epoch"],
+        )
     dev_loader = loader(splits["dev"], False)
-    for epoch in range(1, cfg.epochs + 1):
+    trained = 0
+    for epoch in range(start, cfg.epochs + 1):
+        if stopped:
+            break  # resumed from a run that had already stopped early
         train_loader = loader(splits["train"], True, epoch)
         model.train()
         t0 = time.perf_counter()
@@ -503,6 +543,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             scheduler.step()
             total += loss.item()
             n_batches += 1
+        trained += 1
         pred_ids = predict(cfg.task, model, dev_loader, device, len(splits["dev"].samples))
         dev_scores, _ = score(cfg.task, splits["dev"], pred_ids, id2label)
         key = dev_scores["overall"]["f1"]
@@ -525,14 +566,40 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             o["f1"],
             time.perf_counter() - t0,
         )
-        if key > best_key:
+        improved = key > best_key
+        if improved:
             best_key, best_epoch, best_dev, stale = key, epoch, dev_scores, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if cfg.patience and stale >= cfg.patience and epoch < cfg.epochs:
-                log.info("early stop: no dev improvement for %d epochs", stale)
-                break
+        stopped = bool(cfg.patience and stale >= cfg.patience and epoch < cfg.epochs)
+        if clear_old_state:  # the first epoch of a fresh run replaces an old state
+            shutil.rmtree(state_dir)
+            clear_old_state = False
+        step = scheduler.last_epoch  # optimiser steps so far
+        if improved:
+            best_file = finetune_state.write_best(state_dir, step, best_state)
+        trainer_state = {
+            "epoch": epoch,
+            "history": history,
+            "best_key": best_key,
+            "best_epoch": best_epoch,
+            "best_dev": best_dev,
+            "best_file": best_file,
+            "stale": stale,
+            "stopped": stopped,
+            "fingerprint": fingerprint,
+        }
+        state_path = finetune_state.save_epoch(
+            state_dir, step, model, tokenizer, mcfg, optimizer, scheduler, trainer_state
+        )
+        if stopped:
+            log.info("early stop: no dev improvement for %d epochs", stale)
+            break
+        if cfg.stop_after_epoch == epoch and epoch < cfg.epochs:
+            log.info("stopping after epoch %d as asked: continue with --resume", epoch)
+            print(f"interrupted after epoch {epoch}; state -> {state_path}", flush=True)
+            return {"interrupted_after_epoch": epoch, "state": str(state_path)}
     model.load_state_dict(best_state)
 
     test_split = splits["test"]
@@ -567,14 +634,24 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "dev": best_dev,
         "test": test_scores,
         "test_majority_baseline": baseline["overall"],
-        "params": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
+        "params": {
+            k: v
+            for k, v in asdict(cfg).items()
+            if k not in ("extra", "resume", "stop_after_epoch")  # same metrics when resumed
+        },
     }
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(metrics_path, metrics)
     if cfg.save_model:
         save_finetuned(model, tokenizer, mcfg, id2label, cfg, out / "model")
     wall = time.perf_counter() - t_start
-    write_json_atomic(out / "stats.json", {"wall_s": round(wall, 2), "epochs_run": len(history)})
+    stats = {
+        "wall_s": round(wall, 2),
+        "epochs_run": len(history),
+        "epochs_trained_now": trained,
+        "resumed_after_epoch": start - 1,
+    }
+    write_json_atomic(out / "stats.json", stats)
     _summary(cfg, metrics, wall, metrics_path, pred_path)
     return metrics
 
@@ -643,6 +720,17 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     for name in ("lr_encoder", "lr_head", "weight_decay", "warmup", "dropout", "grad_clip"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     p.add_argument("--save-model", action="store_true", help="save encoder + head under OUT/model")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest epoch state in OUT/state (same data and parameters)",
+    )
+    p.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        default=None,
+        help="stop once this epoch's state is saved (a planned interruption; then --resume)",
+    )
     args = vars(p.parse_args(argv))
     for name in ("images", "rel2id", "vision_encoder", "metrics", "predictions"):
         args[name] = args[name] or None  # "" (e.g. from params.yaml) means unset
