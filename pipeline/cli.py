@@ -313,24 +313,24 @@ def prepare_cmd(
     max_pixels: int = typer.Option(50_000_000, min=1, help="Reject larger images (header)."),
     max_caption_chars: int = typer.Option(2000, min=1, help="Reject longer captions."),
     workers: int = typer.Option(1, min=1, help="Processes decoding images."),
+    chunk_size: int = typer.Option(
+        4096, min=1, help="Records per saved chunk (a killed run resumes after the last one)."
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Validate image-caption pairs into pairs.parquet; rejections go to rejected.jsonl."""
     from pipeline.prepare import format_summary, prepare
 
     negatives = _truthy(negatives, "--negatives")
+    from pipeline.prepare_work import describe_inputs
     from pipeline.readers import read_source
+    from pipeline.readers.sample import default_sample_dir
     from pipeline.readers.tabular import Columns
 
     image_root, visualnews_data = image_root or None, visualnews_data or None  # DVC passes ""
+    columns = Columns(id_col, image_col, caption_col, itm_col)
     try:
-        records = read_source(
-            source,
-            input,
-            image_root,
-            visualnews_data,
-            Columns(id_col, image_col, caption_col, itm_col),
-        )
+        records = read_source(source, input, image_root, visualnews_data, columns)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     params = {
@@ -352,6 +352,14 @@ def prepare_cmd(
         workers=workers,
         progress=progress,
         params=params,
+        chunk_size=chunk_size,
+        inputs=describe_inputs(
+            source,
+            input if input or source != "sample" else default_sample_dir(),
+            image_root,
+            visualnews_data,
+            columns if source == "table" else None,
+        ),
     )
     typer.echo(format_summary(result, out))
 

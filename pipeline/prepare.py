@@ -2,7 +2,8 @@
 
 Outputs (all written atomically): `pairs.parquet` (schema in docs/architecture.md),
 `rejected.jsonl` (one `{id, source, stage, reason, detail}` per rejected input) and
-`summary.json` (counts only, no timings, so a re-run gives identical files).
+`summary.json` (counts only, no timings, so a re-run gives identical files). Finished chunks
+are saved in a work folder beside the outputs (pipeline.prepare_work), so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -25,9 +27,11 @@ from pipeline.images import (
     decode_rgb,
     read_image_bytes,
 )
+from pipeline.prepare_work import WORK_VERSION, WorkDir, default_work_dir
 from pipeline.readers import RawRecord
 
 DEFAULT_MAX_CAPTION_CHARS = 2000
+DEFAULT_CHUNK_SIZE = 4096  # records per saved chunk: ~20 s of decoding at 230 pairs/s
 PAIRS_FILE = "pairs.parquet"
 REJECTED_FILE = "rejected.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -70,6 +74,9 @@ class PrepareResult:
     n_input: int = 0
     n_negatives: int = 0
     seconds: float = 0.0
+    chunks: int = 0
+    chunks_resumed: int = 0  # read back from the work folder instead of decoded
+    work_discarded: bool = False  # a work folder from other inputs or parameters was removed
 
     def counts(self) -> dict:
         """Counts by source / itm and rejections by reason (deterministic, no timings)."""
@@ -128,63 +135,127 @@ def _chunks(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]
         yield chunk
 
 
+# rejected.jsonl has always listed, per block of 256 records, the rejections made before
+# decoding (dedup, read, caption, no path) and then the image ones; the sort key keeps that
+# order whatever the chunk size, so resumed and chunked runs write the same bytes.
+ORDER_BLOCK = 256
+BEFORE_DECODE, AFTER_DECODE = 0, 1
+
+Keyed = tuple[tuple[int, int, int], Rejection]
+
+
+def _keyed(index: int, phase: int, rejection: Rejection) -> Keyed:
+    return (index // ORDER_BLOCK, phase, index), rejection
+
+
+def _validate_chunk(
+    chunk: list[RawRecord],
+    offset: int,
+    seen: set[str],
+    sizes: dict[str, tuple],
+    max_pixels: int,
+    max_caption_chars: int,
+    mapper,
+    bar,
+) -> tuple[list[Pair], list[Keyed]]:
+    """Accept or reject one chunk (records `offset`, `offset + 1`, ... of the reader);
+    `seen` and `sizes` carry across chunks. Rejections come with their sort key."""
+    pairs: list[Pair] = []
+    rejected: list[Keyed] = []
+    for start in range(0, len(chunk), ORDER_BLOCK):
+        todo: list[tuple[int, RawRecord, str]] = []
+        for i, rec in enumerate(chunk[start : start + ORDER_BLOCK], offset + start):
+            if rec.id in seen:
+                rejection = Rejection(rec.id, rec.source, "dedup", DUPLICATE_ID)
+                rejected.append(_keyed(i, BEFORE_DECODE, rejection))
+                continue
+            seen.add(rec.id)
+            if rec.problem:
+                reason, _, detail = rec.problem.partition(" (")
+                rejection = Rejection(rec.id, rec.source, "read", reason, detail.rstrip(")"))
+                rejected.append(_keyed(i, BEFORE_DECODE, rejection))
+                continue
+            text, reason, detail = clean_caption(rec.caption, max_caption_chars)
+            if text is None:
+                rejection = Rejection(rec.id, rec.source, "caption", reason, detail)
+                rejected.append(_keyed(i, BEFORE_DECODE, rejection))
+                continue
+            if not rec.image_path:
+                rejection = Rejection(rec.id, rec.source, "image", IMAGE_NO_PATH)
+                rejected.append(_keyed(i, BEFORE_DECODE, rejection))
+                continue
+            todo.append((i, rec, text))
+        paths = sorted({rec.image_path for _, rec, _ in todo} - sizes.keys())
+        for path, size in zip(
+            paths, mapper(image_size, paths, [max_pixels] * len(paths)), strict=True
+        ):
+            sizes[path] = size
+        for i, rec, text in todo:
+            first, second = sizes[rec.image_path]
+            if isinstance(first, str):
+                rejection = Rejection(rec.id, rec.source, "image", first, second)
+                rejected.append(_keyed(i, AFTER_DECODE, rejection))
+                continue
+            pairs.append(
+                Pair(rec.id, rec.source, rec.image_path, text, int(rec.itm), first, second)
+            )
+        bar.update(min(ORDER_BLOCK, len(chunk) - start))
+    return pairs, rejected
+
+
 def validate(
     records: Iterable[RawRecord],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
     workers: int = 1,
     progress: bool = True,
+    work: WorkDir | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> PrepareResult:
-    """Accept or reject every record in reader order; the first record with an id owns it."""
+    """Accept or reject every record in reader order; the first record with an id owns it.
+
+    Records go in chunks of `chunk_size`; with a `work` folder each finished chunk is saved, and
+    a chunk saved by an earlier run over the same records is read back instead of decoded. The
+    reader is still read in full, so ids (duplicates) and the record digest chain stay exact.
+    """
     from tqdm import tqdm
 
+    from pipeline.prepare_work import chain_digest
+
     result = PrepareResult()
+    keyed: list[Keyed] = []
     seen: set[str] = set()
     sizes: dict[str, tuple] = {}  # image path -> (w, h) or (reason, detail); images repeat
+    digest, reuse = "", True  # after the first chunk that is redone, later ones are redone too
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     bar = tqdm(desc="prepare", unit="pair", disable=not progress)
     try:
-        for chunk in _chunks(records, 256):
-            todo: list[tuple[RawRecord, str]] = []
-            for rec in chunk:
-                result.n_input += 1
-                if rec.id in seen:
-                    result.rejected.append(Rejection(rec.id, rec.source, "dedup", DUPLICATE_ID))
-                    continue
-                seen.add(rec.id)
-                if rec.problem:
-                    reason, _, detail = rec.problem.partition(" (")
-                    result.rejected.append(
-                        Rejection(rec.id, rec.source, "read", reason, detail.rstrip(")"))
-                    )
-                    continue
-                text, reason, detail = clean_caption(rec.caption, max_caption_chars)
-                if text is None:
-                    result.rejected.append(Rejection(rec.id, rec.source, "caption", reason, detail))
-                    continue
-                if not rec.image_path:
-                    result.rejected.append(Rejection(rec.id, rec.source, "image", IMAGE_NO_PATH))
-                    continue
-                todo.append((rec, text))
-            paths = sorted({rec.image_path for rec, _ in todo} - sizes.keys())
-            mapper = pool.map if pool else map
-            for path, size in zip(
-                paths, mapper(image_size, paths, [max_pixels] * len(paths)), strict=True
-            ):
-                sizes[path] = size
-            for rec, text in todo:
-                first, second = sizes[rec.image_path]
-                if isinstance(first, str):
-                    result.rejected.append(Rejection(rec.id, rec.source, "image", first, second))
-                    continue
-                result.pairs.append(
-                    Pair(rec.id, rec.source, rec.image_path, text, int(rec.itm), first, second)
+        for index, chunk in enumerate(_chunks(records, chunk_size)):
+            offset = result.n_input
+            result.n_input += len(chunk)
+            result.chunks += 1
+            digest = chain_digest(digest, chunk)
+            if work is not None and reuse and work.is_done(index, digest):
+                pairs, rejected = work.read(index)
+                seen.update(rec.id for rec in chunk)
+                result.chunks_resumed += 1
+                bar.update(len(chunk))
+            else:
+                reuse = False
+                mapper = pool.map if pool else map
+                pairs, rejected = _validate_chunk(
+                    chunk, offset, seen, sizes, max_pixels, max_caption_chars, mapper, bar
                 )
-            bar.update(len(chunk))
+                if work is not None:
+                    work.write(index, digest, pairs, rejected)
+            result.pairs.extend(pairs)
+            keyed.extend(rejected)
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown()
+    keyed.sort(key=lambda kr: kr[0])
+    result.rejected = [r for _, r in keyed]
     return result
 
 
@@ -272,12 +343,40 @@ def prepare(
     workers: int = 1,
     progress: bool = True,
     params: dict | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    inputs: dict | None = None,
+    work_dir: str | os.PathLike | None = None,
 ) -> PrepareResult:
-    """Run the whole stage and write pairs.parquet, rejected.jsonl and summary.json."""
+    """Run the whole stage and write pairs.parquet, rejected.jsonl and summary.json.
+
+    Resumable: finished chunks go to `work_dir` (default: `.{out name}.work` beside `out_dir`),
+    fingerprinted by `inputs` (see `prepare_work.describe_inputs`), the limits and `chunk_size`;
+    a re-run after a kill decodes only the chunks that were not finished. The work folder is
+    removed once the outputs are written. Outputs do not depend on `chunk_size` or `workers`.
+    """
     from pipeline.shards import write_json_atomic
 
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     start = time.perf_counter()
-    result = validate(records, max_pixels, max_caption_chars, workers, progress)
+    fingerprint = {
+        "version": WORK_VERSION,
+        "inputs": inputs,
+        "max_pixels": max_pixels,
+        "max_caption_chars": max_caption_chars,
+        "chunk_size": chunk_size,
+    }
+    work = WorkDir(work_dir if work_dir is not None else default_work_dir(out_dir), fingerprint)
+    found, discarded = work.open()
+    if discarded:
+        print(
+            f"prepare: {work.path} was left by other inputs or parameters; discarded it",
+            file=sys.stderr,
+        )
+    elif found:
+        print(f"prepare: resuming, {found} finished chunks in {work.path}", file=sys.stderr)
+    result = validate(records, max_pixels, max_caption_chars, workers, progress, work, chunk_size)
+    result.work_discarded = discarded
     if negatives:
         extra = make_negatives(result.pairs, seed, negative_ratio)
         result.pairs.extend(extra)
@@ -287,6 +386,7 @@ def prepare(
     write_pairs_parquet(result.pairs, out / PAIRS_FILE)
     write_jsonl_atomic((asdict(r) for r in result.rejected), out / REJECTED_FILE)
     write_json_atomic(out / SUMMARY_FILE, {**result.counts(), "params": params or {}})
+    work.remove()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -305,6 +405,9 @@ def format_summary(result: PrepareResult, out_dir: str | os.PathLike) -> str:
         lines.append("  rejected by reason:")
         for reason, n in sorted(c["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"    {n:>7}  {reason}")
+    lines.append(
+        f"  {result.chunks} chunks, {result.chunks_resumed} resumed from an interrupted run"
+    )
     lines.append(f"  {result.seconds:.2f} s, {rate:.1f} records/s")
     lines.append(f"  wrote {Path(out_dir) / PAIRS_FILE}, {REJECTED_FILE}, {SUMMARY_FILE}")
     return "\n".join(lines)

@@ -219,3 +219,138 @@ def test_cli_prepare_prints_summary_with_rejections(bad_inputs, tmp_path):
     assert sum(r["itm"] == 0 for r in table) == 6  # one negative per kept pair
     bad = CliRunner().invoke(app, ["prepare", "--negatives", "maybe", "--out", str(out)])
     assert bad.exit_code != 0
+
+
+# Resume: finished chunks are saved beside the outputs, a killed run picks up after them.
+
+OUTPUTS = (prep.PAIRS_FILE, prep.REJECTED_FILE, prep.SUMMARY_FILE)
+KILLED_RUN = """
+import sys
+from pipeline import prepare as prep
+from pipeline.readers.tabular import read_table
+prep.prepare(read_table(sys.argv[1]), sys.argv[2], chunk_size=3, inputs={"test": "kill"},
+             seed=2, progress=False)
+"""
+
+
+def _same_outputs(a, b):
+    return all((a / f).read_bytes() == (b / f).read_bytes() for f in OUTPUTS)
+
+
+def test_killed_run_resumes_without_decoding_finished_chunks(bad_inputs, tmp_path):
+    """A real SIGKILL of a subprocess after two finished chunks, then a resumed run: the same
+    bytes as an uninterrupted run, and the finished chunks' images are not read again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    late_dup = {"id": "good0", "image_path": "imgs/good2.jpg", "caption": "A late duplicate."}
+    lines = bad_inputs.read_bytes().splitlines(keepends=True) + [
+        json.dumps(late_dup).encode() + b"\n"
+    ]  # 16 records: chunks of 3 -> 6 chunks; the last one repeats an id from chunk 0
+    table = tmp_path / "full.jsonl"  # the same folder as the fifo: same image paths
+    table.write_bytes(b"".join(lines))
+    kw = dict(chunk_size=3, inputs={"test": "kill"}, seed=2, progress=False)
+    whole = prep.prepare(read_table(table), tmp_path / "whole", **kw)
+    assert whole.chunks == 6 and whole.chunks_resumed == 0
+    assert not (tmp_path / ".whole.work").exists()  # removed after the final write
+
+    # The killed run reads its table from a fifo that the test fills only up to chunk 2, so it
+    # is blocked (not racing) when it is killed.
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    out, work = tmp_path / "out", tmp_path / ".out.work"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(fifo), str(out)])
+    try:
+        with open(fifo, "wb") as writer:
+            writer.writelines(lines[:7])  # chunks 0 and 1, and one record of chunk 2
+            writer.flush()
+            deadline = time.monotonic() + 60
+            while not (work / "part-000001.done.json").exists():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(p.name for p in work.glob("*.done.json")) == [
+        "part-000000.done.json",
+        "part-000001.done.json",
+    ]
+    assert not out.exists() or not any(out.iterdir())
+
+    # good0.jpg is only decoded in chunk 0: gone now, yet the resumed run keeps good0 as before.
+    (tmp_path / "imgs" / "good0.jpg").unlink()
+    resumed = prep.prepare(read_table(table), out, **kw)
+    assert (resumed.chunks, resumed.chunks_resumed) == (6, 2)
+    assert _same_outputs(out, tmp_path / "whole")
+    assert not work.exists() and sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    rejected = {r["id"]: r["reason"] for r in _rejected(out)}
+    assert rejected["good0"] == prep.DUPLICATE_ID  # the late repeat of a skipped chunk's id
+
+
+def test_chunk_size_does_not_change_the_outputs(bad_inputs, tmp_path):
+    """Chunks of 1, 4 and the default give the same bytes, also past the 256-record blocks that
+    order rejected.jsonl (600 records: the 15 rows again and again, ids repeating after 285)."""
+    rows = bad_inputs.read_bytes().splitlines()
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(
+        b"\n".join(
+            rows[i % len(rows)].replace(b'"id": "', f'"id": "r{i % 285}-'.encode(), 1)
+            for i in range(600)
+        )
+        + b"\n"
+    )
+    for table, sizes in ((bad_inputs, (1, 4)), (big, (1, 100, 300))):
+        ref = tmp_path / f"{table.stem}-default"
+        prep.prepare(read_table(table), ref, seed=1, progress=False)
+        for size in sizes:
+            out = tmp_path / f"{table.stem}-{size}"
+            result = prep.prepare(read_table(table), out, seed=1, chunk_size=size, progress=False)
+            assert result.chunks == -(-result.n_input // size)
+            assert _same_outputs(out, ref), (table.name, size)
+    reasons = [r["reason"] for r in _rejected(ref)]
+    assert reasons.count(prep.DUPLICATE_ID) == 600 - 285  # across chunks and blocks
+    with pytest.raises(ValueError, match="chunk_size"):
+        prep.prepare(read_table(bad_inputs), tmp_path / "x", chunk_size=0, progress=False)
+
+
+def _crash_after(records, n):
+    """The reader dies (an exception, as from a lost disk) after n records."""
+    for i, rec in enumerate(records):
+        if i == n:
+            raise OSError("input went away")
+        yield rec
+
+
+def test_cli_resumes_and_discards_work_of_other_parameters(bad_inputs, tmp_path):
+    from pipeline.prepare_work import describe_inputs
+    from pipeline.readers.tabular import Columns
+
+    out, work = tmp_path / "cli", tmp_path / ".cli.work"
+    inputs = describe_inputs("table", str(bad_inputs), None, None, Columns())  # as the CLI does
+
+    def crash(**kw):
+        with pytest.raises(OSError, match="went away"):
+            prep.prepare(_crash_after(read_table(bad_inputs), 7), out, progress=False, **kw)
+        assert len(list(work.glob("*.done.json"))) == 2  # chunks 0-2 and 3-5 were finished
+
+    def cli(*extra):
+        args = ["prepare", "--source", "table", "--input", str(bad_inputs), "--out", str(out)]
+        res = CliRunner().invoke(app, [*args, "--chunk-size", "3", "--no-progress", *extra])
+        assert res.exit_code == 0, res.output
+        assert not work.exists()
+        return res.output
+
+    crash(chunk_size=3, inputs=inputs)
+    assert "5 chunks, 2 resumed" in cli()
+    first = {f: (out / f).read_bytes() for f in OUTPUTS}
+    crash(chunk_size=3, inputs=inputs, max_caption_chars=2000)
+    output = cli("--max-caption-chars", "23")  # other parameters: the saved chunks are stale
+    assert "discarded" in output and "5 chunks, 0 resumed" in output
+    assert prep.CAPTION_TOO_LONG in {r["reason"] for r in _rejected(out) if r["id"] == "good0"}
+    cli()
+    assert {f: (out / f).read_bytes() for f in OUTPUTS} == first
