@@ -135,17 +135,10 @@ def _chunks(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]
         yield chunk
 
 
-# rejected.jsonl has always listed, per block of 256 records, the rejections made before
-# decoding (dedup, read, caption, no path) and then the image ones; the sort key keeps that
-# order whatever the chunk size, so resumed and chunked runs write the same bytes.
-ORDER_BLOCK = 256
-BEFORE_DECODE, AFTER_DECODE = 0, 1
-
-Keyed = tuple[tuple[int, int, int], Rejection]
-
-
-def _keyed(index: int, phase: int, rejection: Rejection) -> Keyed:
-    return (index // ORDER_BLOCK, phase, index), rejection
+# Rejections are keyed by the record's position in the reader: rejected.jsonl lists them in
+# reader order whatever the chunk size, so chunked and resumed runs write the same bytes.
+Keyed = tuple[int, Rejection]
+DECODE_BLOCK = 256  # records whose images are decoded together (one pool.map)
 
 
 def _validate_chunk(
@@ -159,30 +152,30 @@ def _validate_chunk(
     bar,
 ) -> tuple[list[Pair], list[Keyed]]:
     """Accept or reject one chunk (records `offset`, `offset + 1`, ... of the reader);
-    `seen` and `sizes` carry across chunks. Rejections come with their sort key."""
+    `seen` and `sizes` carry across chunks. Rejections come with their record index."""
     pairs: list[Pair] = []
     rejected: list[Keyed] = []
-    for start in range(0, len(chunk), ORDER_BLOCK):
+    for start in range(0, len(chunk), DECODE_BLOCK):
         todo: list[tuple[int, RawRecord, str]] = []
-        for i, rec in enumerate(chunk[start : start + ORDER_BLOCK], offset + start):
+        for i, rec in enumerate(chunk[start : start + DECODE_BLOCK], offset + start):
             if rec.id in seen:
                 rejection = Rejection(rec.id, rec.source, "dedup", DUPLICATE_ID)
-                rejected.append(_keyed(i, BEFORE_DECODE, rejection))
+                rejected.append((i, rejection))
                 continue
             seen.add(rec.id)
             if rec.problem:
                 reason, _, detail = rec.problem.partition(" (")
                 rejection = Rejection(rec.id, rec.source, "read", reason, detail.rstrip(")"))
-                rejected.append(_keyed(i, BEFORE_DECODE, rejection))
+                rejected.append((i, rejection))
                 continue
             text, reason, detail = clean_caption(rec.caption, max_caption_chars)
             if text is None:
                 rejection = Rejection(rec.id, rec.source, "caption", reason, detail)
-                rejected.append(_keyed(i, BEFORE_DECODE, rejection))
+                rejected.append((i, rejection))
                 continue
             if not rec.image_path:
                 rejection = Rejection(rec.id, rec.source, "image", IMAGE_NO_PATH)
-                rejected.append(_keyed(i, BEFORE_DECODE, rejection))
+                rejected.append((i, rejection))
                 continue
             todo.append((i, rec, text))
         paths = sorted({rec.image_path for _, rec, _ in todo} - sizes.keys())
@@ -194,12 +187,12 @@ def _validate_chunk(
             first, second = sizes[rec.image_path]
             if isinstance(first, str):
                 rejection = Rejection(rec.id, rec.source, "image", first, second)
-                rejected.append(_keyed(i, AFTER_DECODE, rejection))
+                rejected.append((i, rejection))
                 continue
             pairs.append(
                 Pair(rec.id, rec.source, rec.image_path, text, int(rec.itm), first, second)
             )
-        bar.update(min(ORDER_BLOCK, len(chunk) - start))
+        bar.update(min(DECODE_BLOCK, len(chunk) - start))
     return pairs, rejected
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 FINGERPRINT_FILE = "fingerprint.json"
-WORK_VERSION = 1
+WORK_VERSION = 2  # 2: rejections keyed by record index (reader order)
 
 
 def default_work_dir(out_dir: str | os.PathLike) -> Path:
@@ -117,7 +117,7 @@ class WorkDir:
         return marker.get("fingerprint") == self.digest and marker.get("records") == records_digest
 
     def write(self, index: int, records_digest: str, pairs: list, rejected: list) -> None:
-        """The chunk's pairs and (sort key, rejection)s, each atomically, then the marker."""
+        """The chunk's pairs and (record index, rejection)s, each atomically, then the marker."""
         from pipeline.prepare import write_pairs_parquet
 
         marker = self._part(index, ".done.json")
@@ -129,7 +129,7 @@ class WorkDir:
         _write_atomic(marker, json.dumps({**info, "n_pairs": len(pairs)}) + "\n")
 
     def read(self, index: int) -> tuple[list, list]:
-        """(pairs, (sort key, rejection)s) of a finished chunk, exactly as they were written."""
+        """(pairs, (record index, rejection)s) of a finished chunk, exactly as they were written."""
         import pyarrow.parquet as pq
 
         from pipeline.prepare import Pair, Rejection
@@ -139,7 +139,7 @@ class WorkDir:
         rejected = []
         for line in text.splitlines():
             key, row = json.loads(line)
-            rejected.append((tuple(key), Rejection(**row)))
+            rejected.append((int(key), Rejection(**row)))
         return [Pair(**r) for r in rows], rejected
 
     def remove(self) -> None:

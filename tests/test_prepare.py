@@ -98,6 +98,11 @@ def test_every_bad_input_rejected_with_reason_and_good_ones_kept(bad_inputs, tmp
     stages = {r["id"]: r["stage"] for r in rejected}
     assert stages["dup"] == "dedup" and stages["bomb"] == "image"
     assert stages["non-utf8"] == "caption"
+    reader_order = [r.id for r in read_table(bad_inputs)]
+    rejected_ids = [r["id"] for r in rejected]
+    dup_position = len(reader_order) - 1 - reader_order[::-1].index("dup")  # the second "dup"
+    positions = [dup_position if i == "dup" else reader_order.index(i) for i in rejected_ids]
+    assert positions == sorted(positions), "rejected.jsonl is in reader order"
 
     table = pq.read_table(out / prep.PAIRS_FILE).to_pylist()
     kept = {r["id"]: r for r in table}
