@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
+
+from pipeline.prepare import Pair, write_pairs_parquet
 
 ENTITIES = ["man", "dog", "car", "tree", "house", "ball", "woman", "city", "boat", "flag"]
 RELATIONS = [
@@ -65,17 +65,6 @@ def write_labeling_inputs(
                 "height": height,
             }
         )
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("source", pa.string()),
-            ("image_path", pa.string()),
-            ("caption", pa.string()),
-            ("itm", pa.int8()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-        ]
-    )
     paths = {
         "pairs": root / "prepared" / "pairs.parquet",
         "rejected": root / "prepared" / "rejected.jsonl",
@@ -84,7 +73,7 @@ def write_labeling_inputs(
     }
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), paths["pairs"])
+    write_pairs_parquet([Pair(**row) for row in rows], paths["pairs"])  # the stage's writer
     paths["rejected"].write_text(
         json.dumps(
             {"id": "gone-1", "source": "test", "stage": "prepare", "reason": "caption: empty"}
