@@ -29,7 +29,7 @@ from pipeline.synthetic import write_synthetic_shards
 from trainer import data
 from trainer.losses import pretrain_loss
 from trainer.model import ModelConfig, build_model, build_tokenizer
-from trainer.run import param_groups
+from trainer.optim import build_optimizer
 
 LAMBDAS = {"itm": 1.0, "cit": 1.0, "coe": 1.0, "cir": 1.0}
 
@@ -52,7 +52,7 @@ def loader_rate(shard_dir, tokenizer, image_size, batch_size, workers, batches) 
 
 
 def step_rate(model, batch, device, steps) -> float:
-    opt = torch.optim.AdamW(param_groups(model, 1e-3), lr=1e-4)
+    opt = build_optimizer([(model, 1e-4)], 1e-3)
     model.train()
 
     def step():

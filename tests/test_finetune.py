@@ -279,3 +279,52 @@ def test_resume_with_other_settings_or_data_is_refused(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "--resume refused" in res.stderr and "files.train: content changed" in res.stderr
     assert "params." not in res.stderr  # only the data differs
+
+
+def test_first_word_longer_than_max_len_trains_and_predicts(tmp_path):
+    # Each sentence's first word alone exceeds max_len: it keeps its first pieces, so the CRF
+    # always has a first word (pytorch-crf raises on an all-masked row).
+    lines = []
+    for i, sent in enumerate(ie_data.read_ner(SAMPLE / "mner" / "train.txt")[:12]):
+        lines.append(f"IMGID:x{i}")
+        lines += [
+            f"{'qz' * 30}\tB-MISC",
+            *(f"{t}\t{lab}" for t, lab in zip(sent.tokens, sent.labels, strict=True)),
+        ]
+        lines.append("")
+    data = tmp_path / "long.txt"
+    data.write_text("\n".join(lines) + "\n")
+    m = run_finetune(
+        sample_config("mner", tmp_path, train=str(data), dev=str(data), test=str(data), epochs=1,
+                      max_len=6)
+    )  # fmt: skip
+    assert m["data"]["train"]["truncated"] > 0
+    assert m["test"]["overall"]["support"] == 12 + sum(
+        t.startswith("B-") for s in ie_data.read_ner(SAMPLE / "mner" / "train.txt")[:12]
+        for t in s.labels
+    )  # fmt: skip
+
+
+def test_rel2id_without_the_none_label_is_refused(tmp_path):
+    rel2id = json.loads((SAMPLE / "mre" / "rel2id.json").read_text())
+    assert "None" in rel2id
+    with pytest.raises(ValueError, match="no 'NA' label"):
+        run_finetune(sample_config("mre", tmp_path, epochs=1, none_label="NA"))
+
+
+def test_seeds_report_each_run_and_mean_std(tmp_path):
+    from trainer.finetune import run_seeds
+
+    cfg = sample_config("mre", tmp_path, epochs=2)
+    summary = run_seeds(cfg, [1, 2])
+    saved = json.loads((tmp_path / "mre" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    runs = [
+        json.loads((tmp_path / "mre" / f"seed-{s}" / "metrics.json").read_text()) for s in (1, 2)
+    ]
+    f1 = [r["test"]["overall"]["f1"] for r in runs]
+    assert saved["seeds"] == [1, 2] and saved["runs"]["2"]["test"]["f1"] == f1[1]
+    assert saved["test"]["f1"]["mean"] == pytest.approx(sum(f1) / 2)
+    assert saved["test"]["f1"]["std"] == pytest.approx(abs(f1[0] - f1[1]) / 2**0.5)
+    with pytest.raises(ValueError, match="distinct"):
+        run_seeds(cfg, [3, 3])

@@ -301,3 +301,15 @@ def test_find_image(tmp_path):
     assert find_image(tmp_path, "missing") is None
     assert find_image(None, "17_06_1") is None
     assert find_image(tmp_path, "../17_06_1") == tmp_path / "17_06_1.jpg"  # stays in the folder
+
+
+def test_encode_ner_first_word_longer_than_max_len_keeps_its_first_pieces(tokenizer):
+    long_word = "x" + "yz" * 40  # many word pieces
+    sent = NerSentence([long_word, "Messi"], ["B-MISC", "B-PER"])
+    label2id = {lab: i for i, lab in enumerate(ner_label_list([]))}
+    assert len(tokenizer(long_word, add_special_tokens=False)["input_ids"]) > 8
+    feats, cut = encode_ner(sent, tokenizer, label2id, max_len=8)
+    # the CRF needs at least one word: the first word keeps the pieces that fit
+    assert feats.word_index == [1] and feats.label_ids == [label2id["B-MISC"]]
+    assert len(feats.input_ids) == 8 and cut == 1
+    assert feats.input_ids[-1] == tokenizer.sep_token_id

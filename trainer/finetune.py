@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from torch import nn
 from trainer import finetune_state, ie_data
 from trainer.heads import CRFTagger, RelationHead
 from trainer.metrics import majority_baseline_ner, majority_baseline_re, ner_scores, re_scores
+from trainer.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("finetune")
 TASKS = ("mner", "mre")
@@ -47,6 +48,7 @@ class FinetuneConfig:
     dev: str
     test: str
     rel2id: str | None = None  # MRE label map (default: rel2id.json beside --train)
+    none_label: str = "None"  # MRE: the no-relation label, excluded from P/R/F1
     images: str | None = None
     init: str = "tiny"  # pretraining checkpoint dir, preset name, or local HF model dir
     preset: str = "tiny"  # vision encoder preset when --init is an HF text model
@@ -56,12 +58,14 @@ class FinetuneConfig:
     metrics: str | None = None  # default OUT/metrics.json
     predictions: str | None = None  # default OUT/predictions.{txt,jsonl}
     max_len: int = 128
-    epochs: int = 10
-    batch_size: int = 32
+    # a standard BERT-CRF recipe (best dev epoch of 5, batch 16, lr 5e-5 / 1e-3 / 5e-2)
+    epochs: int = 5
+    batch_size: int = 16
     eval_batch_size: int = 64
     lr_encoder: float = 5e-5
     lr_head: float = 1e-3
-    weight_decay: float = 0.01
+    lr_crf: float = 5e-2  # CRF transitions (MNER): from U(-0.1, 0.1) they must move by ~1-10
+    weight_decay: float = 0.01  # weight matrices only (trainer.optim)
     warmup: float = 0.1  # fraction of optimiser steps
     dropout: float = 0.1
     grad_clip: float = 1.0
@@ -333,7 +337,9 @@ def predict(task: str, model: FinetuneModel, loader, device, n: int) -> list:
     return out
 
 
-def score(task: str, split: Split, pred_ids: list, id2label: list[str]) -> tuple[dict, list]:
+def score(
+    task: str, split: Split, pred_ids: list, id2label: list[str], none_label: str = "None"
+) -> tuple[dict, list]:
     """Metrics and the predicted label strings (MNER: cut words predicted O)."""
     if task == "mner":
         gold = [s.labels for s in split.samples]
@@ -344,7 +350,7 @@ def score(task: str, split: Split, pred_ids: list, id2label: list[str]) -> tuple
         return ner_scores(gold, pred), pred
     gold = [s.relation for s in split.samples]
     pred = [id2label[p] for p in pred_ids]
-    return re_scores(gold, pred), pred
+    return re_scores(gold, pred, none_label), pred
 
 
 def write_predictions(task: str, split: Split, pred: list, path: Path) -> None:
@@ -404,6 +410,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     else:
         rel2id_path = cfg.rel2id or str(Path(cfg.train).with_name("rel2id.json"))
         labels = ie_data.load_rel2id(rel2id_path)
+        if cfg.none_label not in labels:
+            raise ValueError(
+                f"{rel2id_path} has no {cfg.none_label!r} label (the no-relation class that "
+                f"P/R/F1 exclude): add it, or name yours with --none-label"
+            )
         id2label = [r for r, _ in sorted(labels.items(), key=lambda kv: kv[1])]
         markers = ie_data.add_markers(tokenizer)
         desc["embeddings_resized"] = ensure_vocab(encoder, tokenizer)
@@ -448,33 +459,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     train_loader = loader(splits["train"], True)
     steps = max(1, cfg.epochs * len(train_loader))
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
-    groups = []
-    for module, lr in ((model.encoder, cfg.lr_encoder), (model.head, cfg.lr_head)):
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        groups.append(
-            {
-                "params": [p for n, p in named if not any(k in n for k in no_decay)],
-                "lr": lr,
-                "weight_decay": cfg.weight_decay,
-            }
-        )
-        groups.append(
-            {
-                "params": [p for n, p in named if any(k in n for k in no_decay)],
-                "lr": lr,
-                "weight_decay": 0.0,
-            }
-        )
-    optimizer = torch.optim.AdamW(groups)
-    warmup = int(cfg.warmup * steps)
-
-    def lr_lambda(step: int) -> float:  # linear warmup, then linear decay to 0
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    crf = list(model.head.crf.parameters()) if cfg.task == "mner" else []
+    parts = [(model.encoder, cfg.lr_encoder), (model.head, cfg.lr_head, crf)]
+    if crf:  # the CRF transitions need a far larger step than the encoder (issue: BIO rules)
+        parts.append((model.head.crf, cfg.lr_crf))
+    optimizer = build_optimizer(parts, cfg.weight_decay, device)
+    scheduler = build_scheduler(optimizer, int(cfg.warmup * steps), steps)
 
     log.info(
         "%s: train %d, dev %d, test %d; encoder %s (%s), %d epochs x %d steps",
@@ -545,7 +535,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             n_batches += 1
         trained += 1
         pred_ids = predict(cfg.task, model, dev_loader, device, len(splits["dev"].samples))
-        dev_scores, _ = score(cfg.task, splits["dev"], pred_ids, id2label)
+        dev_scores, _ = score(cfg.task, splits["dev"], pred_ids, id2label, cfg.none_label)
         key = dev_scores["overall"]["f1"]
         o = dev_scores["overall"]
         history.append(
@@ -604,13 +594,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     test_split = splits["test"]
     pred_ids = predict(cfg.task, model, loader(test_split, False), device, len(test_split.samples))
-    test_scores, test_pred = score(cfg.task, test_split, pred_ids, id2label)
+    test_scores, test_pred = score(cfg.task, test_split, pred_ids, id2label, cfg.none_label)
     write_predictions(cfg.task, test_split, test_pred, pred_path)
     if cfg.task == "mner":
         baseline = majority_baseline_ner([s.labels for s in test_split.samples])
     else:
         baseline = majority_baseline_re(
-            [s.relation for s in splits["train"].samples], [s.relation for s in test_split.samples]
+            [s.relation for s in splits["train"].samples],
+            [s.relation for s in test_split.samples],
+            cfg.none_label,
         )
     text_only = {name: sp.text_only for name, sp in splits.items()}
     metrics = {
@@ -656,6 +648,66 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return metrics
 
 
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single run)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std}
+
+
+def seed_summary(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per-seed dev/test P/R/F1 and their mean +- std (the paper reports every figure so)."""
+    out: dict[str, Any] = {"seeds": sorted(runs), "runs": {}}
+    for seed, m in sorted(runs.items()):
+        out["runs"][str(seed)] = {
+            "best_epoch": m["best_epoch"],
+            "dev": {k: m["dev"]["overall"][k] for k in ("precision", "recall", "f1")},
+            "test": {k: m["test"]["overall"][k] for k in ("precision", "recall", "f1")},
+        }
+    for split in ("dev", "test"):
+        out[split] = {
+            k: mean_std([r[split][k] for r in out["runs"].values()])
+            for k in ("precision", "recall", "f1")
+        }
+    return out
+
+
+def run_seeds(cfg: FinetuneConfig, seeds: Sequence[int]) -> dict[str, Any]:
+    """run_finetune once per seed into OUT/seed-N/; the metrics file gets each run + mean +- std."""
+    from pipeline.shards import write_json_atomic
+
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct, got {list(seeds)}")
+    out = Path(cfg.out)
+    runs = {}
+    for seed in seeds:
+        run_dir = out / f"seed-{seed}"
+        runs[seed] = run_finetune(replace(cfg, seed=seed, out=str(run_dir), metrics=None))
+        if "interrupted_after_epoch" in runs[seed]:
+            return runs[seed]
+    summary = {"task": cfg.task, **seed_summary(runs)}
+    metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(metrics_path, summary)
+    lines = [f"== finetune {cfg.task}: {len(seeds)} seeds =="]
+    for seed, r in summary["runs"].items():
+        t = r["test"]
+        lines.append(
+            f"seed {seed}: best epoch {r['best_epoch']}, test P/R/F1 "
+            f"{t['precision']:.4f} / {t['recall']:.4f} / {t['f1']:.4f}"
+        )
+    for split in ("dev", "test"):
+        s = summary[split]
+        lines.append(
+            f"{split} mean +- std: "
+            + ", ".join(f"{k[0].upper()} {s[k]['mean']:.4f} +- {s[k]['std']:.4f}" for k in s)
+        )
+    lines.append(f"metrics -> {metrics_path}")
+    print("\n".join(lines), flush=True)
+    return summary
+
+
 def save_finetuned(model: FinetuneModel, tokenizer, mcfg, id2label, cfg, path: Path) -> None:
     """Encoder as a pretraining checkpoint (reusable as --init) + head weights and labels."""
     from safetensors.torch import save_file
@@ -698,7 +750,7 @@ def _summary(cfg, metrics, wall, metrics_path, pred_path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[FinetuneConfig, list[int] | None]:
     defaults = FinetuneConfig(task="mner", train="", dev="", test="")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=TASKS, required=True)
@@ -711,13 +763,21 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
         default=defaults.init,
         help="pretraining checkpoint dir, preset name (tiny|base) or local HF model dir",
     )
+    p.add_argument("--none-label", default=defaults.none_label, help="MRE no-relation label")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run once per seed (OUT/seed-N/) and report each run plus mean +- std",
+    )
     for name in ("preset", "vision_encoder", "out", "metrics", "predictions", "device"):
         p.add_argument(f"--{name.replace('_', '-')}", default=getattr(defaults, name))
     for name in ("max_len", "epochs", "batch_size", "eval_batch_size", "patience", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("n_fusion_layers", "max_train_samples", "threads"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("lr_encoder", "lr_head", "weight_decay", "warmup", "dropout", "grad_clip"):
+    floats = ("lr_encoder", "lr_head", "lr_crf", "weight_decay", "warmup", "dropout", "grad_clip")
+    for name in floats:
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     p.add_argument("--save-model", action="store_true", help="save encoder + head under OUT/model")
     p.add_argument(
@@ -734,7 +794,8 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     args = vars(p.parse_args(argv))
     for name in ("images", "rel2id", "vision_encoder", "metrics", "predictions"):
         args[name] = args[name] or None  # "" (e.g. from params.yaml) means unset
-    return FinetuneConfig(**args)
+    seeds = args.pop("seeds")
+    return FinetuneConfig(**args), seeds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -743,9 +804,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(var, "1")
     from pipeline.models import WeightsUnavailable
 
-    cfg = parse_args(argv)
+    cfg, seeds = parse_args(argv)
     try:
-        run_finetune(cfg)
+        if seeds:
+            run_seeds(cfg, seeds)
+        else:
+            run_finetune(cfg)
     except (ie_data.DataFormatError, FileNotFoundError, ValueError, WeightsUnavailable) as e:
         log.error("%s", e)
         return 2

@@ -254,11 +254,15 @@ def encode_ner(
     ids = [tokenizer.cls_token_id]
     word_index: list[int] = []
     for pieces in word_pieces(tokenizer, sentence.tokens):
-        if len(ids) + len(pieces) > max_len - 1:
-            # A word that does not fit whole is dropped: it is predicted O and counted.
-            break
+        room = max_len - 1 - len(ids)
+        if room < 1:
+            break  # words from here on are cut: predicted O and counted
+        # The CRF reads a word at its first sub-token, so a word that does not fit whole keeps
+        # the pieces that fit (a first word longer than max_len still gets a label).
         word_index.append(len(ids))
-        ids.extend(pieces)
+        ids.extend(pieces[:room])
+        if len(pieces) > room:
+            break
     ids.append(tokenizer.sep_token_id)
     kept = len(word_index)
     labels = [label2id[lab] for lab in sentence.labels[:kept]]

@@ -35,6 +35,7 @@ from pipeline.shards import read_vocabularies, write_json_atomic
 from trainer import checkpoint, data
 from trainer.losses import LOSS_NAMES, TEMP_MAX, TEMP_MIN, pretrain_loss
 from trainer.model import ModelConfig, build_model, build_tokenizer, export_hf, save_pretrained
+from trainer.optim import build_optimizer, build_scheduler
 
 
 @dataclass
@@ -112,29 +113,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases, norms, the temperature and type vectors get none."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def warmup_linear(warmup: int, total: int):
-    """LR factor: linear warmup to 1 over `warmup` steps, then linear decay to 0 at `total`."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 def param_checksum(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -187,12 +165,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(
-        param_groups(core, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear(cfg.warmup_steps, cfg.steps)
-    )
+    optimizer = build_optimizer([(core, cfg.lr)], cfg.weight_decay, device)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps)
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
 
     n_samples = data.total_samples(cfg.shards)
