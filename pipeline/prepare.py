@@ -1,6 +1,7 @@
 """The prepare stage: validate raw pairs, record rejections, de-duplicate, add negatives, write.
 
-Outputs (all written atomically): `pairs.parquet` (schema in docs/architecture.md),
+Outputs (all written atomically): `pairs.parquet` (schema in docs/architecture.md; matched
+and mismatched pairs interleaved at an even rate, so every shard holds both),
 `rejected.jsonl` (one `{id, source, stage, reason, detail}` per rejected input) and
 `summary.json` (counts only, no timings, so a re-run gives identical files). Finished chunks
 are saved in a work folder beside the outputs (pipeline.prepare_work), so a killed run resumes.
@@ -292,6 +293,28 @@ def make_negatives(pairs: list[Pair], seed: int, ratio: float = 1.0) -> list[Pai
     return negatives
 
 
+def interleave_by_itm(pairs: list[Pair]) -> list[Pair]:
+    """Matched and mismatched pairs merged at an even rate, each kind in its own order.
+
+    Shards are contiguous slices of pairs.parquet, so appended negatives would give whole shards
+    of one itm class (and batches where CIT, COE and CIR see nothing). After this, any slice of
+    n pairs holds n * (mismatched / total) mismatched pairs, within one.
+    """
+    matched = [p for p in pairs if p.itm == 1]
+    mismatched = [p for p in pairs if p.itm != 1]
+    n, k = len(pairs), len(mismatched)
+    out: list[Pair] = []
+    i = j = 0
+    for t in range(n):
+        if j < k and (t + 1) * k // n > j:  # mismatched so far lags floor((t + 1) * k / n)
+            out.append(mismatched[j])
+            j += 1
+        else:
+            out.append(matched[i])
+            i += 1
+    return out
+
+
 def write_pairs_parquet(pairs: list[Pair], path: str | os.PathLike) -> None:
     """The pairs table with the contract's column types, written to a temp file then renamed."""
     import pyarrow as pa
@@ -374,6 +397,7 @@ def prepare(
         extra = make_negatives(result.pairs, seed, negative_ratio)
         result.pairs.extend(extra)
         result.n_negatives = len(extra)
+    result.pairs = interleave_by_itm(result.pairs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_pairs_parquet(result.pairs, out / PAIRS_FILE)

@@ -86,9 +86,30 @@ def test_pool_patches_means_masked_states():
 def test_dense_soft_labels_renormalise_topk_rows():
     idx = torch.tensor([[2, 0], [0, 0]])
     prob = torch.tensor([[0.3, 0.1], [0.0, 0.0]])
-    dense = L.dense_soft_labels(idx, prob, 4)
+    dense = L.dense_soft_labels(idx, prob, 4, "renormalise")
     assert torch.allclose(dense[0], torch.tensor([0.25, 0.0, 0.75, 0.0]))
     assert torch.equal(dense[1], torch.zeros(4))  # padding row
+
+
+def test_dense_soft_labels_spread_the_leftover_mass_by_default():
+    # a full distribution over 5 classes, truncated to its top 2 as label-objects stores it
+    q = torch.tensor([0.05, 0.5, 0.1, 0.3, 0.05])
+    top, idx = torch.topk(q, 2)
+    dense = L.dense_soft_labels(idx[None], top[None], 5)[0]
+    # kept: 0.5 + 0.3; the other 0.2 spread over the 3 classes that were not kept
+    assert torch.allclose(dense, torch.tensor([0.2 / 3, 0.5, 0.2 / 3, 0.3, 0.2 / 3]))
+    assert dense.sum().item() == pytest.approx(1.0)
+    entropy = lambda p: -(p * p.clamp(min=1e-12).log()).sum()  # noqa: E731
+    sharp = L.dense_soft_labels(idx[None], top[None], 5, "renormalise")[0]
+    assert entropy(sharp) < entropy(q) <= entropy(dense) + 1e-6  # the max-entropy completion
+    # padding rows stay zero; k = all classes keeps q exactly; hard labels are the same argmax
+    pad = L.dense_soft_labels(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2), 5)
+    assert torch.equal(pad, torch.zeros(1, 5))
+    full = L.dense_soft_labels(torch.arange(5)[None], q[None], 5)[0]
+    assert torch.allclose(full, q)
+    assert torch.equal(L.hard_labels(dense[None]), L.hard_labels(sharp[None]))
+    with pytest.raises(ValueError, match="label_mass"):
+        L.dense_soft_labels(idx[None], top[None], 5, "other")
 
 
 def test_hard_labels_one_hot_argmax():

@@ -359,3 +359,27 @@ def test_cli_resumes_and_discards_work_of_other_parameters(bad_inputs, tmp_path)
     assert prep.CAPTION_TOO_LONG in {r["reason"] for r in _rejected(out) if r["id"] == "good0"}
     cli()
     assert {f: (out / f).read_bytes() for f in OUTPUTS} == first
+
+
+def test_interleave_spreads_mismatched_pairs_evenly():
+    pairs = _pairs(40)
+    neg = prep.make_negatives(pairs, seed=3, ratio=0.5)
+    mixed = prep.interleave_by_itm(pairs + neg)
+    assert sorted(p.id for p in mixed) == sorted(p.id for p in pairs + neg)
+    assert [p for p in mixed if p.itm == 1] == pairs  # each kind keeps its order
+    assert [p for p in mixed if p.itm == 0] == neg
+    rate = len(neg) / len(mixed)
+    for n in (1, 3, 8, 16):  # any contiguous shard of n pairs: n * rate mismatched, within one
+        for start in range(0, len(mixed), n):
+            shard = mixed[start : start + n]
+            assert abs(sum(p.itm == 0 for p in shard) - len(shard) * rate) <= 1, (n, start)
+
+
+def test_prepared_shards_hold_both_itm_classes(tmp_path):
+    import pyarrow.parquet as pq
+
+    prep.prepare(read_sample(), tmp_path / "p", progress=False)
+    itm = pq.read_table(tmp_path / "p" / prep.PAIRS_FILE).column("itm").to_pylist()
+    assert (len(itm), itm.count(0)) == (27, 10)
+    shards = [itm[i : i + 8] for i in range(0, len(itm), 8)]  # label.samples_per_shard: 8
+    assert all(0 in s and 1 in s for s in shards), shards

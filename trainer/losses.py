@@ -84,14 +84,33 @@ def pool_patches(patch_states: Tensor, masks: Tensor) -> Tensor:
     return (w @ patch_states) / w.sum(-1, keepdim=True).clamp(min=1.0)
 
 
-def dense_soft_labels(idx: Tensor, prob: Tensor, n_classes: int) -> Tensor:
-    """Top-k (indices, probabilities) [..., K] -> dense rows [..., n_classes] renormalised to 1.
+LABEL_MASS_MODES = ("spread", "renormalise")
 
-    Rows whose stored mass is 0 (padding) stay all-zero.
+
+def dense_soft_labels(
+    idx: Tensor, prob: Tensor, n_classes: int, label_mass: str = "spread"
+) -> Tensor:
+    """Top-k (indices, probabilities) [..., K] -> dense distributions [..., n_classes].
+
+    The shards keep the top-k entries of q (eq. 6 / 9) and their kept mass. `spread` (default)
+    rebuilds a full distribution: the mass the top-k do not hold (1 - sum of the kept entries)
+    is spread evenly over the classes that were not kept, so the target keeps q's entropy.
+    `renormalise` scales the top-k to sum to 1 (a sharper target than the paper's). Rows with
+    no stored mass (padding) stay all-zero either way.
     """
+    if label_mass not in LABEL_MASS_MODES:
+        raise ValueError(f"label_mass must be one of {LABEL_MASS_MODES}, got {label_mass!r}")
+    index = idx.long().clamp(0, n_classes - 1)
+    p = prob.float().clamp(min=0)
     dense = torch.zeros(*idx.shape[:-1], n_classes, dtype=torch.float32, device=idx.device)
-    dense.scatter_add_(-1, idx.long().clamp(0, n_classes - 1), prob.float().clamp(min=0))
-    return dense / dense.sum(-1, keepdim=True).clamp(min=1e-12)
+    dense.scatter_add_(-1, index, p)
+    kept_mass = dense.sum(-1, keepdim=True)
+    if label_mass == "renormalise":
+        return dense / kept_mass.clamp(min=1e-12)
+    kept = torch.zeros_like(dense, dtype=torch.bool).scatter_(-1, index, p > 0)
+    n_other = (n_classes - kept.sum(-1, keepdim=True)).clamp(min=1)
+    leftover = (1.0 - kept_mass).clamp(min=0) * (kept_mass > 0)
+    return torch.where(kept, dense, leftover / n_other)
 
 
 def hard_labels(q: Tensor) -> Tensor:
@@ -121,11 +140,13 @@ def pretrain_loss(
     batch: Mapping[str, Tensor],
     lambdas: Mapping[str, float],
     hard: bool = False,
+    label_mass: str = "spread",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = sum of lambda * loss over the enabled losses; returns (total, detached components).
 
     `out` is PretrainModel.forward's output (with boxes given, for COE); `batch` the collated
     batch on the same device; n_entities / n_relations come from the label rows' sizes.
+    `label_mass`: how truncated top-k labels become full distributions (dense_soft_labels).
 
     COE and CIR use matched pairs only (a mismatched caption says nothing about the image's
     objects, and the fused states then mix in the wrong text); ITM uses every pair.
@@ -137,13 +158,15 @@ def pretrain_loss(
     if lambdas.get("cit", 0) > 0:
         parts["cit"] = cit_loss(out["text_emb"], out["image_emb"], out["temp"], matched)
     if lambdas.get("coe", 0) > 0:
-        q_ent = dense_soft_labels(batch["ent_idx"], batch["ent_prob"], out["ent_logits"].shape[-1])
+        n_ent = out["ent_logits"].shape[-1]
+        q_ent = dense_soft_labels(batch["ent_idx"], batch["ent_prob"], n_ent, label_mass)
         if hard:
             q_ent = hard_labels(q_ent)
         valid = batch["box_mask"] & matched[:, None]
         parts["coe"] = coe_loss(out["ent_logits"], q_ent, valid)
     if lambdas.get("cir", 0) > 0:
-        q_rel = dense_soft_labels(batch["rel_idx"], batch["rel_prob"], out["rel_logits"].shape[-1])
+        n_rel = out["rel_logits"].shape[-1]
+        q_rel = dense_soft_labels(batch["rel_idx"], batch["rel_prob"], n_rel, label_mass)
         if hard:
             q_rel = hard_labels(q_rel)
         parts["cir"] = cir_loss(out["rel_logits"], q_rel, matched)

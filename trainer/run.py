@@ -58,6 +58,7 @@ class TrainConfig:
     lambda_coe: float = 1.0
     lambda_cir: float = 1.0
     hard_labels: bool = False
+    label_mass: str = "spread"  # top-k labels: spread the leftover mass | renormalise the top-k
     min_cover: float = 0.5  # fraction of a patch a box must cover to pool it (COE)
     # optimisation (paper: AdamW, lr 1e-4, weight decay 1e-3)
     steps: int = 1000
@@ -242,7 +243,9 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
                     boxes=batch["boxes"] if lambdas["coe"] > 0 else None,
                     min_cover=cfg.min_cover,
                 )
-            loss, parts = pretrain_loss(out, batch, lambdas, hard=cfg.hard_labels)
+            loss, parts = pretrain_loss(
+                out, batch, lambdas, hard=cfg.hard_labels, label_mass=cfg.label_mass
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
@@ -331,6 +334,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         "preset": cfg.preset,
         "lambdas": lambdas,
         "hard_labels": cfg.hard_labels,
+        "label_mass": cfg.label_mass,
     }
     if is_main:
         save_pretrained(
