@@ -134,34 +134,41 @@ def embed_prompts_cmd(
     preset: str = typer.Option("tiny", help="Model preset: tiny | base."),
     clip: str = typer.Option("", help="Local CLIP checkpoint (.safetensors) for the preset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    # The underscore spellings are what DVC's dict unpacking of params.yaml produces.
+    entity_templates: str = typer.Option(
+        "1",
+        help="The paper's entity templates by name: 1 'This is an image of {entity}.', "
+        "2 'An image of {entity} is shown here.'; 1+2 or all ensembles them.",
+    ),
+    relation_templates: str = typer.Option(
+        "A",
+        help="The paper's relation templates by name: A 'This image shows the relation of "
+        "{relation}.', B 'The relation of {relation} is shown in this image.', C 'The relation "
+        "between the objects in the image is {relation}.'; e.g. A+B+C or all ensembles them.",
+    ),
     entity_template: list[str] = typer.Option(
         [],
         "--entity-template",
-        "--entity_template",
-        help="Entity prompt template with {entity}; repeat to ensemble (default: paper's).",
+        help="Your own entity template with {entity} (repeat to ensemble); replaces "
+        "--entity-templates.",
     ),
     relation_template: list[str] = typer.Option(
         [],
         "--relation-template",
-        "--relation_template",
-        help="Relation prompt template with {relation}; repeat to ensemble.",
+        help="Your own relation template with {relation} (repeat to ensemble); replaces "
+        "--relation-templates.",
     ),
     batch_size: int = typer.Option(256, min=1, help="Prompts per text-tower forward."),
 ) -> None:
     """Encode every entity and relation prompt once with the CLIP text tower."""
-    from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES, embed_prompts
+    from pipeline.prompts import embed_prompts, named_templates
 
+    try:
+        ent_t = entity_template or named_templates(entity_templates, "entity")
+        rel_t = relation_template or named_templates(relation_templates, "relation")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     s = embed_prompts(
-        entities,
-        relations,
-        out,
-        preset,
-        clip or None,
-        entity_template or ENTITY_TEMPLATES,
-        relation_template or RELATION_TEMPLATES,
-        batch_size,
-        device,
+        entities, relations, out, preset, clip or None, ent_t, rel_t, batch_size, device
     )
     typer.echo(
         f"embed-prompts: {s['entities']} entities, {s['relations']} relations "

@@ -9,13 +9,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ENTITY_TEMPLATES = ("This is an image of {entity}.", "An image of {entity} is shown here.")
-RELATION_TEMPLATES = ("This image shows the relation of {relation}.",)
-# Further relation wordings for prompt ensembling (paraphrases, selectable in params.yaml).
-RELATION_TEMPLATE_ALTERNATES = (
-    "The relation of {relation} is shown in this image.",
-    "This is an image of the relation {relation}.",
-)
+# The paper's templates by name. Its main setting is (1) + (A); any set can be ensembled.
+ENTITY_TEMPLATE_SET = {
+    "1": "This is an image of {entity}.",
+    "2": "An image of {entity} is shown here.",
+}
+RELATION_TEMPLATE_SET = {
+    "A": "This image shows the relation of {relation}.",
+    "B": "The relation of {relation} is shown in this image.",
+    "C": "The relation between the objects in the image is {relation}.",
+}
+ENTITY_TEMPLATES = (ENTITY_TEMPLATE_SET["1"],)
+RELATION_TEMPLATES = (RELATION_TEMPLATE_SET["A"],)
+
+
+def named_templates(spec: str, kind: str) -> tuple[str, ...]:
+    """Templates for a name spec: `1`, `A`, `B+C` (an ensemble) or `all` (every template).
+
+    kind: `entity` or `relation`."""
+    table = {"entity": ENTITY_TEMPLATE_SET, "relation": RELATION_TEMPLATE_SET}[kind]
+    names = list(table) if spec.strip().lower() == "all" else spec.replace(" ", "").split("+")
+    unknown = [n for n in names if n not in table]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown {kind} template name(s) {unknown or spec!r}: choose from {sorted(table)}, "
+            f"joined with + to ensemble (e.g. {'+'.join(table)}), or all"
+        )
+    return tuple(table[n] for n in dict.fromkeys(names))
 
 
 def read_entity_names(path: str | os.PathLike) -> list[str]:
