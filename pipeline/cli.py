@@ -397,8 +397,19 @@ def mine_nouns_cmd(
 @app.command("fetch-relations")
 def fetch_relations_cmd(
     out: str = typer.Option("data/vocab/relations.json", help="Relation vocabulary to write."),
-    l: int = typer.Option(1000, "--l", min=1, help="Keep L relations (numeric pid order)."),  # noqa: E741
+    l: int = typer.Option(1000, "--l", min=1, help="Keep the first L relations (see --order)."),  # noqa: E741
     live: str = typer.Option("false", help="true|false: query Wikidata SPARQL (else snapshot)."),
+    order: str = typer.Option(
+        "relevance",
+        help="relevance: properties about people, organisations, places, works and events "
+        "first, off-topic domains last (pid order within each); pid: numeric pid order.",
+    ),
+    from_file: str = typer.Option(
+        "",
+        "--from",
+        help="Your own relation list instead of Wikidata: TSV with pid/label header, JSON, or "
+        "one label per line; kept in file order.",
+    ),
     endpoint: str = typer.Option("https://query.wikidata.org/sparql", help="SPARQL endpoint."),
     timeout: float = typer.Option(30.0, min=0.01, help="Seconds per HTTP attempt."),
     retries: int = typer.Option(3, min=0, help="Retries after the first attempt."),
@@ -407,26 +418,37 @@ def fetch_relations_cmd(
         "data/vocab/wikidata_sparql_cache.json", help="Cache of the live answer ('' = none)."
     ),
 ) -> None:
-    """Fetch L Wikidata item-to-item relations, or use the bundled snapshot offline."""
-    from pipeline.relations import fetch_relations
+    """Fetch L Wikidata item-to-item relations (or the bundled snapshot offline, or a file)."""
+    from pipeline.relations import ORDERS, fetch_relations
 
     live = _truthy(live, "--live")
-    doc = fetch_relations(
-        out,
-        l,
-        live,
-        endpoint,
-        timeout,
-        retries,
-        backoff,
-        cache or None,
-        warn=lambda msg: typer.echo(msg, err=True),
-    )
-    where = doc.get("endpoint", doc.get("snapshot"))
+    if order not in ORDERS:
+        raise typer.BadParameter(f"--order must be one of {', '.join(ORDERS)}, not {order!r}")
+    try:
+        doc = fetch_relations(
+            out,
+            l,
+            live,
+            endpoint,
+            timeout,
+            retries,
+            backoff,
+            cache or None,
+            warn=lambda msg: typer.echo(msg, err=True),
+            order=order,
+            from_file=from_file or None,
+        )
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    where = doc.get("endpoint", doc.get("snapshot", doc.get("file")))
     cached = " (cached)" if doc.get("cached") else ""
+    cov = doc["mnre_coverage"]
     typer.echo(
         f"fetch-relations: {len(doc['relations'])} of {doc['n_available']} relations "
-        f"(l={l}) from {doc['source']}{cached}: {where}; wrote {out}"
+        f"(l={l}, order {doc['order']}) from {doc['source']}{cached}: {where}; wrote {out}\n"
+        f"  MNRE relation types with a close property among them: {cov['covered']} of "
+        f"{cov['types']}"
     )
 
 

@@ -71,7 +71,7 @@ def _fetch(tmp_path, endpoint, warnings=None, **kw):
 def test_live_success_parses_sorts_and_identifies_itself(tmp_path):
     with Server([200]) as srv:
         warnings = []
-        doc = _fetch(tmp_path, srv.url, warnings, l=5)
+        doc = _fetch(tmp_path, srv.url, warnings, l=5, order="pid")
     assert doc["source"] == "sparql" and doc["endpoint"] == srv.url and not warnings
     assert [r["pid"] for r in doc["relations"]] == ["P6", "P16", "P17", "P19", "P25"]
     assert doc["n_available"] == 10  # P99999 has no English label
@@ -144,10 +144,108 @@ def test_offline_default_uses_snapshot_with_warning(tmp_path):
 def test_shipped_snapshot_is_the_wikibaseitem_subset():
     rows = relations.read_snapshot()
     assert len(rows) == 1717
-    pids = [relations.pid_number(pid) for pid, _ in rows]
+    pids = [relations.pid_number(p.pid) for p in rows]
     assert pids == sorted(pids) and len(set(pids)) == len(pids)
-    assert dict(rows)["P31"] == "instance of"
-    assert "P18" not in dict(rows)  # image: CommonsMedia, not an item-to-item relation
+    labels = {p.pid: p.label for p in rows}
+    assert labels["P31"] == "instance of"
+    assert "P18" not in labels  # image: CommonsMedia, not an item-to-item relation
+    assert sum(bool(p.description) for p in rows) > 1600  # descriptions travel for ranking
+
+
+def test_relevance_order_puts_news_relations_first():
+    rows = relations.read_snapshot()
+    ranked = relations.order_properties(rows, "relevance")
+    by_pid = relations.order_properties(rows, "pid")
+    assert sorted(p.pid for p in ranked) == sorted(p.pid for p in rows)
+    tiers = [relations.relevance_tier(p) for p in ranked]
+    assert tiers == sorted(tiers)  # tier by tier, pid order within
+    labels = {p.pid: p.label for p in ranked[:1000]}
+    assert "P166" in labels and "P27" in labels  # award received, country of citizenship
+    # the off-topic properties the sample report showed on top are gone from the first 1000
+    off = [p.label for p in rows if relations.relevance_tier(p) == 2]
+    assert "FAO risk status" in off and "taxonomic type" in off and "lake on watercourse" in off
+    assert not any(relations.relevance_tier(p) == 2 for p in ranked[:1000])
+    assert sum(relations.relevance_tier(p) == 2 for p in by_pid[:1000]) > 200
+    # checked against MNRE: at every size at least as many relation types find a close property
+    for size in (25, 50, 100, 200, 500, 1000):
+        ours = relations.mnre_coverage(p.pid for p in ranked[:size])["covered"]
+        old = relations.mnre_coverage(p.pid for p in by_pid[:size])["covered"]
+        assert ours >= old, size
+    assert relations.mnre_coverage(p.pid for p in ranked[:1000])["covered"] == 20
+
+
+def test_stage_records_order_and_mnre_coverage(tmp_path):
+    doc = relations.fetch_relations(tmp_path / "r.json", l=50, warn=lambda m: None)
+    assert doc["order"] == "relevance" and doc["mnre_coverage"]["covered"] == 10
+    old = relations.fetch_relations(tmp_path / "r.json", l=50, warn=lambda m: None, order="pid")
+    assert old["mnre_coverage"]["covered"] == 7
+    assert [r["pid"] for r in old["relations"][:3]] == ["P6", "P16", "P17"]
+    with pytest.raises(ValueError, match="order"):
+        relations.fetch_relations(tmp_path / "r.json", order="random")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("r.tsv", "pid\tlabel\textra\nP166\taward received\tx\nX9\tholds\t\n",
+         [("P166", "award received"), ("X9", "holds")]),
+        ("r.json", json.dumps({"relations": [{"pid": "P1303", "label": "instrument"}]}),
+         [("P1303", "instrument")]),
+        ("r.json", json.dumps(["sport", "employer"]), [("R1", "sport"), ("R2", "employer")]),
+        ("r.txt", "# my relations\nsport\n\nowner of\n", [("R1", "sport"), ("R2", "owner of")]),
+    ],
+)  # fmt: skip
+def test_relations_from_a_file_keep_its_order(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    res = CliRunner().invoke(
+        app, ["fetch-relations", "--from", str(path), "--out", str(tmp_path / "o.json")]
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert [(r["pid"], r["label"]) for r in doc["relations"]] == expected
+    assert doc["source"] == "file" and doc["order"] == "file" and "warning" not in doc
+    assert "WARNING" not in res.output
+
+
+def test_bad_relation_files_are_refused(tmp_path):
+    dup = tmp_path / "dup.txt"
+    dup.write_text("sport\nsport\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    header = tmp_path / "h.tsv"
+    header.write_text("id\tname\nP1\tx\n")
+    for path, why in ((dup, "duplicate"), (empty, "no relations"), (header, "pid and label")):
+        with pytest.raises(ValueError, match=why):
+            relations.read_relations_file(path)
+    res = CliRunner().invoke(app, ["fetch-relations", "--from", str(dup), "--out", "x.json"])
+    assert res.exit_code == 2 and "duplicate" in res.output
+    res = CliRunner().invoke(app, ["fetch-relations", "--from", str(tmp_path / "missing.tsv")])
+    assert res.exit_code == 2
+
+
+def test_sparql_descriptions_feed_the_ranking():
+    payload = json.dumps(
+        {
+            "results": {
+                "bindings": [
+                    {
+                        "property": {"value": "http://www.wikidata.org/entity/P9"},
+                        "propertyLabel": {"value": "host"},
+                        "propertyDescription": {"value": "taxon that hosts the organism"},
+                    },
+                    {
+                        "property": {"value": "http://www.wikidata.org/entity/P12"},
+                        "propertyLabel": {"value": "employer"},
+                        "propertyDescription": {"value": "organization a person works for"},
+                    },
+                ]
+            }
+        }
+    ).encode()
+    rows = relations.parse_sparql_json(payload)
+    assert rows[0].description == "taxon that hosts the organism"
+    assert [p.pid for p in relations.order_properties(rows)] == ["P12", "P9"]
 
 
 def test_snapshot_rebuilds_identically_from_the_shared_tsv(tmp_path):
