@@ -271,6 +271,31 @@ def label_objects_cmd(
     )
 
 
+@app.command("score-labels")
+def score_labels_cmd(
+    shard_dir: str = typer.Argument("shards", help="Labelled shard folder."),
+    pairs: str = typer.Option("data/prepared/pairs.parquet", help="Prepared pairs (id -> image)."),
+    truth: str = typer.Option(..., help="truth.jsonl: per image boxes, classes and relation."),
+    out: str = typer.Option("", help="Write the figures as JSON here ('' = do not)."),
+    iou: float = typer.Option(0.5, min=0.0, max=1.0, help="IoU for a detection to match."),
+) -> None:
+    """Score labels against ground truth: detector recall, q_ent top-1/top-5, q_rel top-1."""
+    from pipeline.score import format_scores, score_labels
+    from pipeline.shards import write_json_atomic
+
+    try:
+        scores = score_labels(shard_dir, pairs, truth, iou)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(format_scores(scores))
+    if out:
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, scores)
+
+
 @app.command("verify")
 def verify_cmd(
     shard_dir: str = typer.Argument("shards", help="Folder with shard-*.tar, sizes.json, ..."),
