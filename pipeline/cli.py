@@ -126,6 +126,77 @@ def detect_objects_cmd(
     )
 
 
+@app.command("adapt-teacher")
+def adapt_teacher_cmd(
+    out: str = typer.Option("models/teacher.safetensors", help="Adapted open_clip weights."),
+    pairs: str = typer.Option("", help="Prepared pairs.parquet: image-caption InfoNCE."),
+    annotations: str = typer.Option(
+        "", help="truth.jsonl (image, boxes, classes, relation): crop / image-prompt InfoNCE."
+    ),
+    preset: str = typer.Option("tiny", help="Model preset whose CLIP is adapted."),
+    clip: str = typer.Option("", help="Start from this local CLIP checkpoint instead."),
+    steps: int = typer.Option(1000, min=1, help="Optimiser steps."),
+    batch_size: int = typer.Option(64, min=2, help="Items per objective per step."),
+    lr: float = typer.Option(5e-4, min=0.0, help="AdamW peak learning rate."),
+    weight_decay: float = typer.Option(0.05, min=0.0, help="AdamW weight decay (matrices)."),
+    warmup_steps: int = typer.Option(50, min=0, help="Linear warmup, then cosine decay."),
+    weight_caption: float = typer.Option(1.0, min=0.0, help="Caption objective (0: off)."),
+    weight_entity: float = typer.Option(1.0, min=0.0, help="Crop-entity objective (0: off)."),
+    weight_relation: float = typer.Option(1.0, min=0.0, help="Image-relation objective (0: off)."),
+    box_jitter: float = typer.Option(0.1, min=0.0, help="Crop box jitter, fraction of its size."),
+    resize_mode: str = typer.Option("letterbox", help="letterbox | center_crop (as labeling)."),
+    holdout: float = typer.Option(0.1, min=0.0, max=0.9, help="Annotated images held out."),
+    entity_templates: str = typer.Option("1", help="Entity templates by name (embed-prompts)."),
+    relation_templates: str = typer.Option("A", help="Relation templates by name."),
+    seed: int = typer.Option(0, help="Seed of the batches, jitter and held-out images."),
+    resume: bool = typer.Option(False, help="Continue from OUT's .state folder."),
+    ckpt_every: int = typer.Option(200, min=1, help="Save a resumable state every N steps."),
+) -> None:
+    """Adapt the CLIP teacher to a corpus contrastively (captions, crops, relations)."""
+    from pipeline.prompts import named_templates
+    from pipeline.teacher import TeacherParams, adapt_teacher
+
+    try:
+        params = TeacherParams(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            seed=seed,
+            weight_caption=weight_caption,
+            weight_entity=weight_entity,
+            weight_relation=weight_relation,
+            box_jitter=box_jitter,
+            resize_mode=resize_mode,
+            holdout=holdout,
+        )
+        s = adapt_teacher(
+            out,
+            pairs or None,
+            annotations or None,
+            preset,
+            clip or None,
+            params,
+            named_templates(entity_templates, "entity"),
+            named_templates(relation_templates, "relation"),
+            resume=resume,
+            ckpt_every=ckpt_every,
+        )
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    first, last, held = s["loss_first"], s["loss_last"], s["held_out"]
+    typer.echo(
+        f"adapt-teacher: {s['steps']} steps in {s['seconds']} s -> {s['out']} (+ .json, .png)\n"
+        f"  data: {s['data']['caption_pairs']} caption pairs, {s['data']['crops']} crops of "
+        f"{len(s['data']['classes'])} classes, {s['data']['relation_images']} relation images\n"
+        "  loss first -> last: "
+        + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last if k != "step")
+        + f"\n  held-out top-1: entity {held['entity_top1']}, relation {held['relation_top1']}"
+    )
+
+
 @app.command("embed-prompts")
 def embed_prompts_cmd(
     entities: str = typer.Option("data/vocab/entities.json", help="Entity vocabulary."),

@@ -1,0 +1,579 @@
+"""adapt-teacher: contrastive fine-tuning of the open_clip teacher (the paper's "prompter").
+
+Before labeling, the official code trains its prompter on the corpus. Here the open_clip model of
+a preset (or a local checkpoint) is trained with up to three InfoNCE objectives:
+- captions: symmetric InfoNCE between images and their captions (matched prepared pairs);
+- entities: object crops against the entity prompts of every candidate class (where the source
+  gives boxes with class names, e.g. the synthetic world's truth.jsonl);
+- relations: whole images against the relation prompts of every candidate relation (where the
+  source gives an image relation).
+The prompts use the same templates as embed-prompts, and images the same square preprocessing
+as label-objects (letterbox by default), so the adapted model is trained for exactly the
+similarities labeling computes. The result is an open_clip state dict (.safetensors) usable as
+`models.clip` / `--clip`.
+
+Every batch is a function of (seed, step): a resumed run (`--resume`, state in `{out}.state/`)
+continues with the same batches and ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESIZE_MODES = ("letterbox", "center_crop")
+
+
+@dataclass(frozen=True)
+class TeacherParams:
+    steps: int = 1000
+    batch_size: int = 64  # per objective
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    seed: int = 0
+    weight_caption: float = 1.0  # a weight of 0 switches an objective off
+    weight_entity: float = 1.0
+    weight_relation: float = 1.0
+    box_jitter: float = 0.1  # crops: box sides moved by up to this fraction (detector noise)
+    crop_padding: float = 0.0  # as label-objects' crop_padding
+    resize_mode: str = "letterbox"  # as label-objects: letterbox | center_crop
+    holdout: float = 0.1  # annotated images held out to report entity / relation accuracy
+    max_logit_scale: float = 100.0
+
+    def check(self) -> None:
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError("steps must be >= 1 and batch_size >= 2")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError("holdout must be in [0, 1)")
+
+
+@dataclass
+class TeacherData:
+    """What the objectives draw from (image paths, with their texts / boxes / relations)."""
+
+    captions: list[tuple[str, str]] = field(default_factory=list)  # (image, caption)
+    crops: list[tuple[str, list[float], int]] = field(default_factory=list)  # (image, box, class)
+    relations: list[tuple[str, int]] = field(default_factory=list)  # (image, relation)
+    classes: list[str] = field(default_factory=list)
+    relation_labels: list[str] = field(default_factory=list)
+    held_crops: list[tuple[str, list[float], int]] = field(default_factory=list)
+    held_relations: list[tuple[str, int]] = field(default_factory=list)
+
+
+def read_annotations(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """truth.jsonl rows (image relative to the file's folder, boxes, classes, relation)."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "image" not in row or len(row.get("boxes", [])) != len(row.get("classes", [])):
+                raise ValueError(f"{path}:{n}: needs image, and as many boxes as classes")
+            row["image"] = str(path.parent / row["image"])
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no annotations")
+    return rows
+
+
+def collect_data(
+    pairs_path: str | os.PathLike | None,
+    annotations_path: str | os.PathLike | None,
+    holdout: float,
+    seed: int,
+) -> TeacherData:
+    """The three objectives' items; a seeded `holdout` share of annotated images is kept apart."""
+    data = TeacherData()
+    if pairs_path:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pairs_path, columns=["image_path", "caption", "itm"])
+        for image, caption, itm in zip(
+            *(table.column(c).to_pylist() for c in table.column_names), strict=True
+        ):
+            if itm == 1:
+                data.captions.append((image, caption))
+    if annotations_path:
+        rows = read_annotations(annotations_path)
+        data.classes = sorted({c for r in rows for c in r["classes"]})
+        data.relation_labels = sorted({r["relation"] for r in rows if r.get("relation")})
+        cls = {c: i for i, c in enumerate(data.classes)}
+        rel = {r: i for i, r in enumerate(data.relation_labels)}
+        held = set(
+            np.random.default_rng([seed, 7]).permutation(len(rows))[: int(holdout * len(rows))]
+        )
+        for i, r in enumerate(rows):
+            crops = [
+                (r["image"], [float(v) for v in b], cls[c])
+                for b, c in zip(r["boxes"], r["classes"], strict=True)
+            ]
+            rels = [(r["image"], rel[r["relation"]])] if r.get("relation") else []
+            if i in held:
+                data.held_crops += crops
+                data.held_relations += rels
+            else:
+                data.crops += crops
+                data.relations += rels
+                if r.get("caption"):
+                    data.captions.append((r["image"], r["caption"]))
+    return data
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def clip_normalisation(preprocess: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of an open_clip preprocess's Normalize."""
+    for t in getattr(preprocess, "transforms", []):
+        if type(t).__name__ == "Normalize":
+            return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+    raise ValueError("cannot find Normalize in the CLIP preprocess")
+
+
+def square_image(img, size: int, mode: str, fill: tuple[int, int, int]):
+    """PIL image -> size x size: letterbox (pad to a square with `fill`, then resize: nothing is
+    cut off) or center_crop (resize the short side, cut the centre: open_clip's eval)."""
+    from PIL import Image
+
+    w, h = img.size
+    if mode == "letterbox":
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        return canvas.resize((size, size), Image.Resampling.BICUBIC)
+    scale = size / min(w, h)
+    img = img.resize(
+        (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC
+    )
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _load_rgb(path: str):
+    from pipeline.images import decode_rgb, read_image_bytes
+
+    return decode_rgb(read_image_bytes(path))
+
+
+class ImageSource:
+    """Decoded RGB images (cached) -> normalised CLIP input tensors for crops and whole images."""
+
+    def __init__(self, preprocess: Any, size: int, mode: str, cache: int = 4096) -> None:
+        self.size, self.mode = size, mode
+        self.mean, self.std = clip_normalisation(preprocess)
+        self.fill = tuple(round(255 * m) for m in self.mean)
+        self.load = lru_cache(maxsize=cache)(_load_rgb)
+
+    def tensor(self, img) -> Any:
+        import torch
+
+        arr = np.asarray(square_image(img, self.size, self.mode, self.fill), np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def whole(self, path: str) -> Any:
+        return self.tensor(self.load(path))
+
+    def crop(self, path: str, box: Sequence[float], padding: float, jitter: Any = None) -> Any:
+        img = self.load(path)
+        x0, y0, x1, y1 = box
+        w, h = x1 - x0, y1 - y0
+        if jitter is not None:  # four offsets in [-1, 1], scaled by the box size
+            x0, y0, x1, y1 = (
+                x0 + jitter[0] * w,
+                y0 + jitter[1] * h,
+                x1 + jitter[2] * w,
+                y1 + jitter[3] * h,
+            )
+        x0, y0, x1, y1 = x0 - padding * w, y0 - padding * h, x1 + padding * w, y1 + padding * h
+        left = min(max(int(math.floor(x0)), 0), img.size[0] - 1)
+        top = min(max(int(math.floor(y0)), 0), img.size[1] - 1)
+        right = max(min(int(math.ceil(x1)), img.size[0]), left + 1)
+        bottom = max(min(int(math.ceil(y1)), img.size[1]), top + 1)
+        return self.tensor(img.crop((left, top, right, bottom)))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def info_nce(a: Any, b: Any, scale: Any) -> Any:
+    """Symmetric InfoNCE between L2-normalised rows of a and b (row i of each form a pair)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = scale * a @ b.T
+    target = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def prompt_loss(feats: Any, prompts: Any, target: Any, scale: Any) -> Any:
+    """Each image against the prompts of every candidate class: cross-entropy on its own one
+    (InfoNCE whose negatives are the other classes' prompts)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(scale * feats @ prompts.T, target)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Teacher:
+    """The open_clip model being adapted, with the prompt texts of its candidate classes."""
+
+    def __init__(
+        self,
+        preset: str,
+        clip_path: str | None,
+        data: TeacherData,
+        entity_templates: Sequence[str],
+        relation_templates: Sequence[str],
+    ) -> None:
+        from pipeline.labeling_data import clip_image_size
+        from pipeline.models import load_clip
+        from pipeline.prompts import fill_templates
+
+        self.model, preprocess, self.tokenizer = load_clip(preset, clip_path)
+        self.size = clip_image_size(preprocess)
+        self.preprocess = preprocess
+        self.entity_texts = fill_templates(data.classes, entity_templates, "entity")
+        self.relation_texts = fill_templates(data.relation_labels, relation_templates, "relation")
+        self.n_entity_templates = len(entity_templates)
+        self.n_relation_templates = len(relation_templates)
+
+    def scale(self, max_scale: float) -> Any:
+        return self.model.logit_scale.exp().clamp(max=max_scale)
+
+    def encode_images(self, x: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.normalize(self.model.encode_image(x), dim=-1)
+
+    def encode_texts(self, texts: Sequence[str], per_name: int = 1) -> Any:
+        """Normalised text embeddings; with several templates per name, their normalised mean
+        (prompt ensembling, as embed-prompts does)."""
+        import torch.nn.functional as F
+
+        feats = F.normalize(self.model.encode_text(self.tokenizer(list(texts))), dim=-1)
+        if per_name > 1:
+            feats = F.normalize(feats.view(-1, per_name, feats.shape[-1]).mean(1), dim=-1)
+        return feats
+
+
+def _batch_indices(n: int, batch: int, seed: int, step: int, stream: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, step, stream])
+    return rng.choice(n, size=min(batch, n), replace=False)
+
+
+def training_loss(
+    teacher: Teacher, images: ImageSource, data: TeacherData, p: TeacherParams, step: int
+) -> tuple[Any, dict[str, float]]:
+    """The weighted sum of the enabled objectives on this step's batches."""
+    import torch
+
+    scale = teacher.scale(p.max_logit_scale)
+    parts: dict[str, Any] = {}
+    if p.weight_caption > 0 and len(data.captions) >= 2:
+        idx = _batch_indices(len(data.captions), p.batch_size, p.seed, step, 0)
+        x = torch.stack([images.whole(data.captions[i][0]) for i in idx])
+        texts = [data.captions[i][1] for i in idx]
+        parts["caption"] = info_nce(teacher.encode_images(x), teacher.encode_texts(texts), scale)
+    if p.weight_entity > 0 and data.crops:
+        idx = _batch_indices(len(data.crops), p.batch_size, p.seed, step, 1)
+        jitter = (
+            np.random.default_rng([p.seed, step, 11]).uniform(-1, 1, (len(idx), 4)) * p.box_jitter
+        )
+        x = torch.stack(
+            [
+                images.crop(data.crops[i][0], data.crops[i][1], p.crop_padding, j)
+                for i, j in zip(idx, jitter, strict=True)
+            ]
+        )
+        target = torch.tensor([data.crops[i][2] for i in idx])
+        prompts = teacher.encode_texts(teacher.entity_texts, teacher.n_entity_templates)
+        parts["entity"] = prompt_loss(teacher.encode_images(x), prompts, target, scale)
+    if p.weight_relation > 0 and data.relations:
+        idx = _batch_indices(len(data.relations), p.batch_size, p.seed, step, 2)
+        x = torch.stack([images.whole(data.relations[i][0]) for i in idx])
+        target = torch.tensor([data.relations[i][1] for i in idx])
+        prompts = teacher.encode_texts(teacher.relation_texts, teacher.n_relation_templates)
+        parts["relation"] = prompt_loss(teacher.encode_images(x), prompts, target, scale)
+    if not parts:
+        raise ValueError("nothing to train on: give --pairs and/or --annotations with boxes")
+    weights = {
+        "caption": p.weight_caption,
+        "entity": p.weight_entity,
+        "relation": p.weight_relation,
+    }
+    total = sum(weights[k] * v for k, v in parts.items())
+    return total, {k: float(v) for k, v in parts.items()}
+
+
+def held_out_accuracy(
+    teacher: Teacher, images: ImageSource, data: TeacherData, p: TeacherParams, batch: int = 256
+) -> dict[str, float | None]:
+    """Top-1 accuracy on the held-out annotated images: crops vs class prompts, images vs
+    relation prompts (what q_ent / q_rel argmax will be)."""
+    import torch
+
+    out: dict[str, float | None] = {"entity_top1": None, "relation_top1": None}
+    was_training = teacher.model.training
+    teacher.model.eval()
+    with torch.inference_mode():
+        for key, items, texts, per, load in (
+            (
+                "entity_top1",
+                data.held_crops,
+                teacher.entity_texts,
+                teacher.n_entity_templates,
+                lambda it: images.crop(it[0], it[1], p.crop_padding),
+            ),
+            (
+                "relation_top1",
+                data.held_relations,
+                teacher.relation_texts,
+                teacher.n_relation_templates,
+                lambda it: images.whole(it[0]),
+            ),
+        ):
+            if not items or not texts:
+                continue
+            prompts = teacher.encode_texts(texts, per)
+            right = 0
+            for start in range(0, len(items), batch):
+                chunk = items[start : start + batch]
+                feats = teacher.encode_images(torch.stack([load(it) for it in chunk]))
+                pred = (feats @ prompts.T).argmax(-1)
+                right += int((pred == torch.tensor([it[-1] for it in chunk])).sum())
+            out[key] = round(right / len(items), 4)
+    teacher.model.train(was_training)
+    return out
+
+
+def _fingerprint(p: TeacherParams, inputs: dict[str, Any], start: dict) -> str:
+    import hashlib
+
+    from pipeline.shards import file_sha256
+
+    files = {k: file_sha256(v) if v else None for k, v in inputs.items()}
+    blob = json.dumps([asdict(p), files, start], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _save_state(state_dir: Path, model: Any, optimizer: Any, scheduler: Any, info: dict) -> None:
+    """model + optimizer (safetensors) + JSON, assembled in a temp folder and renamed."""
+    from safetensors.torch import save_file
+
+    from trainer.checkpoint import optimizer_to_flat
+
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+        str(tmp / "model.safetensors"),
+    )
+    tensors, meta = optimizer_to_flat(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    state = {**info, "optimizer": meta, "scheduler": scheduler.state_dict()}
+    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    old = state_dir.with_name(state_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if state_dir.exists():
+        os.replace(state_dir, old)
+    os.replace(tmp, state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_state(state_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import optimizer_from_flat
+
+    state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+    model.load_state_dict(load_file(str(state_dir / "model.safetensors")), strict=True)
+    opt = optimizer_from_flat(
+        load_file(str(state_dir / "optimizer.safetensors")), state["optimizer"]
+    )
+    optimizer.load_state_dict(opt)
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def plot_losses(history: list[dict[str, float]], path: str | os.PathLike) -> None:
+    """Loss curves (one line per objective) as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    keys = [k for k in history[0] if k not in ("step",)] if history else []
+    for k in keys:
+        ax.plot([h["step"] for h in history], [h[k] for h in history], label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("InfoNCE loss")
+    ax.set_title("adapt-teacher")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, metadata={"Software": None})  # no version string: reproducible bytes
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def adapt_teacher(
+    out_path: str | os.PathLike,
+    pairs_path: str | os.PathLike | None = None,
+    annotations_path: str | os.PathLike | None = None,
+    preset: str = "tiny",
+    clip_path: str | os.PathLike | None = None,
+    params: TeacherParams = TeacherParams(),
+    entity_templates: Sequence[str] | None = None,
+    relation_templates: Sequence[str] | None = None,
+    resume: bool = False,
+    ckpt_every: int = 200,
+    log_every: int = 20,
+    progress: bool = True,
+    threads: int | None = None,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Adapt the teacher and write `out_path` (open_clip .safetensors) + `.json` + `.png`.
+
+    `stop_after_steps` ends early (as a kill would) once that step's state is saved.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from pipeline.models import clip_identity
+    from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES
+    from pipeline.runtime import set_threads
+    from pipeline.shards import write_json_atomic
+
+    params.check()
+    if not pairs_path and not annotations_path:
+        raise ValueError("give --pairs (captions) and/or --annotations (boxes, classes, relation)")
+    for name, path in (("pairs", pairs_path), ("annotations", annotations_path)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"--{name} {path}: no such file")
+    entity_templates = tuple(entity_templates or ENTITY_TEMPLATES)
+    relation_templates = tuple(relation_templates or RELATION_TEMPLATES)
+    set_threads(threads)
+    t0 = time.perf_counter()
+    data = collect_data(pairs_path, annotations_path, params.holdout, params.seed)
+    torch.manual_seed(params.seed)
+    teacher = Teacher(
+        preset, str(clip_path) if clip_path else None, data, entity_templates, relation_templates
+    )
+    model = teacher.model.train()
+    images = ImageSource(teacher.preprocess, teacher.size, params.resize_mode)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": params.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ],
+        lr=params.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine to 0
+        if step < params.warmup_steps:
+            return (step + 1) / params.warmup_steps
+        t = (step - params.warmup_steps) / max(1, params.steps - params.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state_dir = out.with_name(out.stem + ".state")
+    start = clip_identity(preset, clip_path)
+    inputs = {"pairs": pairs_path, "annotations": annotations_path}
+    fingerprint = _fingerprint(
+        params, inputs, {"clip": start, "templates": [entity_templates, relation_templates]}
+    )
+    step, history, window = 0, [], []
+    if resume and (state_dir / "state.json").is_file():
+        state = _load_state(state_dir, model, optimizer, scheduler)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"--resume refused: {state_dir} was made from other inputs or parameters "
+                f"(delete it to start over)"
+            )
+        step, history = state["step"], state["history"]
+        print(f"adapt-teacher: resumed at step {step} from {state_dir}")
+    bar = tqdm(
+        total=params.steps, initial=step, desc="adapt-teacher", unit="step", disable=not progress
+    )
+    while step < params.steps:
+        loss, parts = training_loss(teacher, images, data, params, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        window.append(parts)
+        if step % log_every == 0 or step == params.steps:
+            mean = {k: round(sum(w[k] for w in window) / len(window), 5) for k in window[0]}
+            history.append({"step": step, **mean})
+            window = []
+            bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()})
+        bar.update(1)
+        if step % ckpt_every == 0 or step == params.steps:
+            info = {"step": step, "history": history, "fingerprint": fingerprint}
+            _save_state(state_dir, model, optimizer, scheduler, info)
+            if stop_after_steps is not None and step >= stop_after_steps < params.steps:
+                bar.close()
+                return {"interrupted_after_step": step, "state": str(state_dir)}
+    bar.close()
+    held = held_out_accuracy(teacher, images, data, params)
+    model.eval()
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, out)
+    summary = {
+        "out": str(out),
+        "start": start,
+        "weights_sha256": clip_identity(preset, out)["weights"],
+        "steps": step,
+        "params": asdict(params),
+        "templates": {"entity": list(entity_templates), "relation": list(relation_templates)},
+        "data": {
+            "caption_pairs": len(data.captions),
+            "crops": len(data.crops),
+            "relation_images": len(data.relations),
+            "held_out_crops": len(data.held_crops),
+            "held_out_relation_images": len(data.held_relations),
+            "classes": data.classes,
+            "relations": data.relation_labels,
+        },
+        "loss_first": history[0] if history else {},
+        "loss_last": history[-1] if history else {},
+        "held_out": held,
+        "history": history,
+    }
+    write_json_atomic(out.with_suffix(".json"), summary)
+    if history:
+        plot_losses(history, out.with_suffix(".png"))
+    shutil.rmtree(state_dir, ignore_errors=True)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
