@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOURCES = ("sample", "newsclippings", "table", "wds")
+SOURCES = ("sample", "newsclippings", "table", "wds", "world")
 
 
 @dataclass
@@ -50,7 +50,8 @@ def read_source(
     visualnews_data: str | None = None,
     columns=None,
 ):
-    """The record iterator for one source name (`sample`, `newsclippings`, `table`, `wds`)."""
+    """The record iterator for one source name (`sample`, `newsclippings`, `table`, `wds`,
+    `world`)."""
     if source == "sample":
         from pipeline.readers.sample import read_sample
 
@@ -71,4 +72,8 @@ def read_source(
         from pipeline.readers.webdataset_tars import read_wds
 
         return read_wds(input_path)
+    if source == "world":
+        from pipeline.readers.world import read_world
+
+        return read_world(input_path)
     raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
