@@ -72,6 +72,42 @@ def _engine(name: str) -> str:
     return name
 
 
+@app.command("train-detector")
+def train_detector_cmd(
+    data: str = typer.Option(..., help="YOLO dataset yaml (train, val, names), e.g. WORLD/yolo."),
+    out: str = typer.Option("models/detector.pt", help="Trained weights (ultralytics .pt)."),
+    preset: str = typer.Option("tiny", help="Preset whose detector architecture starts."),
+    detector: str = typer.Option("", help="Start from these local YOLO weights instead."),
+    epochs: int = typer.Option(30, min=1, help="Training epochs."),
+    imgsz: int = typer.Option(160, min=32, help="Training and validation image size."),
+    batch: int = typer.Option(32, min=1, help="Images per batch."),
+    workers: int = typer.Option(0, min=0, help="Dataloader workers (0: main process)."),
+    patience: int = typer.Option(0, min=0, help="Stop after N epochs without gain (0: never)."),
+    lr0: float = typer.Option(0.01, min=0.0, help="Initial learning rate."),
+    seed: int = typer.Option(0, help="Training seed (deterministic on CPU)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    resume: bool = typer.Option(False, help="Continue from OUT's .runs/train/weights/last.pt."),
+) -> None:
+    """Fine-tune YOLO with ultralytics' trainer on a dataset with boxes; report val mAP50."""
+    from pipeline.detector_train import DetectorTrainParams, format_summary, train_detector
+
+    params = DetectorTrainParams(
+        epochs=epochs,
+        imgsz=imgsz,
+        batch=batch,
+        workers=workers,
+        patience=patience,
+        seed=seed,
+        lr0=lr0,
+    )
+    try:
+        s = train_detector(data, out, preset, detector or None, params, device, resume)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(format_summary(s))
+
+
 @app.command("detect-objects")
 def detect_objects_cmd(
     pairs: str = typer.Option("data/prepared/pairs.parquet", help="Prepared pairs."),
@@ -133,6 +169,13 @@ def adapt_teacher_cmd(
     annotations: str = typer.Option(
         "", help="truth.jsonl (image, boxes, classes, relation): crop / image-prompt InfoNCE."
     ),
+    entities: str = typer.Option(
+        "", help="Entity vocabulary (entities.json): its other nouns become negatives."
+    ),
+    relations: str = typer.Option(
+        "", help="Relation vocabulary (relations.json): its other labels become negatives."
+    ),
+    negatives: int = typer.Option(64, min=0, help="Vocabulary negatives sampled per step."),
     preset: str = typer.Option("tiny", help="Model preset whose CLIP is adapted."),
     clip: str = typer.Option("", help="Start from this local CLIP checkpoint instead."),
     steps: int = typer.Option(1000, min=1, help="Optimiser steps."),
@@ -170,6 +213,7 @@ def adapt_teacher_cmd(
             box_jitter=box_jitter,
             resize_mode=resize_mode,
             holdout=holdout,
+            negatives=negatives,
         )
         s = adapt_teacher(
             out,
@@ -182,6 +226,8 @@ def adapt_teacher_cmd(
             named_templates(relation_templates, "relation"),
             resume=resume,
             ckpt_every=ckpt_every,
+            entities_path=entities or None,
+            relations_path=relations or None,
         )
     except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)

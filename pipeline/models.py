@@ -17,6 +17,7 @@ from typing import Any
 ASSETS = Path(__file__).parent / "assets"
 TINY_VOCAB = ASSETS / "tiny_bert_vocab.txt"
 TINY_CLIP_NAME = "pmu-tiny-clip"
+SMALL_CLIP_NAME = "pmu-small-clip"
 TINY_SEED = 1234  # tiny weights are random but identical on every run (deterministic shards)
 
 
@@ -54,6 +55,17 @@ PRESETS: dict[str, Preset] = {
         text_encoder="tiny",
         vision_encoder="tiny",
     ),
+    # Between tiny and base: sized to learn the synthetic world (docs/world.md) on a CPU in
+    # minutes. Random weights until the project trains them (adapt-teacher, train-detector,
+    # pretraining).
+    "small": Preset(
+        name="small",
+        detector="yolo11n.yaml",
+        clip_model=SMALL_CLIP_NAME,
+        clip_pretrained=None,
+        text_encoder="small",
+        vision_encoder="small",
+    ),
 }
 
 TINY_BERT = dict(
@@ -71,6 +83,24 @@ TINY_VIT = dict(
     num_attention_heads=2,
     intermediate_size=128,
 )
+SMALL_BERT = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=1024,
+    max_position_embeddings=512,
+)
+SMALL_VIT = dict(
+    image_size=96,
+    patch_size=16,
+    hidden_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=3,
+    intermediate_size=768,
+)
+# Random-initialised text / vision encoders built locally (with the shipped WordPiece vocab).
+RANDOM_BERT = {"tiny": TINY_BERT, "small": SMALL_BERT}
+RANDOM_VIT = {"tiny": TINY_VIT, "small": SMALL_VIT}
 
 HOW_TO_GET = {
     "detector": (
@@ -169,11 +199,12 @@ def save_tiny_detector(path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- CLIP (open_clip)
 
 
-def _register_tiny_clip() -> None:
+def _register_project_clips() -> None:
+    """The project's own open_clip configs (tiny, small) in assets/open_clip/."""
     import open_clip
 
-    if TINY_CLIP_NAME not in open_clip.list_models():
-        open_clip.add_model_config(ASSETS / "open_clip" / f"{TINY_CLIP_NAME}.json")
+    if not {TINY_CLIP_NAME, SMALL_CLIP_NAME} <= set(open_clip.list_models()):
+        open_clip.add_model_config(ASSETS / "open_clip")
 
 
 def load_clip(preset: str | Preset = "tiny", path: str | os.PathLike | None = None):
@@ -184,7 +215,7 @@ def load_clip(preset: str | Preset = "tiny", path: str | os.PathLike | None = No
     import open_clip
 
     p = get_preset(preset) if isinstance(preset, str) else preset
-    _register_tiny_clip()
+    _register_project_clips()
     pretrained = str(path) if path else p.clip_pretrained
     if path and not Path(path).is_file():
         raise WeightsUnavailable(f"CLIP checkpoint {str(path)!r} not found: {HOW_TO_GET['clip']}")
@@ -243,12 +274,12 @@ def clip_identity(preset: str | Preset = "tiny", path: str | os.PathLike | None 
 
 
 def load_tokenizer(preset: str | Preset = "tiny", path: str | os.PathLike | None = None):
-    """The BERT WordPiece tokenizer for the text encoder (tiny: the project's shipped vocab)."""
+    """The BERT WordPiece tokenizer for the text encoder (tiny, small: the shipped vocab)."""
     from transformers import AutoTokenizer, BertTokenizerFast
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     source = str(path) if path else p.text_encoder
-    if source == "tiny":
+    if source in RANDOM_BERT:
         # transformers 5 ignores vocab_file=; vocab= is the argument that reads the file.
         return BertTokenizerFast(vocab=str(TINY_VOCAB), do_lower_case=True)
     return _hf_load(AutoTokenizer, source)
@@ -260,12 +291,11 @@ def load_text_encoder(preset: str | Preset = "tiny", path: str | os.PathLike | N
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     source = str(path) if path else p.text_encoder
-    if source == "tiny":
+    if source in RANDOM_BERT:
         vocab_size = sum(1 for _ in open(TINY_VOCAB, encoding="utf-8"))
         with seeded():
-            return BertModel(
-                BertConfig(vocab_size=vocab_size, **TINY_BERT), add_pooling_layer=False
-            )
+            config = BertConfig(vocab_size=vocab_size, **RANDOM_BERT[source])
+            return BertModel(config, add_pooling_layer=False)
     return _hf_load(AutoModel, source, add_pooling_layer=False)
 
 
@@ -275,9 +305,9 @@ def load_vision_encoder(preset: str | Preset = "tiny", path: str | os.PathLike |
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     source = str(path) if path else p.vision_encoder
-    if source == "tiny":
+    if source in RANDOM_VIT:
         with seeded(TINY_SEED + 1):
-            return ViTModel(ViTConfig(**TINY_VIT), add_pooling_layer=False)
+            return ViTModel(ViTConfig(**RANDOM_VIT[source]), add_pooling_layer=False)
     return _hf_load(ViTModel, source, add_pooling_layer=False)
 
 

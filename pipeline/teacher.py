@@ -49,6 +49,7 @@ class TeacherParams:
     crop_padding: float = 0.0  # as label-objects' crop_padding
     resize_mode: str = "letterbox"  # as label-objects: letterbox | center_crop
     holdout: float = 0.1  # annotated images held out to report entity / relation accuracy
+    negatives: int = 64  # vocabulary entries (not a true class) sampled per step as negatives
     max_logit_scale: float = 100.0
 
     def check(self) -> None:
@@ -69,6 +70,8 @@ class TeacherData:
     relations: list[tuple[str, int]] = field(default_factory=list)  # (image, relation)
     classes: list[str] = field(default_factory=list)
     relation_labels: list[str] = field(default_factory=list)
+    extra_entities: list[str] = field(default_factory=list)  # vocabulary negatives
+    extra_relations: list[str] = field(default_factory=list)
     held_crops: list[tuple[str, list[float], int]] = field(default_factory=list)
     held_relations: list[tuple[str, int]] = field(default_factory=list)
 
@@ -96,8 +99,16 @@ def collect_data(
     annotations_path: str | os.PathLike | None,
     holdout: float,
     seed: int,
+    entities_path: str | os.PathLike | None = None,
+    relations_path: str | os.PathLike | None = None,
 ) -> TeacherData:
-    """The three objectives' items; a seeded `holdout` share of annotated images is kept apart."""
+    """The three objectives' items; a seeded `holdout` share of annotated images is kept apart.
+
+    The entity / relation vocabularies (entities.json, relations.json), when given, add their
+    other entries as negatives: labeling ranks a crop against every vocabulary prompt, so the
+    adapted model must prefer the true class over synonyms and unrelated nouns too."""
+    from pipeline.prompts import read_entity_names, read_relation_labels
+
     data = TeacherData()
     if pairs_path:
         import pyarrow.parquet as pq
@@ -131,6 +142,11 @@ def collect_data(
                 data.relations += rels
                 if r.get("caption"):
                     data.captions.append((r["image"], r["caption"]))
+    if entities_path:
+        data.extra_entities = [e for e in read_entity_names(entities_path) if e not in data.classes]
+    if relations_path:
+        known = set(data.relation_labels)
+        data.extra_relations = [r for r in read_relation_labels(relations_path) if r not in known]
     return data
 
 
@@ -171,23 +187,34 @@ def _load_rgb(path: str):
 
 
 class ImageSource:
-    """Decoded RGB images (cached) -> normalised CLIP input tensors for crops and whole images."""
+    """Images -> CLIP input: square uint8 tensors (whole images cached), normalised in batches."""
 
     def __init__(self, preprocess: Any, size: int, mode: str, cache: int = 4096) -> None:
-        self.size, self.mode = size, mode
-        self.mean, self.std = clip_normalisation(preprocess)
-        self.fill = tuple(round(255 * m) for m in self.mean)
-        self.load = lru_cache(maxsize=cache)(_load_rgb)
-
-    def tensor(self, img) -> Any:
         import torch
 
-        arr = np.asarray(square_image(img, self.size, self.mode, self.fill), np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        self.size, self.mode = size, mode
+        mean, std = clip_normalisation(preprocess)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.fill = tuple(round(255 * m) for m in mean)
+        self.load = lru_cache(maxsize=cache)(_load_rgb)
+        self._whole = lru_cache(maxsize=cache)(self._whole_uint8)
+
+    def uint8(self, img) -> Any:
+        import torch
+
+        arr = np.asarray(square_image(img, self.size, self.mode, self.fill), np.uint8)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
+    def normalise(self, batch: Any) -> Any:
+        """uint8 [B, 3, S, S] -> float, normalised like the CLIP preprocess."""
+        return (batch.float() / 255.0 - self.mean) / self.std
+
+    def _whole_uint8(self, path: str) -> Any:
+        return self.uint8(self.load(path))
+
     def whole(self, path: str) -> Any:
-        return self.tensor(self.load(path))
+        return self._whole(path)
 
     def crop(self, path: str, box: Sequence[float], padding: float, jitter: Any = None) -> Any:
         img = self.load(path)
@@ -205,7 +232,12 @@ class ImageSource:
         top = min(max(int(math.floor(y0)), 0), img.size[1] - 1)
         right = max(min(int(math.ceil(x1)), img.size[0]), left + 1)
         bottom = max(min(int(math.ceil(y1)), img.size[1]), top + 1)
-        return self.tensor(img.crop((left, top, right, bottom)))
+        return self.uint8(img.crop((left, top, right, bottom)))
+
+    def batch(self, tensors: list) -> Any:
+        import torch
+
+        return self.normalise(torch.stack(tensors))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -233,27 +265,21 @@ def prompt_loss(feats: Any, prompts: Any, target: Any, scale: Any) -> Any:
 
 
 class Teacher:
-    """The open_clip model being adapted, with the prompt texts of its candidate classes."""
+    """The open_clip model being adapted, with the prompt templates labeling will use."""
 
     def __init__(
         self,
         preset: str,
         clip_path: str | None,
-        data: TeacherData,
         entity_templates: Sequence[str],
         relation_templates: Sequence[str],
     ) -> None:
         from pipeline.labeling_data import clip_image_size
         from pipeline.models import load_clip
-        from pipeline.prompts import fill_templates
 
-        self.model, preprocess, self.tokenizer = load_clip(preset, clip_path)
-        self.size = clip_image_size(preprocess)
-        self.preprocess = preprocess
-        self.entity_texts = fill_templates(data.classes, entity_templates, "entity")
-        self.relation_texts = fill_templates(data.relation_labels, relation_templates, "relation")
-        self.n_entity_templates = len(entity_templates)
-        self.n_relation_templates = len(relation_templates)
+        self.model, self.preprocess, self.tokenizer = load_clip(preset, clip_path)
+        self.size = clip_image_size(self.preprocess)
+        self.templates = {"entity": tuple(entity_templates), "relation": tuple(relation_templates)}
 
     def scale(self, max_scale: float) -> Any:
         return self.model.logit_scale.exp().clamp(max=max_scale)
@@ -263,15 +289,31 @@ class Teacher:
 
         return F.normalize(self.model.encode_image(x), dim=-1)
 
-    def encode_texts(self, texts: Sequence[str], per_name: int = 1) -> Any:
-        """Normalised text embeddings; with several templates per name, their normalised mean
-        (prompt ensembling, as embed-prompts does)."""
+    def encode_texts(self, texts: Sequence[str]) -> Any:
         import torch.nn.functional as F
 
-        feats = F.normalize(self.model.encode_text(self.tokenizer(list(texts))), dim=-1)
-        if per_name > 1:
-            feats = F.normalize(feats.view(-1, per_name, feats.shape[-1]).mean(1), dim=-1)
+        return F.normalize(self.model.encode_text(self.tokenizer(list(texts))), dim=-1)
+
+    def prompts(self, names: Sequence[str], kind: str) -> Any:
+        """Prompt embeddings [len(names), D] as embed-prompts makes them: each template
+        normalised, the templates averaged, the mean normalised (prompt ensembling)."""
+        import torch.nn.functional as F
+
+        from pipeline.prompts import fill_templates
+
+        templates = self.templates[kind]
+        feats = self.encode_texts(fill_templates(names, templates, kind))
+        if len(templates) > 1:
+            feats = F.normalize(feats.view(len(names), len(templates), -1).mean(1), dim=-1)
         return feats
+
+
+def _candidates(true: list[str], extra: list[str], k: int | None, rng_key: list[int]) -> list[str]:
+    """The true classes first (targets index them), then k (all if None) vocabulary negatives."""
+    if k is None or k >= len(extra):
+        return true + extra
+    pick = np.random.default_rng(rng_key).choice(len(extra), size=k, replace=False)
+    return true + [extra[i] for i in sorted(pick)]
 
 
 def _batch_indices(n: int, batch: int, seed: int, step: int, stream: int) -> np.ndarray:
@@ -289,7 +331,7 @@ def training_loss(
     parts: dict[str, Any] = {}
     if p.weight_caption > 0 and len(data.captions) >= 2:
         idx = _batch_indices(len(data.captions), p.batch_size, p.seed, step, 0)
-        x = torch.stack([images.whole(data.captions[i][0]) for i in idx])
+        x = images.batch([images.whole(data.captions[i][0]) for i in idx])
         texts = [data.captions[i][1] for i in idx]
         parts["caption"] = info_nce(teacher.encode_images(x), teacher.encode_texts(texts), scale)
     if p.weight_entity > 0 and data.crops:
@@ -297,20 +339,24 @@ def training_loss(
         jitter = (
             np.random.default_rng([p.seed, step, 11]).uniform(-1, 1, (len(idx), 4)) * p.box_jitter
         )
-        x = torch.stack(
+        x = images.batch(
             [
                 images.crop(data.crops[i][0], data.crops[i][1], p.crop_padding, j)
                 for i, j in zip(idx, jitter, strict=True)
             ]
         )
         target = torch.tensor([data.crops[i][2] for i in idx])
-        prompts = teacher.encode_texts(teacher.entity_texts, teacher.n_entity_templates)
+        names = _candidates(data.classes, data.extra_entities, p.negatives, [p.seed, step, 21])
+        prompts = teacher.prompts(names, "entity")
         parts["entity"] = prompt_loss(teacher.encode_images(x), prompts, target, scale)
     if p.weight_relation > 0 and data.relations:
         idx = _batch_indices(len(data.relations), p.batch_size, p.seed, step, 2)
-        x = torch.stack([images.whole(data.relations[i][0]) for i in idx])
+        x = images.batch([images.whole(data.relations[i][0]) for i in idx])
         target = torch.tensor([data.relations[i][1] for i in idx])
-        prompts = teacher.encode_texts(teacher.relation_texts, teacher.n_relation_templates)
+        names = _candidates(
+            data.relation_labels, data.extra_relations, p.negatives, [p.seed, step, 22]
+        )
+        prompts = teacher.prompts(names, "relation")
         parts["relation"] = prompt_loss(teacher.encode_images(x), prompts, target, scale)
     if not parts:
         raise ValueError("nothing to train on: give --pairs and/or --annotations with boxes")
@@ -320,43 +366,34 @@ def training_loss(
         "relation": p.weight_relation,
     }
     total = sum(weights[k] * v for k, v in parts.items())
-    return total, {k: float(v) for k, v in parts.items()}
+    return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
 def held_out_accuracy(
     teacher: Teacher, images: ImageSource, data: TeacherData, p: TeacherParams, batch: int = 256
 ) -> dict[str, float | None]:
-    """Top-1 accuracy on the held-out annotated images: crops vs class prompts, images vs
-    relation prompts (what q_ent / q_rel argmax will be)."""
+    """Top-1 accuracy on the held-out annotated images against every candidate (true classes
+    and the whole vocabulary): what the argmax of q_ent / q_rel will be."""
     import torch
 
     out: dict[str, float | None] = {"entity_top1": None, "relation_top1": None}
     was_training = teacher.model.training
     teacher.model.eval()
+    tasks = (
+        ("entity_top1", "entity", data.held_crops, data.classes, data.extra_entities,
+         lambda it: images.crop(it[0], it[1], p.crop_padding)),
+        ("relation_top1", "relation", data.held_relations, data.relation_labels,
+         data.extra_relations, lambda it: images.whole(it[0])),
+    )  # fmt: skip
     with torch.inference_mode():
-        for key, items, texts, per, load in (
-            (
-                "entity_top1",
-                data.held_crops,
-                teacher.entity_texts,
-                teacher.n_entity_templates,
-                lambda it: images.crop(it[0], it[1], p.crop_padding),
-            ),
-            (
-                "relation_top1",
-                data.held_relations,
-                teacher.relation_texts,
-                teacher.n_relation_templates,
-                lambda it: images.whole(it[0]),
-            ),
-        ):
-            if not items or not texts:
+        for key, kind, items, true, extra, load in tasks:
+            if not items or not true:
                 continue
-            prompts = teacher.encode_texts(texts, per)
+            prompts = teacher.prompts(_candidates(true, extra, None, []), kind)
             right = 0
             for start in range(0, len(items), batch):
                 chunk = items[start : start + batch]
-                feats = teacher.encode_images(torch.stack([load(it) for it in chunk]))
+                feats = teacher.encode_images(images.batch([load(it) for it in chunk]))
                 pred = (feats @ prompts.T).argmax(-1)
                 right += int((pred == torch.tensor([it[-1] for it in chunk])).sum())
             out[key] = round(right / len(items), 4)
@@ -452,6 +489,8 @@ def adapt_teacher(
     progress: bool = True,
     threads: int | None = None,
     stop_after_steps: int | None = None,
+    entities_path: str | os.PathLike | None = None,
+    relations_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Adapt the teacher and write `out_path` (open_clip .safetensors) + `.json` + `.png`.
 
@@ -469,17 +508,25 @@ def adapt_teacher(
     params.check()
     if not pairs_path and not annotations_path:
         raise ValueError("give --pairs (captions) and/or --annotations (boxes, classes, relation)")
-    for name, path in (("pairs", pairs_path), ("annotations", annotations_path)):
+    inputs = {
+        "pairs": pairs_path,
+        "annotations": annotations_path,
+        "entities": entities_path,
+        "relations": relations_path,
+    }
+    for name, path in inputs.items():
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"--{name} {path}: no such file")
     entity_templates = tuple(entity_templates or ENTITY_TEMPLATES)
     relation_templates = tuple(relation_templates or RELATION_TEMPLATES)
     set_threads(threads)
     t0 = time.perf_counter()
-    data = collect_data(pairs_path, annotations_path, params.holdout, params.seed)
+    data = collect_data(
+        pairs_path, annotations_path, params.holdout, params.seed, entities_path, relations_path
+    )
     torch.manual_seed(params.seed)
     teacher = Teacher(
-        preset, str(clip_path) if clip_path else None, data, entity_templates, relation_templates
+        preset, str(clip_path) if clip_path else None, entity_templates, relation_templates
     )
     model = teacher.model.train()
     images = ImageSource(teacher.preprocess, teacher.size, params.resize_mode)
@@ -506,7 +553,6 @@ def adapt_teacher(
     out.parent.mkdir(parents=True, exist_ok=True)
     state_dir = out.with_name(out.stem + ".state")
     start = clip_identity(preset, clip_path)
-    inputs = {"pairs": pairs_path, "annotations": annotations_path}
     fingerprint = _fingerprint(
         params, inputs, {"clip": start, "templates": [entity_templates, relation_templates]}
     )
@@ -565,6 +611,10 @@ def adapt_teacher(
             "held_out_relation_images": len(data.held_relations),
             "classes": data.classes,
             "relations": data.relation_labels,
+            "vocabulary_negatives": {
+                "entities": len(data.extra_entities),
+                "relations": len(data.extra_relations),
+            },
         },
         "loss_first": history[0] if history else {},
         "loss_last": history[-1] if history else {},

@@ -252,13 +252,13 @@ def build_model(cfg: ModelConfig) -> PretrainModel:
     """
     if cfg.text_encoder:
         bert = presets.load_text_encoder(cfg.preset, cfg.text_encoder)
-    elif cfg.random_init and cfg.preset != "tiny":
+    elif cfg.random_init and cfg.preset == "base":
         bert = _random_bert(30522)  # bert-base-uncased vocabulary size
     else:
         bert = presets.load_text_encoder(cfg.preset)
     if cfg.vision_encoder:
         vit = presets.load_vision_encoder(cfg.preset, cfg.vision_encoder)
-    elif cfg.random_init and cfg.preset != "tiny":
+    elif cfg.random_init and cfg.preset == "base":
         vit = _random_vit()
     else:
         vit = presets.load_vision_encoder(cfg.preset)

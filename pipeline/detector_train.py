@@ -1,0 +1,167 @@
+"""train-detector: fine-tune YOLO with ultralytics' own trainer on a YOLO-format dataset.
+
+A source with boxes (the synthetic world writes `yolo/data.yaml`, docs/world.md) gives the
+detector that detect-objects then uses (`models.detector` / `--detector`). Training starts from
+the preset's detector (tiny/small: `yolo11n.yaml` built with the project's seed; base:
+`yolo11n.pt`) or a local checkpoint, runs in `{out}.runs/` (resumable: `--resume` continues
+from its last.pt), copies the best epoch to `out` and reports mAP50 and recall on the held-out
+`val` images. The weights are ultralytics checkpoints (pickles): load only ones you made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DetectorTrainParams:
+    epochs: int = 30
+    imgsz: int = 160
+    batch: int = 32
+    workers: int = 0  # dataloader workers (0: in the main process)
+    patience: int = 0  # epochs without val improvement before stopping (0: never)
+    seed: int = 0
+    lr0: float = 0.01
+    mosaic: float = 1.0  # mosaic augmentation probability
+    cache: bool = True  # keep decoded images in RAM (small datasets)
+
+
+def _read_names(data_yaml: Path) -> dict[int, str]:
+    import yaml
+
+    doc = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
+    for key in ("train", "val", "names"):
+        if key not in doc:
+            raise ValueError(
+                f"{data_yaml}: no {key!r} (a YOLO dataset yaml needs train, val, names)"
+            )
+    names = doc["names"]
+    return (
+        dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
+    )
+
+
+def train_detector(
+    data_yaml: str | os.PathLike,
+    out_path: str | os.PathLike,
+    preset: str = "tiny",
+    detector: str | os.PathLike | None = None,
+    params: DetectorTrainParams = DetectorTrainParams(),
+    device: str = "auto",
+    resume: bool = False,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Train, copy the best weights to `out_path`, write `{out}.json` (mAP50, recall, ...)."""
+    from pipeline.models import detector_identity, load_detector
+    from pipeline.runtime import select_device, set_threads
+    from pipeline.shards import write_json_atomic
+
+    data_yaml = Path(data_yaml).resolve()
+    if not data_yaml.is_file():
+        raise FileNotFoundError(f"--data {data_yaml}: no such file (a YOLO dataset yaml)")
+    names = _read_names(data_yaml)
+    if params.epochs < 1 or params.batch < 1 or params.imgsz < 32:
+        raise ValueError("epochs and batch must be >= 1 and imgsz >= 32")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = out.with_name(out.stem + ".runs").resolve()
+    last = runs / "train" / "weights" / "last.pt"
+    dev = select_device(device)
+    t0 = time.perf_counter()
+    train_args = dict(
+        data=str(data_yaml),
+        epochs=params.epochs,
+        imgsz=params.imgsz,
+        batch=params.batch,
+        workers=params.workers,
+        patience=params.patience or params.epochs,
+        seed=params.seed,
+        deterministic=True,
+        lr0=params.lr0,
+        mosaic=params.mosaic,
+        cache="ram" if params.cache else False,
+        device="cpu" if dev.type == "cpu" else str(dev.index or 0),
+        project=str(runs),
+        name="train",
+        exist_ok=True,
+        plots=False,  # plotting fetches a font from the network
+        amp=dev.type == "cuda",
+        verbose=False,
+    )
+    if resume and last.is_file():
+        from ultralytics import YOLO
+
+        model = YOLO(str(last))
+        set_threads(threads)  # importing ultralytics pinned torch to one thread
+        model.train(resume=True)
+    else:
+        shutil.rmtree(runs / "train", ignore_errors=True)
+        model = load_detector(preset, detector)
+        set_threads(threads)
+        model.train(**train_args)
+    best = runs / "train" / "weights" / "best.pt"
+    if not best.is_file():
+        raise RuntimeError(f"ultralytics wrote no {best}: see the log above")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.copyfile(best, tmp)
+    os.replace(tmp, out)
+    metrics = evaluate_detector(out, data_yaml, params.imgsz, params.batch, dev)
+    summary = {
+        "out": str(out),
+        "weights": detector_identity(preset, out)["weights"],
+        "start": detector_identity(preset, detector),
+        "data": str(data_yaml),
+        "names": names,
+        "params": asdict(params),
+        "val": metrics,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json_atomic(out.with_suffix(".json"), summary)
+    return summary
+
+
+def evaluate_detector(
+    weights: str | os.PathLike, data_yaml: str | os.PathLike, imgsz: int, batch: int, dev: Any
+) -> dict[str, float]:
+    """mAP50, mAP50-95, mean precision and recall on the dataset's `val` split."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights))
+    res = model.val(
+        data=str(data_yaml),
+        split="val",
+        imgsz=imgsz,
+        batch=batch,
+        device="cpu" if dev.type == "cpu" else str(dev.index or 0),
+        plots=False,
+        verbose=False,
+        workers=0,
+    )
+    box = res.box
+    return {
+        "map50": round(float(box.map50), 4),
+        "map50_95": round(float(box.map), 4),
+        "precision": round(float(box.mp), 4),
+        "recall": round(float(box.mr), 4),
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    v = s["val"]
+    return (
+        f"train-detector: {s['params']['epochs']} epochs at {s['params']['imgsz']} px in "
+        f"{s['seconds']} s -> {s['out']} (+ .json)\n"
+        f"  held-out val: mAP50 {v['map50']:.3f}, mAP50-95 {v['map50_95']:.3f}, "
+        f"precision {v['precision']:.3f}, recall {v['recall']:.3f}\n"
+        f"  use it: detect-objects --detector {s['out']} (models.detector in params.yaml)"
+    )
+
+
+def read_summary(out_path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads(Path(out_path).with_suffix(".json").read_text(encoding="utf-8"))
