@@ -145,22 +145,22 @@ def probe_target(url: str) -> tuple[str, int] | None:
     return parts.hostname or "", parts.port or default_port
 
 
-def _tcp_connects(host: str, port: int, timeout: float) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` s (DNS included: the
-    attempt runs in a daemon thread, since name resolution has no timeout of its own)."""
-    result: list[bool] = []
+def _tcp_connect_error(host: str, port: int, timeout: float) -> str | None:
+    """None when a TCP connection to host:port opens within `timeout` s, else why not. DNS is
+    included: the attempt runs in a daemon thread, since name resolution has no timeout."""
+    result: list[str | None] = []
 
     def attempt() -> None:
         try:
             with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
+                result.append(None)
+        except OSError as exc:
+            result.append(str(exc) or type(exc).__name__)
 
     thread = threading.Thread(target=attempt, daemon=True, name="pmu-net-probe")
     thread.start()
     thread.join(timeout)
-    return bool(result and result[0])
+    return result[0] if result else f"no answer within {timeout:g} s"
 
 
 def hub_unreachable(url: str) -> str | None:
@@ -170,9 +170,8 @@ def hub_unreachable(url: str) -> str | None:
         return None
     timeout = float(os.environ.get(PROBE_TIMEOUT_ENV) or PROBE_TIMEOUT)
     host, port = target
-    if _tcp_connects(host, port, timeout):
-        return None
-    return f"no network: {host}:{port} did not answer within {timeout:g} s"
+    error = _tcp_connect_error(host, port, timeout)
+    return None if error is None else f"no network: cannot reach {host}:{port} ({error})"
 
 
 class _DropRootRecords(logging.Filter):

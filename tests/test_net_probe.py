@@ -62,9 +62,26 @@ def test_probe_of_a_listening_server_and_a_closed_port(hub_server, monkeypatch):
     monkeypatch.setenv(models.PROBE_TIMEOUT_ENV, "2")
     start = time.perf_counter()
     reason = models.hub_unreachable("https://huggingface.co")
-    assert reason.startswith("no network: 127.0.0.1:") and time.perf_counter() - start < 2.5
+    assert (
+        reason.startswith("no network: cannot reach 127.0.0.1:")
+        and time.perf_counter() - start < 2.5
+    )
     monkeypatch.setenv(models.PROBE_ENV, "off")
     assert models.hub_unreachable("https://huggingface.co") is None
+
+
+def test_probe_gives_up_after_its_timeout(monkeypatch):
+    """A connect that hangs (here: name resolution made slow) is abandoned after the timeout."""
+    real = socket.create_connection
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", slow)
+    start = time.perf_counter()
+    error = models._tcp_connect_error("127.0.0.1", _closed_port(), 0.5)
+    assert error == "no answer within 0.5 s" and time.perf_counter() - start < 1.5
 
 
 def test_probe_targets(monkeypatch):
@@ -106,7 +123,7 @@ def test_base_without_weights_fails_fast_with_or_without_offline_vars(tmp_path, 
     assert lines[0].startswith("error: cannot load CLIP ViT-B-32/openai") and len(lines) <= 2
     assert "--preset tiny" in proc.stderr and "Retrying" not in proc.stderr
     if not offline_vars:
-        assert "no network: 127.0.0.1:" in lines[0]
+        assert "no network: cannot reach 127.0.0.1:" in lines[0]
     # Mostly imports (~5 s on an idle 2-core machine, more when it is busy); the hub retries
     # this replaces slept 46 s on top of them.
     assert seconds < 40, seconds
@@ -125,7 +142,7 @@ def test_base_load_without_network_takes_well_under_a_second(tmp_path, monkeypat
     import open_clip  # noqa: F401  (imports are not what is timed)
 
     start = time.perf_counter()
-    with pytest.raises(models.WeightsUnavailable, match="no network: 127.0.0.1"):
+    with pytest.raises(models.WeightsUnavailable, match="no network: cannot reach 127.0.0.1"):
         models.load_clip("base")
     assert time.perf_counter() - start < 5.0
     assert hub_constants.HF_HUB_OFFLINE is False  # the session switched it back
