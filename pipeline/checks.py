@@ -129,22 +129,41 @@ def prompts_current(
         raise UserError(f"stale prompts: {message}", f"re-run {fix}" if fix else hint) from exc
 
 
-def boxes_cover_pairs(boxes_path: str | os.PathLike, pairs_path: str | os.PathLike) -> None:
-    """boxes.parquet must have a row for every prepared pair (else it is from other pairs)."""
+def _ids(path: Path):
+    """The id column of a parquet file, batch by batch (as Python lists)."""
     import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(columns=["id"], batch_size=65536):
+        yield from batch.column(0).to_pylist()
+
+
+def boxes_cover_pairs(boxes_path: str | os.PathLike, pairs_path: str | os.PathLike) -> None:
+    """boxes.parquet must have a row for every prepared pair (else it is from other pairs).
+    detect-objects writes them in pair order, which is checked streaming; any other order
+    falls back to a set of the box ids."""
+    import itertools
 
     hint = "run `pipeline detect-objects` on the current pairs"
     boxes_path = require_file(boxes_path, "detections file", hint)
     try:
-        box_ids = set(pq.read_table(boxes_path, columns=["id"]).column("id").to_pylist())
-    except Exception as exc:  # noqa: BLE001
+        same_order = all(
+            a == b for a, b in itertools.zip_longest(_ids(boxes_path), _ids(Path(pairs_path)))
+        )
+        if same_order:
+            return
+        box_ids = set(_ids(boxes_path))
+    except Exception as exc:  # noqa: BLE001 (pyarrow raises several types for a bad file)
         raise UserError(f"{boxes_path} is not a readable boxes.parquet ({exc})", hint) from exc
-    pair_ids = pq.read_table(pairs_path, columns=["id"]).column("id").to_pylist()
-    missing = [i for i in pair_ids if i not in box_ids]
+    n_pairs, missing, first = 0, 0, None
+    for pair_id in _ids(Path(pairs_path)):
+        n_pairs += 1
+        if pair_id not in box_ids:
+            missing += 1
+            first = pair_id if first is None else first
     if missing:
         raise UserError(
-            f"{boxes_path} lacks {len(missing)} of the {len(pair_ids)} prepared pairs "
-            f"(e.g. {missing[0]!r}): it was made from other pairs",
+            f"{boxes_path} lacks {missing} of the {n_pairs} prepared pairs "
+            f"(e.g. {first!r}): it was made from other pairs",
             hint,
         )
 

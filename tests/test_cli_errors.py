@@ -357,3 +357,22 @@ def test_package_imports_stay_light():
         cwd=REPO,
     )
     assert proc.returncode == 0 and "label-objects" in proc.stdout  # README: typer pipeline run
+
+
+def test_mine_nouns_with_a_missing_spacy_model(tmp_path):
+    paths = write_labeling_inputs(tmp_path, n=2)
+    args = ["--pairs", paths["pairs"], "--out", tmp_path / "e.json", "--spacy-model", "no_model_x"]
+    assert_user_error(run("mine-nouns", *args), "cannot load spaCy model 'no_model_x'")
+
+
+def test_boxes_in_another_order_are_accepted(labeling_inputs, tmp_path):
+    from pipeline.checks import boxes_cover_pairs
+
+    p = labeling_inputs
+    table = pq.read_table(p["boxes"])
+    reordered = tmp_path / "reordered.parquet"
+    pq.write_table(table.take([3, 2, 1, 0]), reordered)
+    boxes_cover_pairs(reordered, p["pairs"])  # every pair has a row: no error
+    with pytest.raises(UserError, match="lacks 1 of the 4 prepared pairs"):
+        pq.write_table(table.take([3, 2, 1]), reordered)
+        boxes_cover_pairs(reordered, p["pairs"])
