@@ -1,7 +1,21 @@
-"""Prompt Me Up labeling pipeline: image-caption pairs -> soft-labelled WebDataset shards."""
+"""Prompt Me Up labeling pipeline: image-caption pairs -> soft-labelled WebDataset shards.
+
+Importing the package is light: the Typer app (`pipeline.app`, for `typer pipeline run ...`)
+is loaded on first access, so `import trainer` or `import pipeline.shards` pulls in no CLI.
+"""
 
 __version__ = "0.1.0"
 
-from pipeline.cli import app  # noqa: E402  (exposed for `typer pipeline run ...`)
-
 __all__ = ["app", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "app":
+        from pipeline.cli import app
+
+        return app
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "app"])

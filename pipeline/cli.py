@@ -1,15 +1,93 @@
-"""Typer app: one thin command per stage. Heavy imports stay inside the commands."""
+"""Typer app: one thin command per stage. Heavy imports stay inside the commands.
+
+Expected failures raise `pipeline.errors.UserError` (from the up-front checks in
+`pipeline.checks` or from a stage); `PipelineGroup` prints them in one or two lines and exits 2.
+`pipeline --debug` shows their traceback instead; other exceptions are bugs and always do.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from typer.core import TyperGroup
+
+from pipeline.errors import UserError
+
+# `pipeline --help` lists the commands in the order they run; commands not named here follow
+# in definition order.
+COMMAND_ORDER = (
+    "synth-world",
+    "prepare",
+    "mine-nouns",
+    "fetch-relations",
+    "train-detector",
+    "detect-objects",
+    "adapt-teacher",
+    "embed-prompts",
+    "label-objects",
+    "verify",
+    "score-labels",
+    "inspect",
+    "presets",
+)
+
+
+class PipelineGroup(TyperGroup):
+    """The `pipeline` command group: pipeline-ordered help, and UserErrors as short messages."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+
+    def format_commands(self, ctx: typer.Context, formatter) -> None:
+        """Each command with its whole first sentence (wrapped, never cut off with `...`)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=300)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if ctx.params.get("debug"):
+                raise
+            typer.echo(exc.render(), err=True)
+            raise typer.Exit(exc.exit_code) from None
+
 
 app = typer.Typer(
     name="pipeline",
+    cls=PipelineGroup,
     help="Prompt Me Up labeling pipeline (image-caption pairs -> soft-labelled shards).",
     no_args_is_help=True,
     add_completion=False,
+    # Click's plain help wraps long defaults instead of cutting them off; plain tracebacks.
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"max_content_width": 100},
 )
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        envvar="PIPELINE_DEBUG",
+        help="Show the full traceback of an expected error (bad input) too.",
+    ),
+) -> None:
+    """Prompt Me Up labeling pipeline: image-caption pairs -> soft-labelled WebDataset shards.
+
+    Every stage is also a DVC stage (see dvc.yaml); run them in the order listed.
+    """
 
 
 @app.command("presets")
@@ -29,6 +107,9 @@ def inspect_cmd(
     seed: int = typer.Option(0, help="Seed of the sample choice."),
 ) -> None:
     """Write an HTML report of crops, soft labels and label statistics for judging by eye."""
+    from pipeline import checks
+
+    checks.readable_shard_folder(shard_dir)
     from pipeline.report import build_report
 
     summary = build_report(shard_dir, out, samples=samples, seed=seed)
@@ -53,8 +134,14 @@ def _parse_params(spec: str | None) -> dict | None:
         return None
     import yaml
 
-    with open(spec, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+    from pipeline.errors import require_file
+
+    path = require_file(spec, "--stage-params file", "pass params.yaml, or leave it out")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not readable YAML ({exc})", "fix the file") from exc
 
 
 ENGINE_OPTION = typer.Option("local", help="local (this process) | ray (Ray Data actor pool).")
@@ -103,8 +190,7 @@ def train_detector_cmd(
     try:
         s = train_detector(data, out, preset, detector or None, params, device, resume)
     except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise UserError(str(exc)) from exc
     typer.echo(format_summary(s))
 
 
@@ -128,6 +214,13 @@ def detect_objects_cmd(
     ray_gpus_per_actor: float = RAY_GPUS_OPTION,
 ) -> None:
     """YOLO boxes (top-K above a confidence) for every prepared image."""
+    from pipeline import checks
+
+    _engine(engine)
+    checks.pairs_table(pairs, ("id", "image_path"))
+    checks.preset(preset)
+    checks.weights_file(detector, "detector weights", "--detector")
+    checks.device(device)
     from pipeline.detect import DetectParams, detect_objects
 
     params = DetectParams(
@@ -230,8 +323,7 @@ def adapt_teacher_cmd(
             relations_path=relations or None,
         )
     except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise UserError(str(exc)) from exc
     first, last, held = s["loss_first"], s["loss_last"], s["held_out"]
     typer.echo(
         f"adapt-teacher: {s['steps']} steps in {s['seconds']} s -> {s['out']} (+ .json, .png)\n"
@@ -277,6 +369,20 @@ def embed_prompts_cmd(
     batch_size: int = typer.Option(256, min=1, help="Prompts per text-tower forward."),
 ) -> None:
     """Encode every entity and relation prompt once with the CLIP text tower."""
+    from pipeline import checks
+
+    checks.vocabulary(entities, "entities")
+    checks.vocabulary(relations, "relations")
+    for field, templates in (("entity", entity_template), ("relation", relation_template)):
+        for template in templates:
+            if "{" + field + "}" not in template:
+                raise UserError(
+                    f"--{field}-template {template!r} has no {{{field}}} placeholder",
+                    f"write the {field} as {{{field}}}, e.g. 'This is an image of {{{field}}}.'",
+                )
+    checks.preset(preset)
+    checks.weights_file(clip, "CLIP checkpoint", "--clip")
+    checks.device(device)
     from pipeline.prompts import embed_prompts, named_templates
 
     try:
@@ -328,6 +434,18 @@ def label_objects_cmd(
     ray_gpus_per_actor: float = RAY_GPUS_OPTION,
 ) -> None:
     """CLIP soft labels for every object crop (q_ent) and image (q_rel) -> WebDataset shards."""
+    from pipeline import checks
+
+    _engine(engine)
+    checks.pairs_table(pairs, ("id", "source", "image_path", "caption", "itm"))
+    checks.boxes_cover_pairs(boxes, pairs)
+    checks.vocabulary(entities, "entities")
+    checks.vocabulary(relations, "relations")
+    checks.preset(preset)
+    checks.weights_file(clip, "CLIP checkpoint", "--clip")
+    checks.prompts_current(prompts, preset, clip or None, entities, relations)
+    checks.device(device)
+    stage_record = _parse_params(stage_params)
     from pipeline.label import LabelParams, label_objects
 
     params = LabelParams(
@@ -368,7 +486,7 @@ def label_objects_cmd(
         device,
         prepare_rejected_path=rejected or None,
         stats_path=stats or None,
-        stage_params=_parse_params(stage_params),
+        stage_params=stage_record,
         **extra,
     )
     c, t = s["counts"], s["timing"]
@@ -403,8 +521,7 @@ def score_labels_cmd(
     try:
         scores = score_labels(shard_dir, pairs, truth, iou)
     except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise UserError(str(exc)) from exc
     typer.echo(format_scores(scores))
     if out:
         from pathlib import Path
@@ -418,11 +535,18 @@ def verify_cmd(
     shard_dir: str = typer.Argument("shards", help="Folder with shard-*.tar, sizes.json, ..."),
     tol: float = typer.Option(1e-4, min=0.0, help="Tolerance of probability sums."),
     limit: int = typer.Option(50, min=1, help="Problems listed at most."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Skip the sha256 check of the files against manifest.json."
+    ),
 ) -> None:
-    """Check every shard against the contract; exit 1 with a report when anything is wrong."""
+    """Check every shard against the contract and manifest.json's sha256 of every file;
+    exit 1 with a report when anything is wrong."""
+    from pipeline import checks
+
+    checks.shard_folder(shard_dir)
     from pipeline.verify import verify_shards
 
-    report = verify_shards(shard_dir, tol)
+    report = verify_shards(shard_dir, tol, check_hashes=not quick)
     typer.echo(report.render(limit))
     if not report.ok:
         raise typer.Exit(code=1)
@@ -440,21 +564,35 @@ def _truthy(value: str, name: str) -> bool:
 
 @app.command("prepare")
 def prepare_cmd(
-    source: str = typer.Option("sample", help="sample | newsclippings | table | wds | world."),
+    source: str = typer.Option("sample", help="sample | newsclippings | table | wds | hf | world."),
     input: str = typer.Option(
         None,
         "--input",
         help="sample: folder (default: bundled); newsclippings: annotation JSON; "
-        "table: .parquet/.csv/.jsonl; wds: a tar or a folder of tars; world: a synth-world "
-        "folder (its corpus) or one of its split folders (e.g. DIR/adapt).",
+        "table: .parquet/.csv/.jsonl; wds: a tar or a folder of tars; "
+        "hf: a save_to_disk folder or a hub dataset name; world: a synth-world folder (its "
+        "corpus) or one of its split folders (e.g. DIR/adapt).",
     ),
     out: str = typer.Option("data/prepared", help="Output folder for pairs.parquet etc."),
-    image_root: str = typer.Option(None, help="Root for relative image paths (table, NCP)."),
+    image_root: str = typer.Option(
+        None,
+        help="Root of relative image paths (default: the input's folder); paths may not leave it.",
+    ),
+    allow_outside_root: bool = typer.Option(
+        False,
+        "--allow-outside-root",
+        help="Read image paths that leave the image root (../, absolute elsewhere) too.",
+    ),
     visualnews_data: str = typer.Option(None, help="VisualNews data.json (newsclippings)."),
-    id_col: str = typer.Option("id", help="table: id column (row number when absent)."),
-    image_col: str = typer.Option("image_path", help="table: image path column."),
-    caption_col: str = typer.Option("caption", help="table: caption column."),
-    itm_col: str = typer.Option("itm", help="table: optional 0/1 match column."),
+    id_col: str = typer.Option("id", help="table, hf: id column (row number when absent)."),
+    image_col: str = typer.Option(
+        "image_path", help="table, hf: image column (a path; hf: also an Image feature)."
+    ),
+    caption_col: str = typer.Option("caption", help="table, hf: caption column."),
+    itm_col: str = typer.Option("itm", help="table, hf: optional match column (exactly 0 or 1)."),
+    split: str = typer.Option(
+        None, help="hf: the split to read (default: train, or the only one)."
+    ),
     negatives: str = typer.Option(
         "true", help="true|false: generate mismatched pairs for sources that have none."
     ),
@@ -469,24 +607,31 @@ def prepare_cmd(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Validate image-caption pairs into pairs.parquet; rejections go to rejected.jsonl."""
-    from pipeline.prepare import format_summary, prepare
-
     negatives = _truthy(negatives, "--negatives")
+    from pipeline.prepare import format_summary, prepare
     from pipeline.prepare_work import describe_inputs
     from pipeline.readers import read_source
     from pipeline.readers.sample import default_sample_dir
     from pipeline.readers.tabular import Columns
 
-    image_root, visualnews_data = image_root or None, visualnews_data or None  # DVC passes ""
+    # DVC passes "" for unset options.
+    image_root, visualnews_data, split = image_root or None, visualnews_data or None, split or None
     columns = Columns(id_col, image_col, caption_col, itm_col)
-    try:
-        records = read_source(source, input, image_root, visualnews_data, columns)
-        if source == "world":  # fingerprint the pairs file, not every file of the world
-            from pipeline.readers.world import world_pairs_path
+    image_store = Path(out) / "images"  # hf: images held as bytes, content-addressed
+    records = read_source(
+        source,
+        input,
+        image_root,
+        visualnews_data,
+        columns,
+        allow_outside_root=allow_outside_root,
+        split=split,
+        image_store=image_store,
+    )
+    if source == "world":  # fingerprint the pairs file, not every file of the world
+        from pipeline.readers.world import world_pairs_path
 
-            input = str(world_pairs_path(input))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        input = str(world_pairs_path(input))
     params = {
         "source": source,
         "negatives": negatives,
@@ -495,6 +640,9 @@ def prepare_cmd(
         "max_pixels": max_pixels,
         "max_caption_chars": max_caption_chars,
     }
+    options = {"allow_outside_root": True} if allow_outside_root else {}
+    if source == "hf":
+        options.update(split=split, image_store=str(image_store))
     result = prepare(
         records,
         out,
@@ -512,7 +660,8 @@ def prepare_cmd(
             input if input or source != "sample" else default_sample_dir(),
             image_root,
             visualnews_data,
-            columns if source == "table" else None,
+            columns if source in ("table", "hf") else None,
+            options,
         ),
     )
     typer.echo(format_summary(result, out))
@@ -531,13 +680,12 @@ def mine_nouns_cmd(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Mine the entity vocabulary: the top-M caption noun lemmas with counts."""
-    from pipeline.nouns import SpacyModelMissing, format_summary, mine_nouns
+    from pipeline import checks
 
-    try:
-        doc = mine_nouns(pairs, out, m, spacy_model, batch_size, include_propn, progress)
-    except SpacyModelMissing as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    checks.pairs_table(pairs, ("caption",))
+    from pipeline.nouns import format_summary, mine_nouns
+
+    doc = mine_nouns(pairs, out, m, spacy_model, batch_size, include_propn, progress)
     typer.echo(format_summary(doc, out))
 
 
@@ -586,8 +734,7 @@ def fetch_relations_cmd(
             from_file=from_file or None,
         )
     except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise UserError(str(exc)) from exc
     where = doc.get("endpoint", doc.get("snapshot", doc.get("file")))
     cached = " (cached)" if doc.get("cached") else ""
     cov = doc["mnre_coverage"]
@@ -646,8 +793,3 @@ def synth_world_cmd(
         f"  relations.tsv, world.json (tables, counts, sha256 of every file)\n"
         f"  next: pipeline prepare --source world --input {s['out']}"
     )
-
-
-@app.callback()
-def main() -> None:
-    """Prompt Me Up labeling pipeline. Every stage is also a DVC stage (see dvc.yaml)."""

@@ -623,6 +623,8 @@ def finish_labeling(
             "by_reason": dict(sorted(Counter(r["reason"] for r in all_rejected).items())),
             "samples": all_rejected,
         },
+        # sha256 of every shard and sizes.json: `pipeline verify` detects later content changes.
+        "files": shards.file_hashes(out, [*sizes, shards.SIZES_FILE]),
     }
     shards.write_json_atomic(out / shards.MANIFEST_FILE, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)

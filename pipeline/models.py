@@ -4,15 +4,27 @@
 `tiny` builds the same architectures from small configs with seeded random weights, offline.
 Any component can be pointed at a local path instead. There is no fallback from base to tiny:
 missing weights raise `WeightsUnavailable` with instructions.
+
+Before a download is tried, a quick TCP probe of the host (`hub_unreachable`) decides whether
+the network is there: when it is not, the libraries run offline (cache only) for that load, so
+a machine without internet fails within seconds instead of a minute of hub retries, whether or
+not the offline environment variables are set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
+import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.errors import UserError
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_VOCAB = ASSETS / "tiny_bert_vocab.txt"
@@ -21,8 +33,8 @@ SMALL_CLIP_NAME = "pmu-small-clip"
 TINY_SEED = 1234  # tiny weights are random but identical on every run (deterministic shards)
 
 
-class WeightsUnavailable(RuntimeError):
-    """Real weights were asked for but cannot be loaded here."""
+class WeightsUnavailable(UserError, RuntimeError):
+    """Real weights were asked for but cannot be loaded here (the message says how to get them)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,115 @@ def is_offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "YOLO_OFFLINE"))
 
 
+# ----------------------------------------------------------------------------- network probe
+
+PROBE_ENV = "PMU_NET_PROBE"  # "off": never probe; "HOST:PORT": probe that instead (tests)
+PROBE_TIMEOUT_ENV = "PMU_NET_PROBE_TIMEOUT"  # seconds (default PROBE_TIMEOUT)
+PROBE_TIMEOUT = 3.0
+DETECTOR_URL = "https://github.com"  # ultralytics release assets
+
+
+def hub_url() -> str:
+    """Where huggingface_hub (and open_clip through it) downloads from."""
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def probe_target(url: str) -> tuple[str, int] | None:
+    """(host, port) to probe before downloading from `url`: the PMU_NET_PROBE override, else
+    the HTTPS proxy when one is set (downloads go through it), else the URL's host; None: off."""
+    override = os.environ.get(PROBE_ENV, "").strip()
+    if override.lower() in ("off", "0", "false", "no"):
+        return None
+    if override:
+        host, _, port = override.rpartition(":")
+        return host.strip("[]"), int(port)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        if os.environ.get(name):
+            url = os.environ[name] if "://" in os.environ[name] else "http://" + os.environ[name]
+            break
+    parts = urlsplit(url)
+    default_port = 80 if parts.scheme == "http" else 443
+    return parts.hostname or "", parts.port or default_port
+
+
+def _tcp_connect_error(host: str, port: int, timeout: float) -> str | None:
+    """None when a TCP connection to host:port opens within `timeout` s, else why not. DNS is
+    included: the attempt runs in a daemon thread, since name resolution has no timeout."""
+    result: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(None)
+        except OSError as exc:
+            result.append(str(exc) or type(exc).__name__)
+
+    thread = threading.Thread(target=attempt, daemon=True, name="pmu-net-probe")
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"no answer within {timeout:g} s"
+
+
+def hub_unreachable(url: str) -> str | None:
+    """None when a download from `url` may be tried, else why not (for the error message)."""
+    target = probe_target(url)
+    if target is None:
+        return None
+    timeout = float(os.environ.get(PROBE_TIMEOUT_ENV) or PROBE_TIMEOUT)
+    host, port = target
+    error = _tcp_connect_error(host, port, timeout)
+    return None if error is None else f"no network: cannot reach {host}:{port} ({error})"
+
+
+class _DropRootRecords(logging.Filter):
+    """Drops records logged on the root logger itself (open_clip's `logging.error` lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL
+
+
+@contextlib.contextmanager
+def hub_session(url: str):
+    """Around a library load that may download from `url`: yields None when the network is
+    there, else the reason, with Hugging Face hub access switched to cache-only meanwhile.
+    Hub retry warnings and open_clip's download error lines are silenced either way (the
+    failure comes back as one WeightsUnavailable)."""
+    reason = None if is_offline() else hub_unreachable(url)
+    hub_logger = logging.getLogger("huggingface_hub")
+    old_level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    root_filter = _DropRootRecords()
+    logging.getLogger().addFilter(root_filter)
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    constants = sys.modules.get("huggingface_hub.constants")
+    old_flag = getattr(constants, "HF_HUB_OFFLINE", None)
+    if reason:
+        # Read at import time by huggingface_hub, and as a module attribute at call time.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = True
+    try:
+        yield reason
+    finally:
+        hub_logger.setLevel(old_level)
+        logging.getLogger().removeFilter(root_filter)
+        if reason:
+            if old_env is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = old_env
+            constants = sys.modules.get("huggingface_hub.constants")
+            if constants is not None:
+                constants.HF_HUB_OFFLINE = bool(old_flag)
+
+
+def _unavailable(what: str, reason: str | None, exc: BaseException, how: str) -> WeightsUnavailable:
+    cause = f"{type(exc).__name__}: {exc}"
+    if reason:
+        cause = f"{reason}, and they are not in the local cache"
+    return WeightsUnavailable(f"cannot load {what} ({cause}): {how}")
+
+
 @contextlib.contextmanager
 def seeded(seed: int = TINY_SEED):
     """Run random initialisation under a fixed seed without disturbing the caller's RNG."""
@@ -180,6 +301,10 @@ def load_detector(preset: str | Preset = "tiny", path: str | os.PathLike | None 
             raise WeightsUnavailable(
                 f"detector weights {source!r} not found: {HOW_TO_GET['detector']}"
             )
+        elif reason := hub_unreachable(DETECTOR_URL):
+            raise WeightsUnavailable(
+                f"detector weights {source!r} not found here ({reason}): {HOW_TO_GET['detector']}"
+            )
     try:
         return YOLO(source)
     except Exception as e:  # ultralytics raises assorted errors when a download fails
@@ -219,18 +344,19 @@ def load_clip(preset: str | Preset = "tiny", path: str | os.PathLike | None = No
     pretrained = str(path) if path else p.clip_pretrained
     if path and not Path(path).is_file():
         raise WeightsUnavailable(f"CLIP checkpoint {str(path)!r} not found: {HOW_TO_GET['clip']}")
-    try:
-        with seeded():
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                p.clip_model, pretrained=pretrained
-            )
-    except Exception as e:
-        if pretrained is None:
-            raise
-        raise WeightsUnavailable(
-            f"cannot load CLIP {p.clip_model}/{pretrained} ({type(e).__name__}: {e}): "
-            f"{HOW_TO_GET['clip']}"
-        ) from e
+    downloads = pretrained is not None and not path
+    session = hub_session(hub_url()) if downloads else contextlib.nullcontext()
+    with session as reason:
+        try:
+            with seeded():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    p.clip_model, pretrained=pretrained
+                )
+        except Exception as e:
+            if pretrained is None:
+                raise
+            what = f"CLIP {p.clip_model}/{pretrained}"
+            raise _unavailable(what, reason, e, HOW_TO_GET["clip"]) from e
     tokenizer = open_clip.get_tokenizer(p.clip_model)
     return model.eval(), preprocess, tokenizer
 
@@ -317,10 +443,14 @@ def _hf_load(cls, source: str, **kwargs):
         raise WeightsUnavailable(
             f"model directory {source!r} not found: {HOW_TO_GET['hf'].format(name=source)}"
         )
-    try:
-        return cls.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise WeightsUnavailable(
-            f"cannot load {source!r} ({e.__class__.__name__}): "
-            f"{HOW_TO_GET['hf'].format(name=source)}"
-        ) from e
+    session = contextlib.nullcontext() if local.is_dir() else hub_session(hub_url())
+    with session as reason:
+        try:
+            return cls.from_pretrained(source, **kwargs)
+        except OSError as e:
+            how = HOW_TO_GET["hf"].format(name=source)
+            if reason:
+                raise _unavailable(repr(source), reason, e, how) from e
+            raise WeightsUnavailable(
+                f"cannot load {source!r} ({e.__class__.__name__}): {how}"
+            ) from e

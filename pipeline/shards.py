@@ -15,7 +15,9 @@ Per sample (key = `sample_key(id)`):
     {key}.rel_idx.npy   int32 [k_rel]              relation vocabulary indices
     {key}.rel_prob.npy  float32 [k_rel]            q_rel restricted to those indices
 Beside the shards: sizes.json (shard name -> sample count), manifest.json, entities.json,
-relations.json (the vocabularies, so a trainer needs only the shard folder).
+relations.json (the vocabularies, so a trainer needs only the shard folder). manifest.json's
+`files` holds the sha256 and size of every shard and of sizes.json (`file_hashes`), its `vocab`
+those of the vocabularies, so `pipeline verify` notices content changed after labeling.
 """
 
 from __future__ import annotations
@@ -205,3 +207,18 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_hashes(root: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{name: {"sha256", "bytes"}} of files in `root`, hashed on a few threads (hashlib
+    releases the GIL), in name order: the manifest's `files` entry."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = Path(root)
+    names = sorted(set(names))
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda n: file_sha256(root / n), names))
+    return {
+        name: {"sha256": digest, "bytes": (root / name).stat().st_size}
+        for name, digest in zip(names, digests, strict=True)
+    }

@@ -107,6 +107,7 @@ def write_synthetic_shards(
             "preset": "synthetic",
             "counts": {"samples": n_samples, "shards": len(sizes), "rejected": 0},
             "params": {"top_k_ent": k_ent, "top_k_rel": k_rel, "seed": seed},
+            "files": shards.file_hashes(out, [*sizes, shards.SIZES_FILE]),
         },
     )
     return out

@@ -1,4 +1,10 @@
-"""verify: check a shard folder against the contract and report every violation found."""
+"""verify: check a shard folder against the contract and report every violation found.
+
+Besides the contract (structure, arrays, probabilities, boxes, counts), the sha256 of every
+shard and of sizes.json is compared with manifest.json's `files` (written by label-objects), so
+changes that keep the contract (a swapped jpg, an edited caption, probability mass moved
+between entries) are found too; `check_hashes=False` (`--quick`) skips that hashing.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ TOLERANCE = 1e-4  # float32 sums of up to thousands of probabilities
 class VerifyReport:
     shard_dir: str
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was not checked, and why
     shards: int = 0
     samples: int = 0
     objects: int = 0
@@ -37,13 +44,14 @@ class VerifyReport:
             f"{self.shard_dir}: {self.shards} shards, {self.samples} samples, "
             f"{self.objects} objects: "
         )
+        notes = [f"  note: {n}" for n in self.notes]
         if self.ok:
-            return head + "OK"
+            return "\n".join([head + "OK", *notes])
         lines = [head + f"{len(self.problems)} problem(s)"]
         lines += [f"  - {p}" for p in self.problems[:limit]]
         if len(self.problems) > limit:
             lines.append(f"  ... and {len(self.problems) - limit} more")
-        return "\n".join(lines)
+        return "\n".join([*lines, *notes])
 
 
 def _load_json(path: Path, report: VerifyReport) -> Any:
@@ -56,8 +64,11 @@ def _load_json(path: Path, report: VerifyReport) -> Any:
     return None
 
 
-def verify_shards(shard_dir: str | os.PathLike, tol: float = TOLERANCE) -> VerifyReport:
-    """Check the shards, sizes.json, manifest.json and vocabularies; never raises on bad data."""
+def verify_shards(
+    shard_dir: str | os.PathLike, tol: float = TOLERANCE, check_hashes: bool = True
+) -> VerifyReport:
+    """Check the shards, sizes.json, manifest.json and vocabularies; never raises on bad data.
+    `check_hashes` compares every shard's and sizes.json's sha256 with the manifest."""
     root = Path(shard_dir)
     report = VerifyReport(str(root))
     if not root.is_dir():
@@ -97,7 +108,40 @@ def verify_shards(shard_dir: str | os.PathLike, tol: float = TOLERANCE) -> Verif
             shards.MANIFEST_FILE,
             f"counts.objects={counts['objects']} but the shards hold {report.objects}",
         )
+    if check_hashes:
+        _check_file_hashes(root, manifest, sizes, present, report)
+    else:
+        report.notes.append("file hashes not checked (--quick)")
     return report
+
+
+def _check_file_hashes(
+    root: Path, manifest: Any, sizes: dict, present: set[str], report: VerifyReport
+) -> None:
+    """Every shard and sizes.json against the sha256 and size that label-objects recorded."""
+    if not isinstance(manifest, dict) or not manifest:
+        return  # a missing or unreadable manifest is reported already
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        report.notes.append(
+            "manifest.json records no file hashes (an older label-objects made it): contents "
+            "not checked against it; re-run label-objects to record them"
+        )
+        return
+    for name in sorted(present - set(files)):
+        report.add(name, "has no sha256 in manifest.json (added after labeling?)")
+    for name, entry in sorted(files.items()):
+        path = root / name
+        if not isinstance(entry, dict):
+            report.add(shards.MANIFEST_FILE, f"files[{name!r}] is not an object")
+        elif not path.is_file():
+            if name not in sizes and name != shards.SIZES_FILE:  # else reported already
+                report.add(name, "listed in manifest.json but missing")
+        elif entry.get("bytes") is not None and path.stat().st_size != entry["bytes"]:
+            size = path.stat().st_size
+            report.add(name, f"{size} bytes but manifest.json records {entry['bytes']}")
+        elif shards.file_sha256(path) != entry.get("sha256"):
+            report.add(name, "content changed after labeling: sha256 differs from manifest.json")
 
 
 def _check_manifest_vocab(root: Path, manifest: Any, report: VerifyReport) -> None:

@@ -73,3 +73,32 @@ def test_nearest_prompt_accuracy():
     points = np.array([[1, 0.1, 0, 0], [0, 0, 1, 0], [0.9, 0, 0.1, 0]])
     assert pa.nearest_prompt_accuracy(points, [0, 2, 0], prompts) == 1.0
     assert pa.nearest_prompt_accuracy(points, [1, 2, 2], prompts) == pytest.approx(1 / 3)
+
+
+def test_label_spots_keep_clustered_labels_apart():
+    anchors = [(100.0, 100.0)] * 6 + [(102.0, 99.0)] * 4  # ten prompts on (almost) one point
+    spots = pa.label_spots(anchors, [(40.0, 10.0)] * 10, (0.0, 0.0, 400.0, 300.0))
+    for i, a in enumerate(spots):
+        assert 0 <= a[0] and a[2] <= 400 and 0 <= a[1] and a[3] <= 300
+        assert not any(pa._overlaps(a, b, pad=0) for b in spots[:i]), (i, spots)
+    assert spots[0] == (103.0, 103.0, 143.0, 113.0)  # the first: just above right of its point
+
+
+def test_prompt_labels_in_the_plot_do_not_overlap():
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    rng = np.random.default_rng(0)
+    xy = np.concatenate([rng.normal(size=(30, 2)), rng.normal(scale=0.02, size=(12, 2))])
+    fig = Figure(figsize=(6, 5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    names = [f"prompt number {i}" for i in range(12)]
+    pa._panel(ax, xy, 30, names, 12, "title", "images", "prompts")
+    pa.spread_labels(fig)
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_gid() == "prompt-label"]
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text, not its line
+    assert len(boxes) == 12
+    for i, a in enumerate(boxes):
+        assert not any(a.overlaps(b) for b in boxes[:i]), i

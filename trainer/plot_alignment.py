@@ -17,6 +17,7 @@ import os
 import sys
 import tarfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,7 @@ def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
 
 def _panel(ax, xy: np.ndarray | None, n_image: int, names: list[str], n_annotate: int,
            title: str, image_label: str, text_label: str) -> None:  # fmt: skip
+    """Scatter one modality pair; prompt labels are placed later by `spread_labels`."""
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -124,12 +126,71 @@ def _panel(ax, xy: np.ndarray | None, n_image: int, names: list[str], n_annotate
                label=image_label, linewidths=0)  # fmt: skip
     ax.scatter(txt[:, 0], txt[:, 1], s=40, c=MODALITY_COLOURS["text"], marker="^",
                label=text_label, edgecolors="black", linewidths=0.4)  # fmt: skip
-    mid_x = float(np.median(xy[:, 0]))
     for (x, y), name in list(zip(txt, names, strict=True))[:n_annotate]:
-        right = x > mid_x  # write labels towards the middle so they stay inside the panel
-        ax.annotate(name, (x, y), fontsize=7, xytext=(-3 if right else 3, 3),
-                    textcoords="offset points", ha="right" if right else "left")  # fmt: skip
+        label = ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset pixels",
+                            ha="left", va="bottom", gid="prompt-label")  # fmt: skip
+        label.set_in_layout(False)  # labels must not move the axes they are placed in
     ax.legend(fontsize=8, loc="best")
+
+
+Rect = tuple[float, float, float, float]  # x0, y0, x1, y1 in display pixels (y up)
+LABEL_RADII = (3, 10, 18, 28, 40, 55, 75)  # pixels from the point, tried in this order
+LABEL_DIRECTIONS = ((1, 1), (-1, 1), (1, -1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0))
+
+
+def _overlaps(a: Rect, b: Rect, pad: float = 1.0) -> bool:
+    return a[0] < b[2] + pad and b[0] < a[2] + pad and a[1] < b[3] + pad and b[1] < a[3] + pad
+
+
+def label_spots(anchors: Sequence[tuple[float, float]], sizes: Sequence[tuple[float, float]],
+                bounds: Rect) -> list[Rect]:  # fmt: skip
+    """A rectangle per label near its anchor point, greedily in order, so that no label overlaps
+    an earlier one and all stay inside `bounds`: the nearest free spot of a ring of candidate
+    positions (8 directions at growing distances). Deterministic."""
+    placed: list[Rect] = []
+    for (ax_, ay), (w, h) in zip(anchors, sizes, strict=True):
+        candidates = []
+        for r in LABEL_RADII:
+            for ux, uy in LABEL_DIRECTIONS:
+                x = ax_ + r if ux > 0 else ax_ - r - w if ux < 0 else ax_ - w / 2
+                y = ay + r if uy > 0 else ay - r - h if uy < 0 else ay - h / 2
+                candidates.append((x, y, x + w, y + h))
+        inside = [c for c in candidates if bounds[0] <= c[0] and c[2] <= bounds[2]
+                  and bounds[1] <= c[1] and c[3] <= bounds[3]]  # fmt: skip
+        free = [c for c in inside if not any(_overlaps(c, p) for p in placed)]
+        placed.append((free or inside or candidates)[0])
+    return placed
+
+
+def spread_labels(fig) -> None:
+    """Move every prompt label of `fig` to a free spot near its point (after layout)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    if not hasattr(fig.canvas, "get_renderer"):
+        FigureCanvasAgg(fig)  # measuring text needs a renderer; Agg is what savefig uses
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.texts if t.get_gid() == "prompt-label"]
+        if not labels:
+            continue
+        anchors = [tuple(ax.transData.transform(t.xy)) for t in labels]
+        extents = [Text.get_window_extent(t, renderer) for t in labels]  # text, no line
+        sizes = [(e.width, e.height) for e in extents]
+        box = ax.get_window_extent(renderer)
+        spots = label_spots(anchors, sizes, (box.x0, box.y0, box.x1, box.y1))
+        for label, (x, y), spot in zip(labels, anchors, spots, strict=True):
+            dx, dy = spot[0] - x, spot[1] - y
+            far = max(abs(dx), abs(dy)) > 12  # a leader line says which point it names
+            label.remove()
+            moved = ax.annotate(
+                label.get_text(), label.xy, xytext=(dx, dy), textcoords="offset pixels",
+                ha="left", va="bottom", fontsize=label.get_fontsize(), gid="prompt-label",
+                arrowprops=dict(arrowstyle="-", lw=0.4, color="0.35", shrinkA=0, shrinkB=2)
+                if far else None,
+            )  # fmt: skip
+            moved.set_in_layout(False)
 
 
 def plot_alignment(
@@ -232,6 +293,7 @@ def plot_alignment(
            f"nearest prompt = top-1 pseudo-label: {acc_rel:.1%} (chance {chance_rel:.1%})",
            "images (image)", "relation prompts (text)")  # fmt: skip
     fig.suptitle(f"t-SNE of the student's unimodal embeddings ({Path(checkpoint).name})")
+    spread_labels(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     out = Path(out)

@@ -14,30 +14,49 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.readers import RawRecord
+from pipeline.errors import UserError
+from pipeline.readers import RawRecord, image_under_root
+
+
+def _load_json(path: str | os.PathLike, what: str) -> object:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{what} {path} is not valid JSON ({exc})", "check the file") from exc
 
 
 def load_visualnews(data_json: str | os.PathLike) -> dict[str, dict]:
     """VisualNews items by id (as strings, since annotation files mix ints and strings)."""
-    with open(data_json, encoding="utf-8") as f:
-        items = json.load(f)
+    items = _load_json(data_json, "VisualNews data")
     if isinstance(items, dict):  # some re-distributions key the items by id
-        items = [dict(v, id=v.get("id", k)) for k, v in items.items()]
-    return {str(item["id"]): item for item in items}
+        items = [dict(v, id=v.get("id", k)) for k, v in items.items() if isinstance(v, dict)]
+    if not isinstance(items, list):
+        raise UserError(f"{data_json} is not a list of VisualNews items", "check --visualnews-data")
+    return {str(item["id"]): item for item in items if isinstance(item, dict) and "id" in item}
 
 
 def read_newsclippings(
     annotations: str | os.PathLike,
     visualnews_data: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
 ) -> Iterator[RawRecord]:
-    """Yield one record per annotation; `falsified` pairs get itm 0. Image paths join the root."""
+    """Yield one record per annotation; `falsified` pairs get itm 0. Image paths join the root
+    and may not leave it (unless allowed)."""
     items = load_visualnews(visualnews_data)
     root = Path(image_root) if image_root is not None else Path(visualnews_data).parent
-    with open(annotations, encoding="utf-8") as f:
-        doc = json.load(f)
-    rows = doc["annotations"] if isinstance(doc, dict) else doc
+    doc = _load_json(annotations, "NewsCLIPpings annotations")
+    rows = doc.get("annotations") if isinstance(doc, dict) else doc
+    if not isinstance(rows, list):
+        raise UserError(
+            f"{annotations} has no list of annotations", "pass a NewsCLIPpings annotation JSON"
+        )
     for n, ann in enumerate(rows):
+        if not isinstance(ann, dict):
+            problem = "newsclippings: annotation is not an object"
+            yield RawRecord(f"ncp-row-{n}", "newsclippings", None, None, problem=problem)
+            continue
         cap_id, img_id = str(ann.get("id", "")), str(ann.get("image_id", ""))
         rec_id = f"ncp-{cap_id}-{img_id}" if cap_id and img_id else f"ncp-row-{n}"
         itm = 0 if ann.get("falsified") else 1
@@ -49,8 +68,9 @@ def read_newsclippings(
             problem = "newsclippings: image id not in data.json"
         image_path = None
         if img_item is not None and img_item.get("image_path"):
-            rel = str(img_item["image_path"])
-            image_path = str(root / rel.removeprefix("./"))
+            rel = str(img_item["image_path"]).removeprefix("./")
+            image_path, outside = image_under_root(rel, root, allow_outside_root)
+            problem = problem or outside
         yield RawRecord(
             id=rec_id,
             source="newsclippings",

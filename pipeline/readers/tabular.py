@@ -3,40 +3,49 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.readers import RawRecord, text_or_bytes, unescape_surrogates
+from pipeline.errors import UserError
+from pipeline.readers import RawRecord, image_under_root
+from pipeline.readers.rows import Columns, field_value, path_field, row_record
+
+__all__ = ["Columns", "read_table", "table_format"]
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
-
-
-@dataclass
-class Columns:
-    """Column names; `id` and `itm` are optional in the table (row number / 1 when absent)."""
-
-    id: str = "id"
-    image: str = "image_path"
-    caption: str = "caption"
-    itm: str = "itm"
+# A CSV cell may be this long before the csv module refuses it; longer captions are then
+# rejected by prepare's caption limit instead of stopping the whole file (the module's own
+# default is 128 KiB).
+CSV_FIELD_LIMIT = 1 << 28
 
 
 def table_format(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"unknown table format {suffix!r}; expected one of {sorted(FORMATS)}")
+        raise UserError(
+            f"unknown table format {suffix!r} of {path}",
+            f"use a table ending in one of {sorted(FORMATS)}",
+        )
     return FORMATS[suffix]
 
 
 def _iter_csv(path: Path) -> Iterator[dict[str, Any] | str]:
-    # surrogateescape keeps undecodable bytes so one bad row is rejected, not the whole file.
-    text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-    yield from csv.DictReader(io.StringIO(text, newline=""))
+    # Streamed; surrogateescape keeps undecodable bytes so one bad row is rejected, not the file.
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # the rest of the file is still read
+                yield f"table: unreadable CSV row ({exc})"
+                continue
+            yield row
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any] | str]:
@@ -55,19 +64,13 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any] | str]:
 def _iter_parquet(path: Path, cols: Columns) -> Iterator[dict[str, Any] | str]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 (pyarrow raises several types for a bad file)
+        raise UserError(f"{path} is not a readable parquet file ({exc})", "check --input") from exc
     wanted = [c for c in (cols.id, cols.image, cols.caption, cols.itm) if c in pf.schema.names]
     for batch in pf.iter_batches(columns=wanted, batch_size=4096):
         yield from batch.to_pylist()
-
-
-def _field(row: dict[str, Any], name: str) -> Any:
-    value = row.get(name)
-    if isinstance(value, str):
-        return unescape_surrogates(value)
-    if isinstance(value, bytes | bytearray):
-        return text_or_bytes(bytes(value))
-    return value
 
 
 def read_table(
@@ -75,9 +78,11 @@ def read_table(
     columns: Columns | None = None,
     image_root: str | os.PathLike | None = None,
     source: str = "table",
+    allow_outside_root: bool = False,
 ) -> Iterator[RawRecord]:
     """Yield a record per row; relative image paths resolve against `image_root` or the table's
-    folder. Rows that cannot be parsed come back as records with a `problem`."""
+    folder and may not leave it (unless `allow_outside_root`). Rows that cannot be parsed come
+    back as records with a `problem`."""
     path = Path(path)
     cols = columns or Columns()
     fmt = table_format(path)
@@ -89,28 +94,7 @@ def read_table(
         if isinstance(row, str):
             yield RawRecord(fallback_id, source, None, None, problem=row)
             continue
-        problem = None
-        rec_id = _field(row, cols.id)
-        if rec_id is None or rec_id == "":
-            rec_id = fallback_id
-        elif isinstance(rec_id, bytes):
-            rec_id, problem = fallback_id, "table: id is not UTF-8"
-        image = _field(row, cols.image)
-        if isinstance(image, bytes):
-            image, problem = None, problem or "table: image path is not UTF-8"
-        image_path = str(root / image) if image else None  # absolute paths survive the join
-        itm_raw = row.get(cols.itm, 1)
-        try:
-            itm = 1 if itm_raw is None or itm_raw == "" else int(itm_raw)
-            if itm not in (0, 1):
-                raise ValueError
-        except (TypeError, ValueError):
-            itm, problem = 1, problem or f"table: itm must be 0 or 1, got {itm_raw!r}"
-        yield RawRecord(
-            id=str(rec_id),
-            source=source,
-            image_path=image_path,
-            caption=_field(row, cols.caption),
-            itm=itm,
-            problem=problem,
-        )
+        image, problem = path_field(field_value(row, cols.image), "table")
+        if image is not None:
+            image, problem = image_under_root(image, root, allow_outside_root)
+        yield row_record(row, cols, fallback_id, source, image, problem, "table")

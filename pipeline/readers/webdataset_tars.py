@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.images import tar_ref
 from pipeline.readers import RawRecord, text_or_bytes
+from pipeline.readers.rows import id_field, itm_field
 from pipeline.shards import split_member, unsafe_member_reason
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -46,16 +47,15 @@ def _record(tar_path: Path, key: str, members: dict[str, tarfile.TarInfo], tar) 
             meta = {}
     if image is None:
         problem = problem or "wds: no image member"
-    itm = meta.get("itm", 1)
-    if itm not in (0, 1):
-        itm, problem = 1, problem or f"wds: itm must be 0 or 1, got {itm!r}"
+    rec_id, id_problem = id_field(meta.get("id"), key, "wds")
+    itm, itm_problem = itm_field(meta.get("itm"), "wds")
     return RawRecord(
-        id=str(meta.get("id") or key),
+        id=rec_id,
         source="wds",
         image_path=tar_ref(str(tar_path), image.name) if image is not None else None,
         caption=caption,
-        itm=int(itm),
-        problem=problem,
+        itm=itm,
+        problem=problem or id_problem or itm_problem,
     )
 
 

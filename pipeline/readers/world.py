@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import UserError
 from pipeline.readers import RawRecord
 from pipeline.readers.tabular import read_table
 
@@ -20,14 +21,19 @@ def world_pairs_path(input_path: str | os.PathLike) -> Path:
     for candidate in (path, path / PAIRS_FILE, path / DEFAULT_SPLIT / PAIRS_FILE):
         if candidate.is_file():
             return candidate
-    raise ValueError(
+    raise UserError(
         f"{path} is neither a world folder (with {DEFAULT_SPLIT}/{PAIRS_FILE}) nor a split "
-        f"folder with {PAIRS_FILE}; build one with `pipeline synth-world --out DIR`"
+        f"folder with {PAIRS_FILE}",
+        "build one with `pipeline synth-world --out DIR`",
     )
 
 
-def read_world(input_path: str | os.PathLike) -> Iterator[RawRecord]:
+def read_world(
+    input_path: str | os.PathLike, allow_outside_root: bool = False
+) -> Iterator[RawRecord]:
     """Yield the split's pairs (matched and mismatched) in file order; image paths resolve
     against the split folder. Bad rows come back as records with a `problem`."""
     path = world_pairs_path(input_path)
-    return read_table(path, image_root=path.parent, source="world")
+    return read_table(
+        path, image_root=path.parent, source="world", allow_outside_root=allow_outside_root
+    )

@@ -69,21 +69,62 @@ def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, 
     return ix0, iy0, max(ix0 + 1, round(x1)), max(iy0 + 1, round(y1))
 
 
+Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+
+
+def _overlap(a: Rect, b: Rect) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_tags(
+    boxes: Sequence[Rect], sizes: Sequence[tuple[int, int]], width: int, height: int
+) -> list[Rect]:
+    """Where each box's number tag goes, so that no tag hides another (boxes may coincide).
+
+    A tag sits at its box's top-left corner, above the box (inside it at the top edge when there
+    is no room above); if an earlier tag is there, it moves right along that edge, then down a
+    tag height at a time. Deterministic; tags stay inside the picture.
+    """
+    placed: list[Rect] = []
+    for (x0, y0, _, _), (w, h) in zip(boxes, sizes, strict=True):
+        w, h = min(w, width), min(h, height)
+        top = y0 - h if y0 >= h else y0
+        xs = list(range(min(x0, width - w), width - w + 1, w)) + list(range(x0 - w, -1, -w))
+        ys = list(range(min(top, height - h), height - h + 1, h)) + list(range(top - h, -1, -h))
+        spot = next(
+            (
+                (x, y, x + w, y + h)
+                for y in ys
+                for x in xs
+                if not any(_overlap((x, y, x + w, y + h), r) for r in placed)
+            ),
+            None,
+        )
+        if spot is None:  # more tags than room: the corner, on top of the others
+            x, y = min(x0, width - w), min(top, height - h)
+            spot = (x, y, x + w, y + h)
+        placed.append(spot)
+    return placed
+
+
 def annotate(img: Image.Image, boxes: Sequence[Sequence[float]]) -> Image.Image:
-    """A display-size copy with every box outlined in its colour and numbered from 1."""
+    """A display-size copy with every box outlined in its colour and numbered from 1; the
+    number tags are drawn last and never cover each other."""
     shown = _resize_longest(img, DISPLAY_SIDE)
     draw = ImageDraw.Draw(shown)
     font = ImageFont.load_default(size=14)
-    for i, box in enumerate(boxes):
-        colour = box_colour(i)
-        x0, y0, x1, y1 = pixel_box(box, shown.width, shown.height)
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=3)
-        label = str(i + 1)
-        left, t, r, b = draw.textbbox((0, 0), label, font=font)
-        tag_w, tag_h = r - left + 6, b - t + 6
-        ty = y0 - tag_h if y0 >= tag_h else y0  # above the box, inside it at the top edge
-        draw.rectangle((x0, ty, x0 + tag_w, ty + tag_h), fill=colour)
-        draw.text((x0 + 3 - left, ty + 3 - t), label, fill=(255, 255, 255), font=font)
+    pixel_boxes = [pixel_box(box, shown.width, shown.height) for box in boxes]
+    for i, (x0, y0, x1, y1) in enumerate(pixel_boxes):
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=box_colour(i), width=3)
+    labels = [str(i + 1) for i in range(len(boxes))]
+    bounds = [draw.textbbox((0, 0), label, font=font) for label in labels]
+    sizes = [(r - left + 6, b - t + 6) for left, t, r, b in bounds]
+    tags = place_tags(pixel_boxes, sizes, shown.width, shown.height)
+    for i, (label, (left, t, _, _), (tx0, ty0, tx1, ty1)) in enumerate(
+        zip(labels, bounds, tags, strict=True)
+    ):
+        draw.rectangle((tx0, ty0, tx1 - 1, ty1 - 1), fill=box_colour(i))
+        draw.text((tx0 + 3 - left, ty0 + 3 - t), label, fill=(255, 255, 255), font=font)
     return shown
 
 
