@@ -10,6 +10,7 @@ from its last.pt), copies the best epoch to `out` and reports mAP50 and recall o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,27 @@ class DetectorTrainParams:
     lr0: float = 0.01
     mosaic: float = 1.0  # mosaic augmentation probability
     cache: bool = True  # keep decoded images in RAM (small datasets)
+
+
+# ultralytics' logging integrations: each is switched off for this process while training (the
+# DVC one would open dvclive in the working directory and rewrite the project's dvc.yaml).
+INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "neptune", "raytune", "tensorboard", "wandb")
+
+
+@contextlib.contextmanager
+def no_integrations():
+    """Switch ultralytics' logging integrations off in memory only (the user's settings file,
+    which `SETTINGS[...] = ...` would rewrite, stays as it is)."""
+    from ultralytics.utils import SETTINGS
+
+    saved = {k: SETTINGS[k] for k in INTEGRATIONS if k in SETTINGS}
+    for k in saved:
+        dict.__setitem__(SETTINGS, k, False)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            dict.__setitem__(SETTINGS, k, v)
 
 
 def _read_names(data_yaml: Path) -> dict[int, str]:
@@ -94,17 +116,18 @@ def train_detector(
         amp=dev.type == "cuda",
         verbose=False,
     )
-    if resume and last.is_file():
-        from ultralytics import YOLO
+    with no_integrations():
+        if resume and last.is_file():
+            from ultralytics import YOLO
 
-        model = YOLO(str(last))
-        set_threads(threads)  # importing ultralytics pinned torch to one thread
-        model.train(resume=True)
-    else:
-        shutil.rmtree(runs / "train", ignore_errors=True)
-        model = load_detector(preset, detector)
-        set_threads(threads)
-        model.train(**train_args)
+            model = YOLO(str(last))
+            set_threads(threads)  # importing ultralytics pinned torch to one thread
+            model.train(resume=True)
+        else:
+            shutil.rmtree(runs / "train", ignore_errors=True)
+            model = load_detector(preset, detector)
+            set_threads(threads)
+            model.train(**train_args)
     best = runs / "train" / "weights" / "best.pt"
     if not best.is_file():
         raise RuntimeError(f"ultralytics wrote no {best}: see the log above")
@@ -133,16 +156,17 @@ def evaluate_detector(
     from ultralytics import YOLO
 
     model = YOLO(str(weights))
-    res = model.val(
-        data=str(data_yaml),
-        split="val",
-        imgsz=imgsz,
-        batch=batch,
-        device="cpu" if dev.type == "cpu" else str(dev.index or 0),
-        plots=False,
-        verbose=False,
-        workers=0,
-    )
+    with no_integrations():
+        res = model.val(
+            data=str(data_yaml),
+            split="val",
+            imgsz=imgsz,
+            batch=batch,
+            device="cpu" if dev.type == "cpu" else str(dev.index or 0),
+            plots=False,
+            verbose=False,
+            workers=0,
+        )
     box = res.box
     return {
         "map50": round(float(box.map50), 4),
