@@ -162,7 +162,10 @@ def _engine(name: str) -> str:
 @app.command("train-detector")
 def train_detector_cmd(
     data: str = typer.Option(..., help="YOLO dataset yaml (train, val, names), e.g. WORLD/yolo."),
-    out: str = typer.Option("models/detector.pt", help="Trained weights (ultralytics .pt)."),
+    out: str = typer.Option(
+        "models/detector.safetensors",
+        help="Trained weights: .safetensors (no pickle) or .pt (ultralytics' checkpoint).",
+    ),
     preset: str = typer.Option("tiny", help="Preset whose detector architecture starts."),
     detector: str = typer.Option("", help="Start from these local YOLO weights instead."),
     epochs: int = typer.Option(30, min=1, help="Training epochs."),
@@ -170,7 +173,8 @@ def train_detector_cmd(
     batch: int = typer.Option(32, min=1, help="Images per batch."),
     workers: int = typer.Option(0, min=0, help="Dataloader workers (0: main process)."),
     patience: int = typer.Option(0, min=0, help="Stop after N epochs without gain (0: never)."),
-    lr0: float = typer.Option(0.01, min=0.0, help="Initial learning rate."),
+    lr0: float = typer.Option(0.004, min=0.0, help="Initial learning rate (AdamW)."),
+    mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Mosaic augmentation share."),
     seed: int = typer.Option(0, help="Training seed (deterministic on CPU)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     resume: bool = typer.Option(False, help="Continue from OUT's .runs/train/weights/last.pt."),
@@ -186,6 +190,7 @@ def train_detector_cmd(
         patience=patience,
         seed=seed,
         lr0=lr0,
+        mosaic=mosaic,
     )
     try:
         s = train_detector(data, out, preset, detector or None, params, device, resume)
@@ -279,6 +284,12 @@ def adapt_teacher_cmd(
     weight_caption: float = typer.Option(1.0, min=0.0, help="Caption objective (0: off)."),
     weight_entity: float = typer.Option(1.0, min=0.0, help="Crop-entity objective (0: off)."),
     weight_relation: float = typer.Option(1.0, min=0.0, help="Image-relation objective (0: off)."),
+    weight_scene: float = typer.Option(
+        1.0, min=0.0, help="Whole image vs the entities it contains (0: off)."
+    ),
+    weight_probe: float = typer.Option(
+        1.0, min=0.0, help="Auxiliary linear probes on the image features (0: off)."
+    ),
     box_jitter: float = typer.Option(0.1, min=0.0, help="Crop box jitter, fraction of its size."),
     resize_mode: str = typer.Option("letterbox", help="letterbox | center_crop (as labeling)."),
     holdout: float = typer.Option(0.1, min=0.0, max=0.9, help="Annotated images held out."),
@@ -303,6 +314,8 @@ def adapt_teacher_cmd(
             weight_caption=weight_caption,
             weight_entity=weight_entity,
             weight_relation=weight_relation,
+            weight_scene=weight_scene,
+            weight_probe=weight_probe,
             box_jitter=box_jitter,
             resize_mode=resize_mode,
             holdout=holdout,

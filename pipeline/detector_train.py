@@ -4,8 +4,10 @@ A source with boxes (the synthetic world writes `yolo/data.yaml`, docs/world.md)
 detector that detect-objects then uses (`models.detector` / `--detector`). Training starts from
 the preset's detector (tiny/small: `yolo11n.yaml` built with the project's seed; base:
 `yolo11n.pt`) or a local checkpoint, runs in `{out}.runs/` (resumable: `--resume` continues
-from its last.pt), copies the best epoch to `out` and reports mAP50 and recall on the held-out
-`val` images. The weights are ultralytics checkpoints (pickles): load only ones you made.
+from its last.pt), writes the best epoch to `out` and reports mAP50 and recall on the held-out
+`val` images. `out` ending in .safetensors (the default) holds weights, architecture and class
+names without pickle (pipeline.models.load_detector reads it); .pt copies ultralytics'
+checkpoint (a pickle: load only ones you made).
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ class DetectorTrainParams:
     workers: int = 0  # dataloader workers (0: in the main process)
     patience: int = 0  # epochs without val improvement before stopping (0: never)
     seed: int = 0
-    lr0: float = 0.01
-    mosaic: float = 1.0  # mosaic augmentation probability
+    # From scratch, AdamW at a fixed 4e-3 with one warmup epoch converges several times faster
+    # than ultralytics' `auto` choice (AdamW at 6e-4 for 12 classes) on the synthetic world.
+    optimizer: str = "AdamW"
+    lr0: float = 0.004
+    warmup_epochs: float = 1.0
+    mosaic: float = 0.0  # mosaic augmentation probability (slows convergence on simple scenes)
     cache: bool = True  # keep decoded images in RAM (small datasets)
 
 
@@ -105,7 +111,9 @@ def train_detector(
         patience=params.patience or params.epochs,
         seed=params.seed,
         deterministic=True,
+        optimizer=params.optimizer,
         lr0=params.lr0,
+        warmup_epochs=params.warmup_epochs,
         mosaic=params.mosaic,
         cache="ram" if params.cache else False,
         device="cpu" if dev.type == "cpu" else str(dev.index or 0),
@@ -131,9 +139,16 @@ def train_detector(
     best = runs / "train" / "weights" / "best.pt"
     if not best.is_file():
         raise RuntimeError(f"ultralytics wrote no {best}: see the log above")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.copyfile(best, tmp)
-    os.replace(tmp, out)
+    if out.suffix == ".safetensors":  # no pickle for whoever loads it (pipeline.models)
+        from ultralytics import YOLO
+
+        from pipeline.models import save_detector_safetensors
+
+        save_detector_safetensors(YOLO(str(best)), out)
+    else:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.copyfile(best, tmp)
+        os.replace(tmp, out)
     metrics = evaluate_detector(out, data_yaml, params.imgsz, params.batch, dev)
     summary = {
         "out": str(out),

@@ -72,7 +72,7 @@ PRESETS: dict[str, Preset] = {
     # pretraining).
     "small": Preset(
         name="small",
-        detector="yolo11n.yaml",
+        detector="pmu-yolo-small.yaml",
         clip_model=SMALL_CLIP_NAME,
         clip_pretrained=None,
         text_encoder="small",
@@ -275,16 +275,25 @@ def coco_names() -> dict[int, str]:
 
 
 def load_detector(preset: str | Preset = "tiny", path: str | os.PathLike | None = None):
-    """An ultralytics YOLO: a local .pt file, base `yolo11n.pt`, or tiny random `yolo11n.yaml`.
+    """An ultralytics YOLO: a local .pt or .safetensors file, base `yolo11n.pt`, or a random
+    build of a yaml (tiny: `yolo11n.yaml`).
 
-    YOLO .pt files are pickles (ultralytics' own format): load only weights you trust.
+    YOLO .pt files are pickles (ultralytics' own format): load only weights you trust. The
+    project's own detectors (`train-detector`) are also written as .safetensors (weights, the
+    architecture and class names; nothing executable), which load without unpickling.
     """
     from ultralytics import YOLO
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     source = str(path) if path else p.detector
+    if source.endswith(".safetensors"):
+        if not Path(source).is_file():
+            raise WeightsUnavailable(f"detector weights {source!r} not found")
+        return load_detector_safetensors(source)
     if source.endswith(".yaml"):
-        with seeded():
+        if (ASSETS / "yolo" / source).is_file():  # the project's own architectures
+            source = str(ASSETS / "yolo" / source)
+        with seeded(), _quiet_ultralytics():
             model = YOLO(source)
         # ultralytics saves checkpoints in fp16: fp16-representable weights make a saved tiny
         # detector reload bit-identical.
@@ -311,6 +320,76 @@ def load_detector(preset: str | Preset = "tiny", path: str | os.PathLike | None 
         raise WeightsUnavailable(
             f"cannot load detector {source!r} ({e}): {HOW_TO_GET['detector']}"
         ) from e
+
+
+DETECTOR_FORMAT = "pmu-yolo-safetensors-1"
+
+
+@contextlib.contextmanager
+def _quiet_ultralytics():
+    """Building a model from a yaml without a scale letter in its name logs a warning."""
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def save_detector_safetensors(model, path: str | os.PathLike) -> Path:
+    """An ultralytics YOLO's weights, architecture (its yaml dict) and class names as
+    .safetensors (fp32; the header is written key-sorted, so equal weights give equal bytes)."""
+    import json
+
+    from pipeline.prompts import safetensors_bytes
+
+    net = model.model
+    state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
+    meta = {
+        "format": DETECTOR_FORMAT,
+        "yaml": json.dumps(net.yaml, sort_keys=True),
+        "names": json.dumps({str(k): v for k, v in net.names.items()}, sort_keys=True),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(safetensors_bytes(state, meta))
+    os.replace(tmp, path)
+    return path
+
+
+def load_detector_safetensors(path: str | os.PathLike):
+    """A YOLO from `save_detector_safetensors`: the model is rebuilt from its yaml, then the
+    weights are loaded (no pickle involved)."""
+    import json
+
+    from safetensors import safe_open
+    from ultralytics import YOLO
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+    from ultralytics.nn.tasks import DetectionModel
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != DETECTOR_FORMAT:
+            raise WeightsUnavailable(
+                f"{path} is not a detector saved by this project (format {meta.get('format')!r})"
+            )
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["yaml"])
+    names = {int(k): v for k, v in json.loads(meta["names"]).items()}
+    with seeded(), _quiet_ultralytics():
+        yolo = YOLO(str(ASSETS / "yolo" / "pmu-yolo-small.yaml"), task="detect")
+        net = DetectionModel(cfg, nc=len(names), verbose=False)
+    net.load_state_dict(state, strict=True)
+    net.names = names
+    net.args = {**DEFAULT_CFG_DICT, **yolo.overrides}
+    net.task = "detect"
+    yolo.model = net.float().eval()
+    return yolo
 
 
 def save_tiny_detector(path: str | os.PathLike) -> Path:

