@@ -72,7 +72,7 @@ class LetterboxDataset(torch.utils.data.Dataset):
         from pipeline.labeling_data import load_rgb
 
         try:
-            rgb = np.asarray(load_rgb(self.image_paths[i], self.max_pixels))
+            rgb = np.array(load_rgb(self.image_paths[i], self.max_pixels))  # writable
         except ImageRejected as e:
             return i, None, (0, 0), str(e)
         return i, resize_for_letterbox(rgb, self.new_shape), rgb.shape[:2], None
@@ -133,10 +133,29 @@ def fused_network(yolo: Any, device: torch.device) -> tuple[torch.nn.Module, int
     )
     if device.type == "cuda" or (device.type == "cpu" and x86_onednn):
         net = net.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        _fp32_head(net)
     for p in net.parameters():
         p.requires_grad_(False)
     stride = max(int(net.stride.max()), 32) if hasattr(net, "stride") else 32
     return net, stride
+
+
+def _fp32_head(net: torch.nn.Module) -> None:
+    """Run the detection head outside autocast: backbone and neck in bf16, but box regression
+    (DFL) and class scores in fp32 (bf16 keeps ~3 significant digits: pixels at 640, and
+    confidences near the threshold)."""
+    head = net.model[-1] if hasattr(net, "model") else None
+    if head is None or not hasattr(head, "forward"):
+        return
+    forward = head.forward
+
+    def fp32_forward(x, *args, **kwargs):
+        with torch.autocast(device_type="cuda", enabled=False):
+            x = [t.float() for t in x] if isinstance(x, list) else x.float()
+            return forward(x, *args, **kwargs)
+
+    head.forward = fp32_forward
 
 
 def to_model_input(pixels: torch.Tensor) -> torch.Tensor:

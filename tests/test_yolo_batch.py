@@ -179,3 +179,14 @@ def test_scale_boxes_equals_ultralytics():
         expected = ops.scale_boxes((640, 640), boxes.clone(), (h0, w0))
         ours = yolo_batch.scale_boxes(boxes, (640, 640), torch.tensor([[h0, w0]] * 20))
         assert torch.equal(ours, expected)
+
+
+def test_fp32_head_wrapper_is_transparent_outside_autocast():
+    """On CUDA the head runs outside bf16 autocast; without autocast the wrapper changes
+    nothing (the CPU check of the code path CUDA runs)."""
+    net, _ = yolo_batch.fused_network(load_detector("tiny"), torch.device("cpu"))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        before = net(x)[0]
+        yolo_batch._fp32_head(net)
+        assert torch.equal(net(x)[0], before)
