@@ -116,23 +116,25 @@ class Normaliser:
 
 
 def square_tensor(img: torch.Tensor, spec: ClipInputSpec) -> torch.Tensor:
-    """uint8 [3, h, w] -> uint8 [3, S, S] on its device (antialiased bicubic)."""
+    """uint8 [3, h, w] -> uint8 [3, S, S] on its device (antialiased bicubic), as `square_pil`
+    does it: letterbox pads to a square of the longest side first, then resizes."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
+    bicubic, size = InterpolationMode.BICUBIC, spec.size
     if spec.mode == "letterbox":
         _, h, w = img.shape
-        side = max(h, w)
         if h != w:
-            canvas = torch.tensor(spec.fill, dtype=torch.uint8, device=img.device)
-            canvas = canvas.view(3, 1, 1).expand(3, side, side).clone()
+            side = max(h, w)
+            canvas = torch.empty((3, side, side), dtype=torch.uint8, device=img.device)
+            for c, value in enumerate(spec.fill):  # scalar fills: no host->device copy
+                canvas[c].fill_(value)
             top, left = (side - h) // 2, (side - w) // 2
             canvas[:, top : top + h, left : left + w] = img
             img = canvas
-        size = [spec.size, spec.size]
-        return TF.resize(img, size, InterpolationMode.BICUBIC, antialias=True)
-    img = TF.resize(img, [spec.resize_size], InterpolationMode.BICUBIC, antialias=True)
-    return TF.center_crop(img, [spec.size, spec.size])
+        return TF.resize(img, [size, size], bicubic, antialias=True)
+    img = TF.resize(img, [spec.resize_size], bicubic, antialias=True)
+    return TF.center_crop(img, [size, size])
 
 
 def cap_tensor(img: torch.Tensor, max_side: int) -> torch.Tensor:
