@@ -441,7 +441,7 @@ def model_limits(args: argparse.Namespace) -> dict[str, Any]:
     if not cuda:  # as predict does on x86 CPUs (pipeline.yolo_batch.fused_network too)
         net = net.to(memory_format=torch.channels_last)
     set_threads()  # importing ultralytics leaves torch on one thread
-    bs = args.detect_batch if cuda else min(args.detect_batch, 4)
+    bs = args.detect_batch if cuda else min(args.detect_batch, 8)
     x = torch.rand(bs, 3, DETECT_IMGSZ, DETECT_IMGSZ, device=dev)
     out["yolo_images_per_s"] = bs * reps / _best_seconds(lambda: net(x), dev, warm, reps)
     out["yolo_batch"] = bs
@@ -449,7 +449,7 @@ def model_limits(args: argparse.Namespace) -> dict[str, Any]:
     clip = load_clip(BENCH_PRESET)[0].to(dev).eval()
     set_threads()
     size = clip.visual.image_size[0]
-    bs = args.crop_batch if cuda else min(args.crop_batch, 8)
+    bs = args.crop_batch if cuda else min(args.crop_batch, 32)
     x = torch.randn(bs, 3, size, size, device=dev)
     out["clip_passes_per_s"] = (
         bs * reps / _best_seconds(lambda: clip.encode_image(x), dev, warm, reps)
