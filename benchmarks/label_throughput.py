@@ -1,23 +1,36 @@
-"""Labeling throughput: detect-objects + label-objects vs a naive per-image loop, FLOP rate, RSS.
+"""Labeling throughput: detect-objects + label-objects against their model-only limits, the CPU-side
+costs of the main process, a naive per-image loop, the FLOP rate and peak RSS.
 
-    python benchmarks/label_throughput.py [--images 48] [--naive-images 3] [--rss-images 16]
-        [--rss-factor 10] [--entities 64] [--relations 32] [--top-k 4] [--workers 2] [--json F]
+    python benchmarks/label_throughput.py [--device cpu|cuda] [--images 48] [--naive-images 3]
+        [--rss-images 16] [--rss-factor 10] [--entities 64] [--relations 32] [--top-k 4]
+        [--detect-conf 0] [--workers N] [--detect-workers N] [--json F]
 
-Runs the real stages (pipeline.detect.detect_objects, pipeline.label.label_objects) on N JPEGs
-made by re-encoding the bundled sample images at varied sizes and qualities, prepared by
-pipeline.prepare, with the BASE architectures and random weights (YOLO from yolo11n.yaml, open_clip
-ViT-B-32 with pretrained=None), so the FLOPs are the real ones and nothing is downloaded.
-In the same process it times a naive reference loop on a subset (one image at a time, one crop at
-a time, prompts re-encoded for every image: how per-image auto-labelers work) and prints the
-speed-up; it measures this machine's fp32 matmul rate and reports the CLIP image tower's achieved
-FLOP rate against it; and it runs the two stages in a fresh subprocess on 1x and Fx the input to
-report peak RSS (streaming: it should not grow with the data). Timings on a busy machine are noisy:
-the parameters are printed with the figures, re-take them on a quiet machine.
+Runs the real stages (pipeline.detect.ImageDetector, pipeline.label.ShardLabeler, as
+detect_objects / label_objects do) on N JPEGs made by re-encoding the bundled sample images at
+varied sizes and qualities, prepared by pipeline.prepare, with the BASE architectures and random
+weights (YOLO from yolo11n.yaml, open_clip ViT-B-32 with pretrained=None), so the FLOPs are the
+real ones and nothing is downloaded. One run prints:
+- the stage throughputs (detect at each `--detect-conf`, label on the boxes of the first one) and,
+  on CUDA, the mean GPU utilisation sampled during each stage (NVML, else nvidia-smi);
+- the model-only limits measured in the same process (YOLO forward at the detect batch, CLIP
+  encode_image at the crop batch; bf16 autocast on CUDA) and each stage's ratio to its limit;
+- CPU-side proxies that need no GPU: main-process CPU ms per image (time.process_time of this
+  process over the stage loop, in total and outside the model forwards) and bytes per image moved
+  host -> device;
+- on CPU: a naive reference loop on a subset (one image at a time, one crop at a time, prompts
+  re-encoded for every image) and the speed-up, the CLIP image tower's FLOP rate against this
+  machine's fp32 matmul rate, and peak RSS for 1x and Fx the input (each in a fresh subprocess).
+
+The benchmark only calls APIs that the stages have had since their first release, so the same file
+can measure an older checkout (copy it into that checkout's benchmarks/ folder). Timings on a busy
+machine are noisy: the parameters are printed with the figures, re-take them on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -25,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +54,7 @@ SAMPLE = REPO / "pipeline" / "sample"
 BENCH_PRESET = "base-random"
 LONGEST_SIDES = (224, 320, 480, 640, 800, 1024)  # re-encoded sizes, cycled
 QUALITIES = (80, 88, 95)
+DETECT_IMGSZ = 640
 
 
 def register_bench_preset() -> str:
@@ -110,7 +125,7 @@ def build_workspace(root: Path, n: int) -> dict[str, Path]:
     return {"root": root, "pairs": root / "prepared" / "pairs.parquet"}
 
 
-def build_vocab(ws: dict[str, Path], m: int, l: int) -> dict[str, Path]:  # noqa: E741
+def build_vocab(ws: dict[str, Path], m: int, l: int, device: str = "cpu") -> dict[str, Path]:  # noqa: E741
     """entities.json (mined from the captions, padded with snapshot relation words if short),
     relations.json (bundled Wikidata snapshot) and prompts.safetensors (encoded once)."""
     import io
@@ -123,9 +138,15 @@ def build_vocab(ws: dict[str, Path], m: int, l: int) -> dict[str, Path]:  # noqa
 
     vocab = ws["root"] / "vocab"
     ent, rel = vocab / "entities.json", vocab / "relations.json"
-    doc = mine_nouns(ws["pairs"], ent, m=m, progress=False)
-    names = [e["name"] for e in doc["entities"]]
-    if len(names) < m:  # the sample's captions have ~150 distinct nouns
+    try:
+        doc = mine_nouns(ws["pairs"], ent, m=m, progress=False)
+        rewrite = False
+    except (ImportError, OSError, RuntimeError, ValueError) as e:  # no spaCy (a GPU machine)
+        print(f"mine-nouns unavailable ({type(e).__name__}); entities from caption words")
+        doc = {"source": "bench-caption-words", "m": m, "entities": caption_words(ws["pairs"])}
+        rewrite = True
+    names = [e["name"] for e in doc["entities"]][:m]
+    if rewrite or len(names) < m:  # the sample's captions have ~150 distinct nouns
         extra = (w for _, label in read_snapshot() for w in label.split() if len(w) > 2)
         for word in extra:
             if len(names) >= m:
@@ -137,41 +158,391 @@ def build_vocab(ws: dict[str, Path], m: int, l: int) -> dict[str, Path]:  # noqa
         write_json_atomic(ent, doc)
     with redirect_stderr(io.StringIO()):  # the snapshot warning is expected here
         fetch_relations(rel, l=l)
-    embed_prompts(ent, rel, vocab / "prompts.safetensors", preset=BENCH_PRESET, device="cpu")
+    embed_prompts(ent, rel, vocab / "prompts.safetensors", preset=BENCH_PRESET, device=device)
     return {"entities": ent, "relations": rel, "prompts": vocab / "prompts.safetensors"}
+
+
+def caption_words(pairs_path: Path) -> list[dict[str, Any]]:
+    """Lower-case caption words (3+ letters) by falling count: a stand-in entity vocabulary
+    (throughput depends on its size, not its words)."""
+    import re
+    from collections import Counter
+
+    from pipeline.labeling_data import read_pairs
+
+    counts = Counter(
+        w for c in read_pairs(pairs_path)["caption"] for w in re.findall(r"[a-z]{3,}", c.lower())
+    )
+    return [{"name": w, "count": n} for w, n in sorted(counts.items(), key=lambda x: (-x[1], x[0]))]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _params(cls: type, **values: Any) -> Any:
+    """A params dataclass with the values it knows (older checkouts lack newer fields)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+
+def bench_params(args: argparse.Namespace, conf: float | None = None) -> tuple[Any, Any]:
+    from pipeline.detect import DetectParams
+    from pipeline.label import LabelParams
+
+    detect = _params(
+        DetectParams,
+        batch_size=args.detect_batch,
+        imgsz=DETECT_IMGSZ,
+        conf=args.detect_conf[0] if conf is None else conf,
+        top_k=args.top_k,
+        num_workers=args.detect_workers,
+        impl=args.detect_impl,
+    )
+    label = _params(
+        LabelParams,
+        samples_per_shard=args.samples_per_shard,
+        image_batch_size=args.image_batch,
+        crop_batch_size=args.crop_batch,
+        num_workers=args.workers,
+        decode=args.decode,
+        resize_mode=args.resize_mode,
+    )
+    return detect, label
+
+
+def fill_device_defaults(args: argparse.Namespace) -> None:
+    """Unset sizes: the old CPU benchmark's on CPU; on CUDA, sized for a 16-core GPU machine."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cuda = args.device.startswith("cuda")
+    defaults = {
+        "detect_batch": 64 if cuda else 16,
+        "image_batch": 256 if cuda else 32,
+        "crop_batch": 1024 if cuda else 128,
+        "workers": max(1, min(15, (cpus or 2) - 1)) if cuda else 2,
+        "detect_workers": max(1, min(15, (cpus or 2) - 1)) if cuda else 0,
+        "samples_per_shard": 1024 if cuda else 1000,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.detect_conf is None:
+        args.detect_conf = [0.0, 0.25] if cuda else [0.0]
+    if args.skip_cpu_figures is None:
+        args.skip_cpu_figures = cuda
+
+
+# ----------------------------------------------------------------------------- instruments
+
+
+class ForwardMeter:
+    """Process CPU time, wall time and input size inside the model forwards (YOLO's
+    `BaseModel.forward`, open_clip's `encode_image`), patched at class level so that any code
+    path (the stages' own or ultralytics' predictor) is measured the same way."""
+
+    # Device-side pre/post-processing of the fast paths (absent in older checkouts). On CPU the
+    # device is the CPU, so this work shows up as main-process CPU time; on CUDA it is launches.
+    DEVICE_OPS = {
+        "pipeline.yolo_batch": ("to_model_input", "postprocess"),
+        "pipeline.clip_inputs": ("decode_jpegs", "square_tensor", "cap_tensor", "encode_jpegs"),
+    }
+
+    def __init__(self) -> None:
+        self.cpu = {"yolo": 0.0, "clip": 0.0, "device_ops": 0.0}
+        self.elements = {"yolo": 0, "clip": 0}
+        self.bytes = {"yolo": 0, "clip": 0}
+        self._patched: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, owner: Any, name: str, key: str, method: bool = True) -> None:
+        original = owner.__dict__.get(name)
+        if original is None:
+            return
+        meter = self
+
+        def timed(*args, **kwargs):
+            t = time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                meter.cpu[key] += time.process_time() - t
+                if key in meter.elements:
+                    x = args[1]
+                    meter.elements[key] += int(x.numel())
+                    meter.bytes[key] += int(x.numel() * x.element_size())
+
+        setattr(owner, name, timed)
+        self._patched.append((owner, name, original))
+
+    def __enter__(self) -> ForwardMeter:
+        import importlib
+
+        import open_clip.model
+        from ultralytics.nn.tasks import BaseModel
+
+        self._wrap(BaseModel, "forward", "yolo")
+        for cls_name in ("CLIP", "CustomTextCLIP"):
+            cls = getattr(open_clip.model, cls_name, None)
+            if cls is not None:
+                self._wrap(cls, "encode_image", "clip")
+        for module_name, names in self.DEVICE_OPS.items():
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            for name in names:
+                self._wrap(module, name, "device_ops")
+            normaliser = getattr(module, "Normaliser", None)
+            if normaliser is not None:
+                self._wrap(normaliser, "__call__", "device_ops")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+        self._patched.clear()
+
+    def snapshot(self) -> dict[str, float]:
+        return {**{f"cpu_{k}": v for k, v in self.cpu.items()}, **self._counts()}
+
+    def _counts(self) -> dict[str, float]:
+        return {
+            **{f"elements_{k}": v for k, v in self.elements.items()},
+            **{f"bytes_{k}": v for k, v in self.bytes.items()},
+        }
+
+
+class GpuSampler:
+    """Mean GPU utilisation (%) sampled every 100 ms in a thread (NVML, else nvidia-smi)."""
+
+    def __init__(self, device: str) -> None:
+        self.enabled = device.startswith("cuda")
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.source = "n/a"
+
+    def _nvml(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.source = "nvml"
+            return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:  # noqa: BLE001 - no NVML: fall back to nvidia-smi
+            return None
+
+    def _smi(self):
+        if not shutil.which("nvidia-smi"):
+            return None
+        self.source = "nvidia-smi"
+
+        def read() -> float:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.split()
+            return float(out[0]) if out else float("nan")
+
+        return read
+
+    def __enter__(self) -> GpuSampler:
+        if not self.enabled:
+            return self
+        read = self._nvml() or self._smi()
+        if read is None:
+            return self
+
+        def loop() -> None:
+            while not self._stop.wait(0.1):
+                self.samples.append(read())
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        vals = [v for v in self.samples if v == v]
+        return round(sum(vals) / len(vals), 1) if vals else None
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def measured(device: str, meter: ForwardMeter):
+    """Wall time, this process's CPU time and the forward meter's deltas over a block."""
+    result: dict[str, Any] = {}
+    before = meter.snapshot()
+    sampler = GpuSampler(device)
+    with sampler:
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield result
+        sync(device)
+        result["wall"] = time.perf_counter() - t0
+        result["cpu"] = time.process_time() - c0
+    after = meter.snapshot()
+    result.update({k: after[k] - before[k] for k in after})
+    result["gpu_util"] = sampler.mean
+    result["gpu_util_source"] = sampler.source
+
+
+# ----------------------------------------------------------------------------- model-only limits
+
+
+def _best_seconds(fn: Any, dev: Any, warm: int, reps: int, tries: int = 3) -> float:
+    """Fastest of `tries` timings of `reps` calls, after `warm` calls (inference, autocast)."""
+    import torch
+
+    from pipeline.runtime import autocast
+
+    best = float("inf")
+    with torch.inference_mode(), autocast(dev):
+        for _ in range(warm):
+            fn()
+        for _ in range(tries):
+            sync(str(dev))
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync(str(dev))
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def model_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """Images/s of the bare YOLO forward (fused, as predict runs it) and CLIP encode_image on
+    random input, batch as in the stages (CPU: small batches, one timed pass)."""
+    import copy
+
+    import torch
+
+    from pipeline.models import load_clip, load_detector
+    from pipeline.runtime import select_device, set_threads
+
+    dev = select_device(args.device)
+    cuda = dev.type == "cuda"
+    warm, reps = (3, 10) if cuda else (1, 1)  # CPU: best of 3 single passes (busy machines)
+    out: dict[str, Any] = {}
+    net = copy.deepcopy(load_detector(BENCH_PRESET).model).fuse(verbose=False).to(dev).eval()
+    if not cuda:  # as predict does on x86 CPUs (pipeline.yolo_batch.fused_network too)
+        net = net.to(memory_format=torch.channels_last)
+    set_threads()  # importing ultralytics leaves torch on one thread
+    bs = args.detect_batch if cuda else min(args.detect_batch, 8)
+    x = torch.rand(bs, 3, DETECT_IMGSZ, DETECT_IMGSZ, device=dev)
+    out["yolo_images_per_s"] = bs * reps / _best_seconds(lambda: net(x), dev, warm, reps)
+    out["yolo_batch"] = bs
+
+    clip = load_clip(BENCH_PRESET)[0].to(dev).eval()
+    set_threads()
+    size = clip.visual.image_size[0]
+    bs = args.crop_batch if cuda else min(args.crop_batch, 32)
+    x = torch.randn(bs, 3, size, size, device=dev)
+    out["clip_passes_per_s"] = (
+        bs * reps / _best_seconds(lambda: clip.encode_image(x), dev, warm, reps)
+    )
+    out["clip_batch"] = bs
+    return out
 
 
 # ----------------------------------------------------------------------------- the stages
 
 
-def bench_params(args: argparse.Namespace) -> tuple[Any, Any]:
-    from pipeline.detect import DetectParams
-    from pipeline.label import LabelParams
+def run_detect(ws: dict[str, Path], args: argparse.Namespace, meter: ForwardMeter, conf: float):
+    """The detect loop (model loaded outside the timing); writes boxes.parquet for labeling."""
+    from pipeline.detect import ImageDetector, unique_images, write_detections
 
-    detect = DetectParams(
-        batch_size=args.detect_batch, imgsz=640, conf=0.0, top_k=args.top_k, num_workers=0
+    detect_params, _ = bench_params(args, conf)
+    pairs, paths = unique_images(ws["pairs"])
+    detector = ImageDetector(BENCH_PRESET, None, detect_params, args.device)
+    if args.device.startswith("cuda"):  # cudnn autotuning, allocator growth
+        detector.detect(paths[: detect_params.batch_size * 2])
+        for attr in ("bytes_to_device",):
+            if hasattr(detector, attr):
+                setattr(detector, attr, 0)
+    with measured(args.device, meter) as m:
+        by_path = detector.detect(paths)
+    boxes = ws["root"] / "objects" / f"boxes-conf{conf:g}.parquet"
+    counts = write_detections(pairs, by_path, boxes, BENCH_PRESET, None, detect_params)
+    m.update(
+        images=len(paths),
+        boxes_path=boxes,
+        counts=counts,
+        bytes_to_device=getattr(detector, "bytes_to_device", None),
+        impl=getattr(detect_params, "impl", "ultralytics"),
     )
-    label = LabelParams(
-        samples_per_shard=args.samples_per_shard,
-        image_batch_size=args.image_batch,
-        crop_batch_size=args.crop_batch,
-        num_workers=args.workers,
+    return m
+
+
+def run_label(
+    ws: dict[str, Path],
+    vocab: dict[str, Path],
+    boxes: Path,
+    args: argparse.Namespace,
+    meter: ForwardMeter,
+):
+    """The label loop as label_objects runs it (plan, ShardLabeler, finish), model load untimed."""
+    from pipeline.label import ShardLabeler, finish_labeling, plan_labeling
+
+    _, label_params = bench_params(args)
+    out = ws["root"] / "shards"
+    shutil.rmtree(out, ignore_errors=True)
+    job, done = plan_labeling(
+        ws["pairs"],
+        boxes,
+        vocab["prompts"],
+        vocab["entities"],
+        vocab["relations"],
+        out,
+        preset=BENCH_PRESET,
+        params=label_params,
     )
-    return detect, label
+    labeler = ShardLabeler(job, args.device)
+    if args.device.startswith("cuda"):  # warm-up on shard 0 (rewritten by the timed run)
+        for s, marker in labeler.label([0]):
+            done[s] = marker
+        labeler.encode_seconds = 0.0
+        labeler.images_seen = 0
+        if hasattr(labeler, "bytes_to_device"):
+            labeler.bytes_to_device = 0
+    with measured(args.device, meter) as m:
+        for s, marker in labeler.label(range(job.n_shards)):
+            done[s] = marker
+    summary = finish_labeling(job, done, vocab["entities"], vocab["relations"])
+    m.update(
+        images=job.n,
+        counts=summary["counts"],
+        encode_seconds=labeler.encode_seconds,
+        bytes_to_device=getattr(labeler, "bytes_to_device", None),
+        decode=getattr(labeler, "decode", "workers"),
+        resize_mode=getattr(label_params, "resize_mode", "center_crop"),
+    )
+    return m
 
 
 def run_stages(ws: dict[str, Path], vocab: dict[str, Path], args: argparse.Namespace) -> dict:
-    """detect-objects then label-objects on a workspace; their summaries and wall times."""
+    """detect-objects then label-objects through their public functions (the RSS runs)."""
     from pipeline.detect import detect_objects
     from pipeline.label import label_objects
 
     detect_params, label_params = bench_params(args)
     boxes = ws["root"] / "objects" / "boxes.parquet"
-    t0 = time.perf_counter()
     det = detect_objects(
         ws["pairs"], boxes, BENCH_PRESET, params=detect_params, device="cpu", progress=False
     )
-    t1 = time.perf_counter()
     lab = label_objects(
         ws["pairs"],
         boxes,
@@ -184,8 +555,7 @@ def run_stages(ws: dict[str, Path], vocab: dict[str, Path], args: argparse.Names
         device="cpu",
         progress=False,
     )
-    t2 = time.perf_counter()
-    return {"detect": det, "label": lab, "detect_wall": t1 - t0, "label_wall": t2 - t1}
+    return {"detect": det, "label": lab}
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -215,6 +585,8 @@ def naive_label(paths: list[str], vocab: dict[str, Path], args: argparse.Namespa
     detector = load_detector(BENCH_PRESET)
     set_threads()
     clip, preprocess, tokenizer = load_clip(BENCH_PRESET)
+    clip_input = _reference_input(preprocess, label_params)
+    scale = getattr(label_params, "logit_scale", None) or float(clip.logit_scale.detach().exp())
     entities = read_entity_names(vocab["entities"])
     relations = read_relation_labels(vocab["relations"])
     cpu = torch.device("cpu")
@@ -243,21 +615,15 @@ def naive_label(paths: list[str], vocab: dict[str, Path], args: argparse.Namespa
                 clip, tokenizer, relations, RELATION_TEMPLATES, "relation", 256, cpu
             )
             prompt_seconds += time.perf_counter() - tp
-            feats = F.normalize(clip.encode_image(preprocess(img)[None]), dim=-1)
+            feats = F.normalize(clip.encode_image(clip_input(img)[None]), dim=-1)
             rel_idx, rel_prob, _ = soft_labels(
-                feats, rel_prompts, label_params.logit_scale, label_params.tau, label_params.k_rel
+                feats, rel_prompts, scale, label_params.tau, label_params.k_rel
             )
             rel_top[path] = (rel_idx[0].numpy(), rel_prob[0].numpy())
             for box in xyxy:
                 window = padded_box(box, img.width, img.height, label_params.crop_padding)
-                crop = F.normalize(clip.encode_image(preprocess(img.crop(window))[None]), dim=-1)
-                soft_labels(
-                    crop,
-                    ent_prompts,
-                    label_params.logit_scale,
-                    label_params.tau,
-                    label_params.k_ent,
-                )
+                crop = F.normalize(clip.encode_image(clip_input(img.crop(window))[None]), dim=-1)
+                soft_labels(crop, ent_prompts, scale, label_params.tau, label_params.k_ent)
             encode_jpeg(cap_longest_side(img, label_params.max_side), label_params.jpeg_quality)
     seconds = time.perf_counter() - t0
     return {
@@ -270,14 +636,24 @@ def naive_label(paths: list[str], vocab: dict[str, Path], args: argparse.Namespa
     }
 
 
-def compare_with_shards(rel_top: dict, ws: dict[str, Path], pairs: dict) -> float:
+def _reference_input(preprocess: Any, label_params: Any):
+    """The per-image PIL + open_clip preprocess path for the configured resize mode."""
+    try:
+        from pipeline.clip_inputs import reference_clip_input
+    except ImportError:  # older checkouts: open_clip's preprocess (centre crop)
+        return preprocess
+    mode = getattr(label_params, "resize_mode", "center_crop")
+    return lambda img: reference_clip_input(img, preprocess, mode)
+
+
+def compare_with_shards(rel_top: dict, shard_dir: Path, pairs: dict) -> float:
     """Largest |q_rel| difference between the naive loop and the shards (same image, same CLIP)."""
     import numpy as np
 
     from pipeline import shards
 
     by_id = {}
-    for tar in shards.shard_paths(ws["root"] / "shards"):
+    for tar in shards.shard_paths(shard_dir):
         for raw in shards.iter_raw_samples(tar):
             s = shards.decode_sample(raw)
             by_id[s["meta"]["id"]] = s
@@ -383,6 +759,7 @@ def measure_rss(root: Path, n: int, vocab: dict[str, Path], args: argparse.Names
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--images", type=int, default=48, help="images for the throughput run")
     p.add_argument("--naive-images", type=int, default=3, help="subset for the naive loop")
     p.add_argument("--rss-images", type=int, default=16, help="1x input of the RSS runs (0: skip)")
@@ -396,21 +773,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--entities", type=int, default=64, help="entity vocabulary size M")
     p.add_argument("--relations", type=int, default=32, help="relation vocabulary size L")
     p.add_argument("--top-k", type=int, default=4, help="boxes (crops) per image")
-    p.add_argument("--detect-batch", type=int, default=16, help="images per YOLO forward")
-    p.add_argument("--image-batch", type=int, default=32, help="images per CLIP forward")
-    p.add_argument("--crop-batch", type=int, default=128, help="crops per CLIP forward")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=2, help="label DataLoader workers")
+    p.add_argument(
+        "--detect-conf",
+        type=float,
+        nargs="+",
+        default=None,
+        help="detect thresholds to time; labeling uses the first (default: 0 on CPU, 0 and "
+        "0.25 on CUDA; the random detector scores ~1e-4, so 0.25 keeps no box)",
+    )
+    p.add_argument("--detect-batch", type=int, default=None, help="images per YOLO forward")
+    p.add_argument("--detect-workers", type=int, default=None, help="detect DataLoader workers")
+    p.add_argument("--detect-impl", default=None, help="fast | ultralytics (newer checkouts)")
+    p.add_argument("--image-batch", type=int, default=None, help="images per CLIP forward")
+    p.add_argument("--crop-batch", type=int, default=None, help="crops per CLIP forward")
+    p.add_argument("--samples-per-shard", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="label DataLoader workers")
+    p.add_argument("--decode", default=None, help="label decode: auto | workers | device")
+    p.add_argument("--resize-mode", default=None, help="label: letterbox | center_crop")
+    p.add_argument(
+        "--skip-cpu-figures",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip the naive loop, FLOP rate and RSS runs (default: skipped on CUDA)",
+    )
     p.add_argument("--workdir", default="", help="keep the workspace here (default: temp dir)")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     p.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    fill_device_defaults(args)
     # What an RSS child needs to run the stages with the same parameters.
     args.child_args = [
         f"--{k}={getattr(args, k.replace('-', '_'))}"
-        for k in ("top-k", "detect-batch", "image-batch", "crop-batch", "workers")
+        for k in ("top-k", "detect-batch", "image-batch", "crop-batch", "workers", "detect-workers")
     ] + [f"--samples-per-shard={args.rss_samples_per_shard}"]
+    for k in ("decode", "resize-mode", "detect-impl"):
+        if getattr(args, k.replace("-", "_")):
+            args.child_args.append(f"--{k}={getattr(args, k.replace('-', '_'))}")
+    args.child_args += ["--detect-conf", *map(str, args.detect_conf[:1])]
     return args
+
+
+def _per_image(value: float | None, images: int, scale: float = 1.0) -> float | None:
+    return None if value is None else round(value * scale / max(images, 1), 3)
+
+
+def stage_figures(m: dict[str, Any], kind: str, limit_per_s: float) -> dict[str, Any]:
+    """Throughput, limit ratio and CPU-side proxies of one timed stage loop."""
+    key = "yolo" if kind == "detect" else "clip"
+    images = m["images"]
+    rate = images / m["wall"]
+    if m.get("bytes_to_device") is not None:
+        h2d, how = m["bytes_to_device"], "counted by the stage"
+    elif kind == "detect":  # ultralytics' predictor moves the uint8 letterboxed batch
+        h2d, how = m[f"elements_{key}"], "uint8 model inputs (ultralytics predictor)"
+    else:  # the first release moved float32 model inputs
+        h2d, how = m[f"bytes_{key}"], "float32 model inputs"
+    return {
+        "images": images,
+        "images_per_s": round(rate, 2),
+        "limit_images_per_s": round(limit_per_s, 1),
+        "ratio_to_limit": round(rate / limit_per_s, 3),
+        "gpu_util_mean_pct": m["gpu_util"],
+        "main_cpu_ms_per_image": _per_image(m["cpu"], images, 1e3),
+        "main_cpu_ms_per_image_in_forwards": _per_image(m[f"cpu_{key}"], images, 1e3),
+        "main_cpu_ms_per_image_in_device_ops": _per_image(m["cpu_device_ops"], images, 1e3),
+        "main_cpu_ms_per_image_host_side": _per_image(
+            m["cpu"] - m[f"cpu_{key}"] - m["cpu_device_ops"], images, 1e3
+        ),
+        "h2d_bytes_per_image": _per_image(h2d, images),
+        "h2d_method": how,
+        "model_input_bytes_per_image": _per_image(m[f"bytes_{key}"], images),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -422,7 +855,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from pipeline.labeling_data import read_pairs
     from pipeline.runtime import set_threads
 
     threads = set_threads()
@@ -433,79 +865,108 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="pmu-bench-")
         root = Path(tmp.name)
+    figures: dict[str, Any] = {}
     try:
         t = time.perf_counter()
         ws = build_workspace(root / "main", args.images)
-        vocab = build_vocab(ws, args.entities, args.relations)
-        setup_s = time.perf_counter() - t
-        print(f"setup: {args.images} images, vocab and prompts in {setup_s:.1f} s", flush=True)
+        vocab = build_vocab(ws, args.entities, args.relations, args.device)
+        print(f"setup: {args.images} images, vocab, prompts in {time.perf_counter() - t:.1f} s")
 
-        run = run_stages(ws, vocab, args)
-        det, lab = run["detect"], run["label"]
-        print(f"fast path: detect {det['seconds']} s, label loop {lab['timing']['seconds_loop']} s")
-
-        pairs = read_pairs(ws["pairs"])
-        naive_paths = pairs["image_path"][: args.naive_images]
-        naive = naive_label(naive_paths, vocab, args)
-        naive_diff = compare_with_shards(naive.pop("rel_top"), ws, pairs)
-        print(f"naive: {naive['images']} images in {naive['seconds']:.1f} s", flush=True)
-
-        flops_per_pass, flops_analytic = clip_image_flops()
-        peak = matmul_peak()
+        limits = model_limits(args)
+        print(f"model-only limits: {json.dumps({k: round(v, 1) for k, v in limits.items()})}")
         set_threads()
-
-        rss = {}
-        if args.rss_images > 0:
-            for factor in (1, args.rss_factor):
-                n = args.rss_images * factor
-                rss[f"{factor}x"] = measure_rss(root / f"rss-{factor}x", n, vocab, args)
-                print(f"peak RSS at {n} images: {rss[f'{factor}x']}", flush=True)
+        with ForwardMeter() as meter:
+            detects = {}
+            for conf in args.detect_conf:
+                detects[conf] = run_detect(ws, args, meter, conf)
+                print(f"detect conf {conf:g}: {detects[conf]['wall']:.2f} s", flush=True)
+            first = detects[args.detect_conf[0]]
+            label = run_label(ws, vocab, first["boxes_path"], args, meter)
+            print(f"label: {label['wall']:.2f} s", flush=True)
+        counts = label["counts"]
+        passes_per_image = (counts["samples"] + counts["objects"]) / max(counts["samples"], 1)
+        figures["detect"] = {
+            f"conf{conf:g}": dict(
+                stage_figures(m, "detect", limits["yolo_images_per_s"]),
+                boxes=m["counts"]["boxes"],
+                impl=m["impl"],
+            )
+            for conf, m in detects.items()
+        }
+        figures["label"] = dict(
+            stage_figures(label, "label", limits["clip_passes_per_s"] / passes_per_image),
+            crops=counts["objects"],
+            clip_passes_per_image=round(passes_per_image, 2),
+            clip_encode_share_of_loop=round(label["encode_seconds"] / label["wall"], 3),
+            decode=label["decode"],
+            resize_mode=label["resize_mode"],
+        )
+        figures["limits"] = {k: round(v, 1) for k, v in limits.items()}
+        if not args.skip_cpu_figures:
+            figures.update(cpu_figures(ws, vocab, args, detects[args.detect_conf[0]], label, root))
     finally:
         if tmp is not None:
             tmp.cleanup()
+    figures["params"] = {
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "images": args.images,
+        "entities_M": args.entities,
+        "relations_L": args.relations,
+        "boxes_per_image": args.top_k,
+        "detect_imgsz": DETECT_IMGSZ,
+        "detect_batch": args.detect_batch,
+        "detect_workers": args.detect_workers,
+        "image_batch": args.image_batch,
+        "crop_batch": args.crop_batch,
+        "label_workers": args.workers,
+        "samples_per_shard": args.samples_per_shard,
+        "rss_samples_per_shard": args.rss_samples_per_shard,
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "models": "yolo11n.yaml + open_clip ViT-B-32, random weights",
+    }
+    print_report(figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    return figures
 
+
+def cpu_figures(ws, vocab, args, detect, label, root) -> dict[str, Any]:
+    """The first release's CPU ratios: naive loop, FLOP rate, RSS 1x / Fx."""
+    from pipeline.labeling_data import read_pairs
+    from pipeline.runtime import set_threads
+
+    pairs = read_pairs(ws["pairs"])
+    naive = naive_label(pairs["image_path"][: args.naive_images], vocab, args)
+    naive_diff = compare_with_shards(naive.pop("rel_top"), ws["root"] / "shards", pairs)
+    print(f"naive: {naive['images']} images in {naive['seconds']:.1f} s", flush=True)
+    flops_per_pass, flops_analytic = clip_image_flops()
+    peak = matmul_peak()
+    set_threads()
+    rss = {}
+    if args.rss_images > 0:
+        for factor in (1, args.rss_factor):
+            n = args.rss_images * factor
+            rss[f"{factor}x"] = measure_rss(root / f"rss-{factor}x", n, vocab, args)
+            print(f"peak RSS at {n} images: {rss[f'{factor}x']}", flush=True)
     n = args.images
-    counts = lab["counts"]
+    counts = label["counts"]
     passes = counts["samples"] + counts["objects"]
-    fast_loop = det["seconds"] + lab["timing"]["seconds_loop"]
+    fast_loop = detect["wall"] + label["wall"]
     fast_rate = n / fast_loop
     naive_rate = naive["images"] / naive["seconds"]
     naive_no_prompts = naive["images"] / (naive["seconds"] - naive["prompt_seconds"])
-    encode_s = lab["timing"]["seconds_clip_encode"]
-    figures = {
-        "params": {
-            "images": n,
-            "naive_images": naive["images"],
-            "entities_M": args.entities,
-            "relations_L": args.relations,
-            "prompts_reencoded_per_image_naive": naive["prompts_per_image"],
-            "boxes_per_image": args.top_k,
-            "detect_imgsz": 640,
-            "detect_batch": args.detect_batch,
-            "image_batch": args.image_batch,
-            "crop_batch": args.crop_batch,
-            "label_workers": args.workers,
-            "samples_per_shard": args.samples_per_shard,
-            "rss_samples_per_shard": args.rss_samples_per_shard,
-            "torch_threads": threads,
-            "torch": torch.__version__,
-            "models": "yolo11n.yaml + open_clip ViT-B-32, random weights",
-            "device": "cpu",
-        },
-        "fast": {
-            "images_per_s": round(fast_rate, 3),
-            "detect_images_per_s": det["images_per_s"],
-            "label_images_per_s": lab["timing"]["images_per_s"],
-            "crops": counts["objects"],
-            "clip_passes": passes,
-            "clip_encode_share_of_label_loop": round(encode_s / lab["timing"]["seconds_loop"], 3),
-            "detect_wall_s_incl_model_load": round(run["detect_wall"], 2),
-            "label_wall_s_incl_model_load": round(run["label_wall"], 2),
-        },
+    encode_s = label["encode_seconds"]
+    return {
+        "fast": {"images_per_s": round(fast_rate, 3)},
         "naive": {
+            "images": naive["images"],
             "images_per_s": round(naive_rate, 4),
             "images_per_s_without_prompt_reencoding": round(naive_no_prompts, 4),
             "prompt_share": round(naive["prompt_seconds"] / naive["seconds"], 3),
+            "prompts_reencoded_per_image": naive["prompts_per_image"],
             "max_abs_q_rel_diff_vs_fast": naive_diff,
         },
         "speedup": {
@@ -519,49 +980,80 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "clip_encode_gflop_s": round(passes * flops_per_pass / encode_s / 1e9, 1),
             "clip_encode_fraction_of_peak": round(passes * flops_per_pass / encode_s / peak, 3),
             "clip_over_label_loop_fraction_of_peak": round(
-                passes * flops_per_pass / lab["timing"]["seconds_loop"] / peak, 3
+                passes * flops_per_pass / label["wall"] / peak, 3
             ),
         },
         "rss": rss,
     }
-    print_report(figures)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
-    return figures
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
 
 
 def print_report(f: dict[str, Any]) -> None:
-    p, fast, naive, sp, fl = f["params"], f["fast"], f["naive"], f["speedup"], f["flops"]
+    p = f["params"]
+    stages = {f"detect {k}": v for k, v in f["detect"].items()} | {"label": f["label"]}
+    rows = [
+        ("images/s", "images_per_s"),
+        ("model-only limit, images/s", "limit_images_per_s"),
+        ("ratio to the limit", "ratio_to_limit"),
+        ("mean GPU utilisation %", "gpu_util_mean_pct"),
+        ("main-process CPU ms/image", "main_cpu_ms_per_image"),
+        ("  in model forwards", "main_cpu_ms_per_image_in_forwards"),
+        ("  in device-side pre/post ops", "main_cpu_ms_per_image_in_device_ops"),
+        ("  host side (the rest)", "main_cpu_ms_per_image_host_side"),
+        ("host->device bytes/image", "h2d_bytes_per_image"),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
     lines = [
         "",
         "== label throughput (detect-objects + label-objects) ==",
         f"params: {json.dumps(p)}",
-        f"fast path:  {fast['images_per_s']:.2f} images/s  (detect {fast['detect_images_per_s']} "
-        f"img/s, label {fast['label_images_per_s']} img/s; {fast['crops']} crops, "
-        f"{fast['clip_passes']} CLIP image passes; CLIP encode = "
-        f"{fast['clip_encode_share_of_label_loop']:.0%} of the label loop)",
-        f"naive loop: {naive['images_per_s']:.3f} images/s  ({naive['prompt_share']:.0%} of it "
-        f"re-encoding {p['prompts_reencoded_per_image_naive']} prompts per image; "
-        f"{naive['images_per_s_without_prompt_reencoding']:.3f} images/s without that); "
-        f"max |q_rel diff| vs shards {naive['max_abs_q_rel_diff_vs_fast']:.2g}",
-        f"speed-up:   {sp['fast_vs_naive']:.1f}x over the naive loop "
-        f"({sp['fast_vs_naive_without_prompt_reencoding']:.2f}x over it with prompts cached)",
-        f"CLIP image tower: {fl['clip_image_tower_gflop_per_pass']} GFLOP/pass counted "
-        f"({fl['clip_image_tower_gflop_per_pass_analytic']} analytic); "
-        f"{fl['clip_encode_gflop_s']} GFLOP/s while encoding = "
-        f"{fl['clip_encode_fraction_of_peak']:.0%} of the measured fp32 matmul peak "
-        f"({fl['matmul_peak_gflop_s']} GFLOP/s); over the whole label loop "
-        f"{fl['clip_over_label_loop_fraction_of_peak']:.0%}",
+        f"limits: {json.dumps(f['limits'])}",
+        "".ljust(width) + "".join(name.rjust(16) for name in stages),
     ]
-    for k, r in f["rss"].items():
+    for title, key in rows:
         lines.append(
-            f"peak RSS {k:>4} ({r['samples']} images, {p['rss_samples_per_shard']} per shard): "
-            f"main {r['main_mib']:.0f} MiB, largest worker {r['worker_mib']:.0f} MiB "
-            f"({r['seconds']:.0f} s)"
+            title.ljust(width) + "".join(_fmt(s.get(key)).rjust(16) for s in stages.values())
         )
-    if len(f["rss"]) == 2:
-        a, b = f["rss"].values()
-        lines.append(f"RSS ratio {list(f['rss'])[1]}/1x: {b['main_mib'] / a['main_mib']:.2f}")
+    lab = f["label"]
+    lines.append(
+        f"label: {lab['crops']} crops, {lab['clip_passes_per_image']} CLIP passes per image, "
+        f"CLIP encode = {lab['clip_encode_share_of_loop']:.0%} of the loop; decode "
+        f"{lab['decode']}, resize {lab['resize_mode']}; host->device counted as: "
+        + "; ".join(f"{name}: {s['h2d_method']}" for name, s in stages.items())
+    )
+    if "naive" in f:
+        fast, naive, sp, fl = f["fast"], f["naive"], f["speedup"], f["flops"]
+        lines += [
+            f"fast path:  {fast['images_per_s']:.2f} images/s (detect + label loops)",
+            f"naive loop: {naive['images_per_s']:.3f} images/s  ({naive['prompt_share']:.0%} "
+            f"of it re-encoding {naive['prompts_reencoded_per_image']} prompts per image; "
+            f"{naive['images_per_s_without_prompt_reencoding']:.3f} images/s without that); "
+            f"max |q_rel diff| vs shards {naive['max_abs_q_rel_diff_vs_fast']:.2g}",
+            f"speed-up:   {sp['fast_vs_naive']:.1f}x over the naive loop "
+            f"({sp['fast_vs_naive_without_prompt_reencoding']:.2f}x over it with prompts cached)",
+            f"CLIP image tower: {fl['clip_image_tower_gflop_per_pass']} GFLOP/pass counted "
+            f"({fl['clip_image_tower_gflop_per_pass_analytic']} analytic); "
+            f"{fl['clip_encode_gflop_s']} GFLOP/s while encoding = "
+            f"{fl['clip_encode_fraction_of_peak']:.0%} of the measured fp32 matmul peak "
+            f"({fl['matmul_peak_gflop_s']} GFLOP/s); over the whole label loop "
+            f"{fl['clip_over_label_loop_fraction_of_peak']:.0%}",
+        ]
+        for k, r in f["rss"].items():
+            lines.append(
+                f"peak RSS {k:>4} ({r['samples']} images, {p['rss_samples_per_shard']} per shard): "
+                f"main {r['main_mib']:.0f} MiB, largest worker {r['worker_mib']:.0f} MiB "
+                f"({r['seconds']:.0f} s)"
+            )
+        if len(f["rss"]) == 2:
+            a, b = f["rss"].values()
+            lines.append(f"RSS ratio {list(f['rss'])[1]}/1x: {b['main_mib'] / a['main_mib']:.2f}")
     print("\n".join(lines))
 
 

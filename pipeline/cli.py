@@ -211,7 +211,13 @@ def detect_objects_cmd(
     conf: float = typer.Option(0.25, min=0.0, max=1.0, help="Confidence threshold."),
     iou: float = typer.Option(0.7, min=0.0, max=1.0, help="NMS IoU threshold."),
     top_k: int = typer.Option(10, min=0, help="Boxes kept per image (by confidence)."),
-    num_workers: int = typer.Option(0, min=0, help="DataLoader workers decoding images."),
+    num_workers: int = typer.Option(
+        -1, min=-1, help="DataLoader workers decoding images (-1: auto, 0 on CPU)."
+    ),
+    impl: str = typer.Option(
+        "fast", help="fast (uint8 batches, batched NMS) | ultralytics (YOLO.predict, reference)."
+    ),
+    pre_nms_top_k: int = typer.Option(1000, min=1, help="fast: candidates per image into NMS."),
     engine: str = ENGINE_OPTION,
     ray_address: str = RAY_ADDRESS_OPTION,
     ray_actors: int = RAY_ACTORS_OPTION,
@@ -235,7 +241,13 @@ def detect_objects_cmd(
         iou=iou,
         top_k=top_k,
         num_workers=num_workers,
+        impl=impl,
+        pre_nms_top_k=pre_nms_top_k,
     )
+    try:
+        params.check()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
     if _engine(engine) == "ray":
         from pipeline.ray_engine import detect_objects_ray
 
@@ -430,9 +442,20 @@ def label_objects_cmd(
     samples_per_shard: int = typer.Option(1000, min=1, help="Samples per shard (by order)."),
     image_batch_size: int = typer.Option(32, min=1, help="Whole images per CLIP forward."),
     crop_batch_size: int = typer.Option(128, min=1, help="Object crops per CLIP forward."),
-    num_workers: int = typer.Option(2, min=0, help="DataLoader workers (0: in-process)."),
+    num_workers: int = typer.Option(
+        -1, min=-1, help="DataLoader workers (0: in-process; -1: auto, 2 on CPU)."
+    ),
     tau: float = typer.Option(1.0, min=1e-6, help="Softmax temperature."),
-    logit_scale: float = typer.Option(100.0, min=0.0, help="CLIP logit scale s."),
+    logit_scale: str = typer.Option(
+        "model",
+        help="CLIP logit scale s: 'model' (the loaded CLIP's exp(logit_scale)) or a number.",
+    ),
+    resize_mode: str = typer.Option(
+        "letterbox", help="letterbox (pad to square: whole image) | center_crop (open_clip's)."
+    ),
+    decode: str = typer.Option(
+        "auto", help="workers (PIL) | device (torchvision; nvjpeg on CUDA) | auto (device on CUDA)."
+    ),
     k_ent: int = typer.Option(10, min=1, help="Kept q_ent entries per object."),
     k_rel: int = typer.Option(10, min=1, help="Kept q_rel entries per image."),
     crop_padding: float = typer.Option(0.0, min=0.0, help="Crop padding, fraction of box size."),
@@ -467,14 +490,20 @@ def label_objects_cmd(
         crop_batch_size=crop_batch_size,
         num_workers=num_workers,
         tau=tau,
-        logit_scale=logit_scale,
+        logit_scale=_logit_scale(logit_scale),
         k_ent=k_ent,
         k_rel=k_rel,
         crop_padding=crop_padding,
         max_side=max_side,
         jpeg_quality=jpeg_quality,
         seed=seed,
+        resize_mode=resize_mode,
+        decode=decode,
     )
+    try:
+        params.check()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
     run = label_objects
     extra: dict = {}
     if _engine(engine) == "ray":
@@ -541,6 +570,20 @@ def score_labels_cmd(
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, scores)
+
+
+def _logit_scale(value: str) -> float | None:
+    """`model` (or empty) -> None (read from the CLIP); otherwise a positive number."""
+    if value.strip().lower() in ("model", "auto", ""):
+        return None
+    try:
+        scale = float(value)
+    except ValueError:
+        msg = f"--logit-scale must be 'model' or a number, not {value!r}"
+        raise typer.BadParameter(msg) from None
+    if not scale > 0:
+        raise typer.BadParameter("--logit-scale must be > 0")
+    return scale
 
 
 @app.command("verify")

@@ -10,6 +10,8 @@ from typing import Any
 
 from pipeline.images import DEFAULT_MAX_PIXELS
 
+IMPLS = ("fast", "ultralytics")
+
 
 @dataclass(frozen=True)
 class DetectParams:
@@ -19,7 +21,9 @@ class DetectParams:
     iou: float = 0.7
     top_k: int = 10  # boxes kept per image, by falling confidence
     max_pixels: int = DEFAULT_MAX_PIXELS
-    num_workers: int = 0  # DataLoader workers decoding images while YOLO runs
+    num_workers: int = -1  # DataLoader workers decoding images (-1: auto, see runtime)
+    impl: str = "fast"  # fast (uint8 batches, batched NMS) | ultralytics (YOLO.predict)
+    pre_nms_top_k: int = 1000  # fast: candidates per image entering NMS, by score
 
     def recorded(self) -> dict[str, Any]:
         """The parameters that shape the output (worker counts do not)."""
@@ -27,10 +31,21 @@ class DetectParams:
         d.pop("num_workers")
         return d
 
+    def check(self) -> None:
+        if self.batch_size < 1 or self.top_k < 0 or self.pre_nms_top_k < 1:
+            raise ValueError("batch_size and pre_nms_top_k must be >= 1 and top_k >= 0")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, not {self.impl!r}")
+
 
 class ImageDetector:
     """YOLO loaded once; detects lists of image paths in chunks of `batch_size` (the unit of work
-    of every engine: the same chunks give the same boxes)."""
+    of every engine: the same chunks give the same boxes).
+
+    `impl="fast"`: workers decode and letterbox into uint8 batches, the fused raw model runs on
+    the batch (bf16 autocast on CUDA, fp32 on CPU), NMS and box scaling run batched on the
+    device (`pipeline.yolo_batch`). `impl="ultralytics"`: `YOLO.predict` per chunk (reference).
+    """
 
     def __init__(
         self,
@@ -41,21 +56,82 @@ class ImageDetector:
         threads: int | None = None,
     ) -> None:
         from pipeline.models import load_detector
-        from pipeline.runtime import select_device, set_threads
+        from pipeline.runtime import auto_workers, select_device, set_threads
 
-        if params.batch_size < 1 or params.top_k < 0:
-            raise ValueError("batch_size must be >= 1 and top_k >= 0")
+        params.check()
         self.params = params
         set_threads(threads)
         self.dev = select_device(device)
         self.model = load_detector(preset, detector_path)
         self.threads = set_threads(threads)  # importing ultralytics pinned OMP to one thread
         self.names = self.model.names
+        self.num_workers = auto_workers(params.num_workers, self.dev, cpu_default=0)
+        self.bytes_to_device = 0  # host -> device traffic of the batches (benchmark proxy)
+        if params.impl == "fast":
+            import torchvision  # noqa: F401 - NMS; imported here, not inside the first batch
+            from ultralytics.utils.checks import check_imgsz
+
+            from pipeline.yolo_batch import fused_network
+
+            self.net, self.stride = fused_network(self.model, self.dev)
+            self.new_shape = tuple(check_imgsz(params.imgsz, stride=self.stride, min_dim=2))
+            # One NMS call per image on CPU (cheapest there); bounded multi-image calls on CUDA.
+            self.nms_group_boxes = 0 if self.dev.type == "cpu" else 16384
 
     def detect(self, paths: list[str], progress: bool = False) -> dict[str, dict[str, Any]]:
         """path -> row (width, height, boxes, classes, confs, error) for distinct image paths."""
-        import torch
         from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), desc="detect-objects", unit="img", disable=not progress)
+        try:
+            if self.params.impl == "fast":
+                return self._detect_fast(paths, bar)
+            return self._detect_ultralytics(paths, bar)
+        finally:
+            bar.close()
+
+    def _detect_fast(self, paths: list[str], bar: Any) -> dict[str, dict[str, Any]]:
+        import torch
+
+        from pipeline import yolo_batch
+        from pipeline.runtime import autocast
+
+        p = self.params
+        loader = torch.utils.data.DataLoader(
+            yolo_batch.LetterboxDataset(paths, p.max_pixels, self.new_shape),
+            batch_size=p.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=yolo_batch.LetterboxCollate(self.new_shape, self.stride),
+            pin_memory=self.dev.type == "cuda",
+        )
+        by_path: dict[str, dict[str, Any]] = {}
+        with torch.inference_mode():
+            for batch in loader:
+                for i, reason in batch["rejected"]:
+                    by_path[paths[i]] = {"width": 0, "height": 0, "error": reason}
+                if batch["index"]:
+                    pixels = batch["pixels"]
+                    self.bytes_to_device += pixels.numel()
+                    x = yolo_batch.to_model_input(pixels.to(self.dev, non_blocking=True))
+                    with autocast(self.dev):
+                        preds = self.net(x)
+                    image, xyxy, conf, cls = yolo_batch.postprocess(
+                        preds,
+                        batch["orig_hw"],
+                        tuple(x.shape[2:]),
+                        p.conf,
+                        p.iou,
+                        p.top_k,
+                        p.pre_nms_top_k,
+                        self.nms_group_boxes,
+                    )
+                    by_path.update(_rows_of_batch(batch, paths, image, xyxy, conf, cls, self.names))
+                bar.update(len(batch["index"]) + len(batch["rejected"]))
+        return by_path
+
+    def _detect_ultralytics(self, paths: list[str], bar: Any) -> dict[str, dict[str, Any]]:
+        import torch
 
         from pipeline import labeling_data as data
 
@@ -64,11 +140,10 @@ class ImageDetector:
             data.DecodeDataset(paths, p.max_pixels),
             batch_size=p.batch_size,
             shuffle=False,
-            num_workers=p.num_workers,
+            num_workers=self.num_workers,
             collate_fn=data.as_list,
         )
         by_path: dict[str, dict[str, Any]] = {}
-        bar = tqdm(total=len(paths), desc="detect-objects", unit="img", disable=not progress)
         for chunk in loader:
             good = [(i, arr) for i, arr, _ in chunk if arr is not None]
             for i, _, reason in chunk:
@@ -88,7 +163,6 @@ class ImageDetector:
                 for (i, arr), res in zip(good, results, strict=True):
                     by_path[paths[i]] = _result_row(res, arr.shape, self.names, p.top_k)
             bar.update(len(chunk))
-        bar.close()
         return by_path
 
 
@@ -157,8 +231,7 @@ def detect_objects(
     get a row with empty lists and `error` set; label-objects rejects them with that reason.
     `threads` caps torch's threads (default: every core this process may use).
     """
-    if params.batch_size < 1 or params.top_k < 0:
-        raise ValueError("batch_size must be >= 1 and top_k >= 0")
+    params.check()
     pairs, unique_paths = unique_images(pairs_path)
     detector = ImageDetector(preset, detector_path, params, device, threads)
     t0 = time.perf_counter()
@@ -190,3 +263,35 @@ def _result_row(res: Any, shape: tuple[int, ...], names: dict[int, str], top_k: 
         "confs": [float(conf[j]) for j in order],
         "error": None,
     }
+
+
+def _rows_of_batch(
+    batch: dict[str, Any],
+    paths: list[str],
+    image: Any,
+    xyxy: Any,
+    conf: Any,
+    cls: Any,
+    names: dict[int, str],
+) -> dict[str, dict[str, Any]]:
+    """Rows of one fast-path batch from its detections (sorted by image, falling confidence):
+    one device -> host copy per tensor."""
+    image, xyxy, conf, cls = (t.cpu().tolist() for t in (image, xyxy, conf.float(), cls))
+    hw = batch["orig_hw"].tolist()
+    rows = {
+        paths[i]: {
+            "width": int(w),
+            "height": int(h),
+            "boxes": [],
+            "classes": [],
+            "confs": [],
+            "error": None,
+        }
+        for i, (h, w) in zip(batch["index"], hw, strict=True)
+    }
+    for b, box, c, k in zip(image, xyxy, conf, cls, strict=True):
+        row = rows[paths[batch["index"][b]]]
+        row["boxes"].append(box)
+        row["classes"].append(names[int(k)])
+        row["confs"].append(c)
+    return rows

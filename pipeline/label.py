@@ -36,9 +36,9 @@ class LabelParams:
     samples_per_shard: int = 1000
     image_batch_size: int = 32  # whole images per CLIP forward (and per DataLoader batch)
     crop_batch_size: int = 128  # object crops per CLIP forward, gathered across images
-    num_workers: int = 2  # DataLoader workers: decode, crop, preprocess, re-encode jpg
+    num_workers: int = -1  # DataLoader workers (-1: auto; 2 on CPU, cores - 1 on CUDA)
     tau: float = 1.0  # softmax temperature
-    logit_scale: float = 100.0  # CLIP logit scale s (openai CLIP learned 100)
+    logit_scale: float | None = None  # CLIP logit scale s; None: the model's exp(logit_scale)
     k_ent: int = 10  # kept entries of q_ent per object (>= M keeps all)
     k_rel: int = 10  # kept entries of q_rel per image (>= L keeps all)
     crop_padding: float = 0.0  # crops grow by this fraction of the box size per side
@@ -46,6 +46,8 @@ class LabelParams:
     jpeg_quality: int = 90
     max_pixels: int = DEFAULT_MAX_PIXELS
     seed: int = 0
+    resize_mode: str = "letterbox"  # letterbox (whole image, padded square) | center_crop
+    decode: str = "auto"  # workers (PIL) | device (torchvision, nvjpeg on CUDA) | auto
 
     def recorded(self) -> dict[str, Any]:
         """The parameters that shape the shards (worker counts do not)."""
@@ -54,10 +56,18 @@ class LabelParams:
         return d
 
     def check(self) -> None:
+        from pipeline.clip_inputs import DECODE_PLACES, RESIZE_MODES
+
         if self.samples_per_shard < 1 or self.image_batch_size < 1 or self.crop_batch_size < 1:
             raise ValueError("samples_per_shard, image_batch_size and crop_batch_size must be >= 1")
         if self.tau <= 0 or self.k_ent < 1 or self.k_rel < 1:
             raise ValueError("tau must be > 0 and k_ent, k_rel >= 1")
+        if self.logit_scale is not None and not self.logit_scale > 0:
+            raise ValueError("logit_scale must be > 0 (or None: read it from the model)")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}")
+        if self.decode not in DECODE_PLACES:
+            raise ValueError(f"decode must be one of {DECODE_PLACES}")
 
 
 @dataclass(frozen=True)
@@ -175,9 +185,10 @@ class ShardLabeler:
         import torch
 
         from pipeline import labeling_data as data
+        from pipeline.clip_inputs import ClipInputSpec, Normaliser
         from pipeline.models import load_clip
         from pipeline.prompts import load_prompts
-        from pipeline.runtime import select_device, set_threads
+        from pipeline.runtime import auto_workers, select_device, set_threads
 
         self.job, self.params = job, job.params
         self.threads = set_threads(threads)
@@ -188,14 +199,29 @@ class ShardLabeler:
         self.rel_prompts = prompt_tensors["relation"].to(self.dev)
         self.k_ent = min(self.params.k_ent, self.ent_prompts.shape[0])
         self.k_rel = min(self.params.k_rel, self.rel_prompts.shape[0])
-        model, self.preprocess, _ = load_clip(job.preset, job.clip_path)
+        model, preprocess, _ = load_clip(job.preset, job.clip_path)
         self.model = model.to(self.dev)
-        self.image_size = data.clip_image_size(self.preprocess)
+        self.clip_spec = ClipInputSpec.from_preprocess(preprocess, self.params.resize_mode)
+        self.normalise = Normaliser(self.clip_spec, self.dev)
+        self.logit_scale, scale_source = model_logit_scale(model, self.params.logit_scale)
+        decode = self.params.decode
+        self.decode = (
+            decode if decode != "auto" else "device" if self.dev.type == "cuda" else "workers"
+        )
+        self.num_workers = auto_workers(self.params.num_workers, self.dev, cpu_default=2)
+        # What this labeler resolved; each done-marker carries it into the manifest.
+        self.runtime = {
+            "logit_scale": self.logit_scale,
+            "logit_scale_source": scale_source,
+            "decode": self.decode,
+            "device": self.dev.type,
+        }
         self._pairs = data.ParquetRows(job.pairs_path, data.PAIRS_COLUMNS)
         self._boxes = data.ParquetRows(job.boxes_path)
         self._boxes_by_id: dict[str, dict] | None = None  # only if boxes are not in pair order
         self.encode_seconds = 0.0
         self.images_seen = 0
+        self.bytes_to_device = 0  # host -> device traffic of the batches (benchmark proxy)
 
     def _rows(self, shard_ids: Sequence[int]) -> tuple[list[int], list[dict], list[dict]]:
         """(global index, pair row, detection row) of every sample of these shards."""
@@ -224,22 +250,101 @@ class ShardLabeler:
             raise ValueError(f"{self.job.pairs_path}: sample ids are not unique")
         return index, pairs, boxes
 
-    def _encode(self, images: Any) -> Any:
+    def _encode(self, pixels: Any) -> Any:
+        """L2-normalised image-tower features of uint8 inputs already on the device."""
         import torch.nn.functional as F
 
         from pipeline.runtime import autocast
 
         t = time.perf_counter()
+        images = self.normalise(pixels)  # fp32, before autocast: the reference's arithmetic
         with autocast(self.dev):
-            feats = self.model.encode_image(images.to(self.dev, non_blocking=True))
+            feats = self.model.encode_image(images)
         feats = F.normalize(feats.float(), dim=-1)
         self.encode_seconds += time.perf_counter() - t
         return feats
 
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's uint8 images and crops on the device, jpg bytes for every sample.
+
+        Worker-made inputs are copied as they are; undecoded JPEGs are decoded, cropped, made
+        square and re-encoded on the device. A JPEG the device cannot decode takes the PIL path
+        here (its rejection, if PIL refuses it too, joins the batch's rejections).
+        """
+        import torch
+
+        from pipeline import clip_inputs as ci
+        from pipeline import labeling_data as data
+        from pipeline.images import ImageRejected, decode_rgb
+
+        def moved(t: Any) -> Any:
+            self.bytes_to_device += t.numel() * t.element_size()
+            return t.to(self.dev, non_blocking=True)
+
+        pre_images = moved(batch["images"]) if "images" in batch else None
+        pre_crops = moved(batch["crops"]) if "crops" in batch else None
+        if not batch["undecoded"]:
+            return dict(batch, images=pre_images, crops=pre_crops)
+        for t in batch["jpeg"]:
+            self.bytes_to_device += t.numel()
+        decoded = ci.decode_jpegs(batch["jpeg"], self.dev)
+        raw_at = {j: u for u, j in enumerate(batch["undecoded"])}
+        spec, p = self.clip_spec, self.params
+        out: dict[str, Any] = {k: [] for k in ("index", "n_crops", "jpg", "size")}
+        out["rejected"] = list(batch["rejected"])
+        images, crops, capped, capped_at = [], [], [], []
+        pre_image, pre_crop = 0, 0
+        for j, index in enumerate(batch["index"]):
+            jpg, n = batch["jpg"][j], batch["n_crops"][j]
+            if j not in raw_at:
+                images.append(pre_images[pre_image : pre_image + 1])
+                crops.append(pre_crops[pre_crop : pre_crop + n])
+                pre_image, pre_crop = pre_image + 1, pre_crop + n
+            else:
+                u = raw_at[j]
+                img, windows = decoded[u], batch["windows"][u]
+                if img is None:  # not for the device decoder after all: PIL, here
+                    try:
+                        pil = decode_rgb(batch["jpeg"][u].numpy().tobytes(), p.max_pixels)
+                    except ImageRejected as e:
+                        out["rejected"].append((index, e.reason, e.detail))
+                        continue
+                    item = data.clip_inputs_pil(pil, windows, spec, p.max_side, p.jpeg_quality)
+                    images.append(moved(item["image"][None]))
+                    crops.append(moved(item["crops"]))
+                    jpg = item["jpg"]
+                else:
+                    images.append(ci.square_tensor(img, spec)[None])
+                    crops.append(
+                        torch.stack(
+                            [ci.square_tensor(img[:, t:b, lft:r], spec) for lft, t, r, b in windows]
+                        )
+                        if windows
+                        else img.new_zeros((0, 3, spec.size, spec.size))
+                    )
+                    capped.append(ci.cap_tensor(img, p.max_side))
+                    capped_at.append(len(out["jpg"]))
+            out["index"].append(index)
+            out["n_crops"].append(n)
+            out["jpg"].append(jpg)
+            out["size"].append(batch["size"][j])
+        for at, encoded in zip(capped_at, ci.encode_jpegs(capped, p.jpeg_quality), strict=True):
+            out["jpg"][at] = encoded
+        if out["index"]:
+            out["images"], out["crops"] = torch.cat(images), torch.cat(crops)
+        return out
+
     def label(
         self, shard_ids: Sequence[int], progress: bool = False
     ) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Label these shards in order; yield (shard, done-marker) once each one is on disk."""
+        """Label these shards in order; yield (shard, done-marker) once each one is on disk.
+
+        A shard's tar and marker are written by a background thread while the next shard is
+        labelled; it is yielded before the next one is handed to the writer (one write in
+        flight; closing the generator waits for it).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
         from tqdm import tqdm
 
@@ -261,12 +366,12 @@ class ShardLabeler:
         ]
         dataset = data.LabelDataset(
             specs,
-            self.preprocess,
-            self.image_size,
+            self.clip_spec,
             p.crop_padding,
             p.max_side,
             p.jpeg_quality,
             p.max_pixels,
+            device_decode=self.decode == "device",
         )
         global_batches = data.shard_batches(
             shard_ids, self.job.n, p.samples_per_shard, p.image_batch_size
@@ -275,57 +380,71 @@ class ShardLabeler:
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batches,
-            num_workers=p.num_workers,
+            num_workers=self.num_workers,
             collate_fn=data.collate_label_batch,
             pin_memory=self.dev.type == "cuda",
             persistent_workers=False,
         )
         state: _ShardState | None = None
+        writes: list[tuple[int, Any]] = []  # (shard, future), oldest first
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         bar = tqdm(total=len(index), desc="label-objects", unit="img", disable=not progress)
-        with torch.inference_mode():
-            for batch in loader:
-                first = batch["index"][0] if batch["index"] else batch["rejected"][0][0]
-                s = index[first] // p.samples_per_shard
-                if state is not None and state.shard != s:
-                    yield state.shard, self._finish_shard(state)
-                    state = None
-                if state is None:
-                    state = _ShardState(s)
-                for i, reason, detail in batch["rejected"]:
-                    rejection = {"id": pairs[i]["id"], "reason": reason, "detail": detail}
-                    state.rejected.append(rejection)
-                if batch["index"]:
-                    rel_idx, rel_prob, rel_mass = soft_labels(
-                        self._encode(batch["images"]),
-                        self.rel_prompts,
-                        p.logit_scale,
-                        p.tau,
-                        self.k_rel,
-                    )
-                    if batch["crops"].shape[0]:
-                        state.crop_queue.append(batch["crops"].to(self.dev, non_blocking=True))
-                        state.queued += int(batch["crops"].shape[0])
-                        self._flush_crops(state, final=False)
-                    rel_mass = rel_mass.tolist()
-                    for j, i in enumerate(batch["index"]):
-                        state.samples.append(
-                            _sample_record(
-                                pairs[i],
-                                boxes[i],
-                                batch["jpg"][j],
-                                batch["size"][j],
-                                batch["n_crops"][j],
-                                rel_idx[j],
-                                rel_prob[j],
-                                rel_mass[j],
-                            )
-                        )
-                n_batch = len(batch["index"]) + len(batch["rejected"])
-                self.images_seen += n_batch
-                bar.update(n_batch)
-            if state is not None:
-                yield state.shard, self._finish_shard(state)
-        bar.close()
+        try:
+            with torch.inference_mode():
+                for raw in loader:
+                    first = raw["index"][0] if raw["index"] else raw["rejected"][0][0]
+                    s = index[first] // p.samples_per_shard
+                    batch = self._to_device(raw)
+                    if state is not None and state.shard != s:
+                        closed = self._close_shard(state)
+                        yield from _finished(writes)  # the previous shard, written meanwhile
+                        writes.append((state.shard, writer.submit(*closed)))
+                        state = None
+                    if state is None:
+                        state = _ShardState(s)
+                    self._label_batch(state, batch, pairs, boxes)
+                    n_batch = len(raw["index"]) + len(raw["rejected"])
+                    self.images_seen += n_batch
+                    bar.update(n_batch)
+                if state is not None:
+                    closed = self._close_shard(state)
+                    yield from _finished(writes)
+                    writes.append((state.shard, writer.submit(*closed)))
+                yield from _finished(writes)
+        finally:
+            writer.shutdown(wait=True)
+            bar.close()
+
+    def _label_batch(
+        self, state: _ShardState, batch: dict[str, Any], pairs: list[dict], boxes: list[dict]
+    ) -> None:
+        """q_rel of the batch's images now, its crops queued; records added to the shard."""
+        p = self.params
+        for i, reason, detail in batch["rejected"]:
+            state.rejected.append({"id": pairs[i]["id"], "reason": reason, "detail": detail})
+        if not batch["index"]:
+            return
+        rel_idx, rel_prob, rel_mass = soft_labels(
+            self._encode(batch["images"]), self.rel_prompts, self.logit_scale, p.tau, self.k_rel
+        )
+        if batch["crops"].shape[0]:
+            state.crop_queue.append(batch["crops"])
+            state.queued += int(batch["crops"].shape[0])
+            self._flush_crops(state, final=False)
+        rel_mass = rel_mass.tolist()
+        for j, i in enumerate(batch["index"]):
+            state.samples.append(
+                _sample_record(
+                    pairs[i],
+                    boxes[i],
+                    batch["jpg"][j],
+                    batch["size"][j],
+                    batch["n_crops"][j],
+                    rel_idx[j],
+                    rel_prob[j],
+                    rel_mass[j],
+                )
+            )
 
     def _flush_crops(self, state: _ShardState, final: bool) -> None:
         """Encode queued crops in fixed-size batches (the tail only at the end of a shard)."""
@@ -339,16 +458,15 @@ class ShardLabeler:
         for start in range(0, take, B):
             feats = self._encode(queue[start : start + B])
             state.crop_results.append(
-                soft_labels(
-                    feats, self.ent_prompts, self.params.logit_scale, self.params.tau, self.k_ent
-                )
+                soft_labels(feats, self.ent_prompts, self.logit_scale, self.params.tau, self.k_ent)
             )
         rest = queue[take:]
         state.crop_queue = [rest] if rest.shape[0] else []
         state.queued = int(rest.shape[0])
 
-    def _finish_shard(self, state: _ShardState) -> dict[str, Any]:
-        """Write the shard tar (atomically), then its done-marker."""
+    def _close_shard(self, state: _ShardState) -> tuple[Any, ...]:
+        """Encode the shard's last crops and assemble its samples (here: the device work);
+        returns the call that writes it (for the writer thread)."""
         import torch
 
         self._flush_crops(state, final=True)
@@ -373,17 +491,42 @@ class ShardLabeler:
                 )
             )
             offset += m
-        out = Path(self.job.out)
-        count = shards.write_shard(out / shards.SHARD_PATTERN.format(state.shard), samples)
         marker = {
             "fingerprint": self.job.fingerprint,
-            "samples": count,
+            "samples": len(samples),
             "objects": offset,
             "no_objects": sum(1 for x in samples if not x.meta["boxes"]),
             "rejected": state.rejected,
+            "runtime": self.runtime,
         }
-        shards.write_json_atomic(out / PROGRESS_DIR / f"shard-{state.shard:06d}.json", marker)
+        return self._write_shard, state.shard, samples, marker
+
+    def _write_shard(
+        self, shard: int, samples: list[Any], marker: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the shard tar (atomically), then its done-marker."""
+        out = Path(self.job.out)
+        marker["samples"] = shards.write_shard(out / shards.SHARD_PATTERN.format(shard), samples)
+        shards.write_json_atomic(out / PROGRESS_DIR / f"shard-{shard:06d}.json", marker)
         return marker
+
+
+def _finished(writes: list[tuple[int, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Wait for the writes in flight; yield their (shard, marker) in shard order. A consumer
+    that stops at a yield leaves no later shard half-submitted (as a kill would)."""
+    while writes:
+        shard, future = writes.pop(0)
+        yield shard, future.result()
+
+
+def model_logit_scale(model: Any, override: float | None) -> tuple[float, str]:
+    """(s, where it came from): the explicit value, else the CLIP's learned exp(logit_scale)."""
+    if override is not None:
+        return float(override), "param"
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        raise ValueError("this CLIP has no logit_scale: pass an explicit logit_scale")
+    return float(scale.detach().float().exp().cpu()), "model"
 
 
 @dataclass
@@ -460,7 +603,7 @@ def label_objects(
         "images_per_s": round(labeler.images_seen / loop_seconds, 2) if loop_seconds > 0 else None,
         "shards_resumed": job.n_shards - written_now,
         "device": str(labeler.dev),
-        "num_workers": params.num_workers,
+        "num_workers": labeler.num_workers,
         "engine": "local",
     }
     summary["timing"] = timing
@@ -551,6 +694,17 @@ def _vocab_entry(path: Any, name: str) -> dict[str, Any]:
     }
 
 
+def label_runtime(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """What the labelers resolved (logit scale used and its source, decode place, device type),
+    from the done-markers; a value that differs between shards is listed."""
+    values: dict[str, list] = {}
+    for s in sorted(done):
+        for key, value in done[s].get("runtime", {}).items():
+            if value not in values.setdefault(key, []):
+                values[key].append(value)
+    return {k: v[0] if len(v) == 1 else v for k, v in values.items()}
+
+
 def finish_labeling(
     job: LabelJob,
     done: dict[int, dict[str, Any]],
@@ -607,6 +761,7 @@ def finish_labeling(
                 "templates_relation": json.loads(prompt_meta.get("templates_relation", "[]")),
             },
             "label": params.recorded(),
+            "label_runtime": label_runtime(done),
             **({"stages": stage_params} if stage_params else {}),
         },
         "inputs": {

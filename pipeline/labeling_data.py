@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from pipeline.clip_inputs import ClipInputSpec, jpeg_size_for_device, pil_to_chw, square_pil
 from pipeline.images import (
     ImageRejected,
     cap_longest_side,
@@ -179,26 +180,63 @@ class LabelItemSpec:
     height: int
 
 
+SIZE_CHANGED = "image: size differs from detection"
+
+
+def size_mismatch(spec: LabelItemSpec, width: int, height: int) -> dict[str, str] | None:
+    """The rejection of an image whose decoded size is not the one its boxes were found in."""
+    if spec.boxes and (width, height) != (spec.width, spec.height):
+        return {
+            "error": SIZE_CHANGED,
+            "detail": f"{width}x{height} vs {spec.width}x{spec.height}",
+        }
+    return None
+
+
+def clip_inputs_pil(
+    img: Image.Image,
+    windows: Sequence[tuple[int, ...]],
+    clip_spec: ClipInputSpec,
+    max_side: int,
+    jpeg_quality: int,
+) -> dict[str, Any]:
+    """Whole image and crops as uint8 CLIP inputs, and the re-encoded shard jpg (PIL path)."""
+    if windows:
+        crops = torch.stack([pil_to_chw(square_pil(img.crop(w), clip_spec)) for w in windows])
+    else:
+        crops = torch.zeros((0, 3, clip_spec.size, clip_spec.size), dtype=torch.uint8)
+    return {
+        "image": pil_to_chw(square_pil(img, clip_spec)),
+        "crops": crops,
+        "jpg": encode_jpeg(cap_longest_side(img, max_side), jpeg_quality),
+        "width": img.size[0],
+        "height": img.size[1],
+    }
+
+
 class LabelDataset(torch.utils.data.Dataset):
-    """Per sample: decode once, crop boxes, CLIP-preprocess crops and image, re-encode the jpg."""
+    """Per sample: decode once, crop the boxes, make image and crops square uint8 CLIP inputs
+    (`pipeline.clip_inputs`), re-encode the jpg. With `device_decode`, a JPEG the device decoder
+    takes travels undecoded (its bytes and crop windows) and all of that happens on the device;
+    other images take the PIL path here."""
 
     def __init__(
         self,
         specs: Sequence[LabelItemSpec],
-        preprocess: Callable[[Image.Image], torch.Tensor],
-        image_size: int,
+        clip_spec: ClipInputSpec,
         crop_padding: float,
         max_side: int,
         jpeg_quality: int,
         max_pixels: int,
+        device_decode: bool = False,
     ) -> None:
         self.specs = list(specs)
-        self.preprocess = preprocess
-        self.image_size = image_size
+        self.clip_spec = clip_spec
         self.crop_padding = crop_padding
         self.max_side = max_side
         self.jpeg_quality = jpeg_quality
         self.max_pixels = max_pixels
+        self.device_decode = device_decode
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -206,47 +244,58 @@ class LabelDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         spec = self.specs[i]
         try:
-            img = load_rgb(spec.image_path, self.max_pixels)
+            data = read_image_bytes(spec.image_path)
+            if self.device_decode:
+                size = jpeg_size_for_device(data)
+                if size is not None and size[0] * size[1] <= self.max_pixels:
+                    return self._undecoded(i, spec, data, *size)
+            img = decode_rgb(data, max_pixels=self.max_pixels)
         except ImageRejected as e:
             return {"index": i, "error": e.reason, "detail": e.detail}
         width, height = img.size
-        if spec.boxes and (width, height) != (spec.width, spec.height):
-            return {
-                "index": i,
-                "error": "image: size differs from detection",
-                "detail": f"{width}x{height} vs {spec.width}x{spec.height}",
-            }
+        bad = size_mismatch(spec, width, height)
+        if bad:
+            return {"index": i, **bad}
         windows = [padded_box(b, width, height, self.crop_padding) for b in spec.boxes]
-        if windows:
-            crops = torch.stack([self.preprocess(img.crop(w)) for w in windows])
-        else:
-            crops = torch.zeros((0, 3, self.image_size, self.image_size))
+        item = clip_inputs_pil(img, windows, self.clip_spec, self.max_side, self.jpeg_quality)
+        return {"index": i, "error": None, **item}
+
+    def _undecoded(
+        self, i: int, spec: LabelItemSpec, data: bytes, width: int, height: int
+    ) -> dict[str, Any]:
+        bad = size_mismatch(spec, width, height)
+        if bad:
+            return {"index": i, **bad}
         return {
             "index": i,
             "error": None,
-            "image": self.preprocess(img),
-            "crops": crops,
-            "jpg": encode_jpeg(cap_longest_side(img, self.max_side), self.jpeg_quality),
+            "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            "windows": [padded_box(b, width, height, self.crop_padding) for b in spec.boxes],
             "width": width,
             "height": height,
         }
 
 
 def collate_label_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images, concatenate crops ACROSS images; rejected items travel as (index, reason)."""
+    """Stack images, concatenate crops ACROSS images (uint8); rejected items travel as
+    (index, reason, detail); undecoded JPEGs travel as their bytes and crop windows."""
     ok = [it for it in items if it["error"] is None]
+    done = [it for it in ok if "jpeg" not in it]
     batch: dict[str, Any] = {
         "rejected": [
             (it["index"], it["error"], it["detail"]) for it in items if it["error"] is not None
         ],
         "index": [it["index"] for it in ok],
-        "n_crops": [int(it["crops"].shape[0]) for it in ok],
-        "jpg": [it["jpg"] for it in ok],
+        "n_crops": [len(it["windows"]) if "jpeg" in it else int(it["crops"].shape[0]) for it in ok],
+        "jpg": [it.get("jpg") for it in ok],
         "size": [(it["width"], it["height"]) for it in ok],
+        "undecoded": [j for j, it in enumerate(ok) if "jpeg" in it],
+        "jpeg": [it["jpeg"] for it in ok if "jpeg" in it],
+        "windows": [it["windows"] for it in ok if "jpeg" in it],
     }
-    if ok:
-        batch["images"] = torch.stack([it["image"] for it in ok])
-        batch["crops"] = torch.cat([it["crops"] for it in ok])
+    if done:
+        batch["images"] = torch.stack([it["image"] for it in done])
+        batch["crops"] = torch.cat([it["crops"] for it in done])
     return batch
 
 
@@ -258,12 +307,3 @@ def shard_batches(
         stop = min((s + 1) * samples_per_shard, n_samples)
         for start in range(s * samples_per_shard, stop, batch_size):
             yield list(range(start, min(start + batch_size, stop)))
-
-
-def clip_image_size(preprocess: Any) -> int:
-    """The square input size of an open_clip preprocess (its CenterCrop)."""
-    for t in getattr(preprocess, "transforms", []):
-        size = getattr(t, "size", None)
-        if type(t).__name__ == "CenterCrop" and size:
-            return int(size[0] if isinstance(size, (tuple, list)) else size)
-    raise ValueError("cannot find the CLIP input size in its preprocess")

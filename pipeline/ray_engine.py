@@ -114,8 +114,7 @@ def detect_objects_ray(
     """
     from pipeline.detect import unique_images, write_detections
 
-    if params.batch_size < 1 or params.top_k < 0:
-        raise ValueError("batch_size must be >= 1 and top_k >= 0")
+    params.check()
     ray = _ray()
     started = init_ray(address)
     try:

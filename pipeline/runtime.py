@@ -11,7 +11,7 @@ def set_threads(n: int | None = None) -> int:
     import torch
 
     if not n:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n = usable_cores()
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
 
@@ -23,6 +23,23 @@ def select_device(name: str = "auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def auto_workers(requested: int, device, cpu_default: int) -> int:
+    """DataLoader workers: `requested` if >= 0; else, on CUDA, every core but one (at most 15:
+    the main process feeds the GPU), on CPU `cpu_default` (the model needs the cores there)."""
+    if requested >= 0:
+        return requested
+    if device.type == "cuda":
+        return max(1, min(15, usable_cores() - 1))
+    return cpu_default
 
 
 def autocast(device, enabled: bool = True):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from labeling_inputs import write_labeling_inputs
 
 from pipeline import shards
+from pipeline.clip_inputs import reference_clip_input
 from pipeline.images import decode_rgb
 from pipeline.label import PROGRESS_DIR, LabelParams, label_objects, soft_labels
 from pipeline.labeling_data import padded_box, read_pairs, write_boxes
@@ -34,6 +35,10 @@ PARAMS = dict(
     crop_padding=0.1,
     max_side=80,
 )
+
+
+def clip_input(img, preprocess, mode="letterbox"):
+    return reference_clip_input(img, preprocess, mode)
 
 
 def _crafted_boxes(pairs_path: Path, out: Path, n_boxes=lambda i: i % 3) -> Path:
@@ -130,12 +135,18 @@ def test_shards_hold_soft_labels_of_the_crops_and_images(inputs, tmp_path):
         np.testing.assert_allclose(
             meta["boxes"], [[x0 / w, y0 / h, x1 / w, y1 / h] for x0, y0, x1, y1 in boxes], atol=1e-6
         )
-        crops = torch.stack([preprocess(image.crop(padded_box(b, w, h, 0.1))) for b in boxes])
+        # The reference path: per-sample PIL + open_clip preprocess, letterboxed (the default).
+        crops = torch.stack(
+            [clip_input(image.crop(padded_box(b, w, h, 0.1)), preprocess) for b in boxes]
+        )
         with torch.inference_mode():
             crop_feats = F.normalize(model.encode_image(crops), dim=-1)
-            image_feats = F.normalize(model.encode_image(preprocess(image)[None]), dim=-1)
-        q_ent = torch.softmax(100.0 * crop_feats @ prompts["entity"].T, dim=-1)
-        q_rel = torch.softmax(100.0 * image_feats @ prompts["relation"].T, dim=-1)[0]
+            image_input = clip_input(image, preprocess)[None]
+            image_feats = F.normalize(model.encode_image(image_input), dim=-1)
+        scale = model.logit_scale.exp().item()  # the model's own scale (tiny: 1/0.07)
+        assert manifest["params"]["label_runtime"]["logit_scale"] == pytest.approx(scale)
+        q_ent = torch.softmax(scale * crop_feats @ prompts["entity"].T, dim=-1)
+        q_rel = torch.softmax(scale * image_feats @ prompts["relation"].T, dim=-1)[0]
         top_ent = torch.sort(q_ent, dim=-1, descending=True)
         assert sample["ent_idx"].shape == (i, 4) and sample["rel_idx"].shape == (3,)
         np.testing.assert_array_equal(sample["ent_idx"], top_ent.indices[:, :4].numpy())
