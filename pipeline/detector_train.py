@@ -149,7 +149,7 @@ def train_detector(
         tmp = out.with_name(out.name + ".tmp")
         shutil.copyfile(best, tmp)
         os.replace(tmp, out)
-    metrics = evaluate_detector(out, data_yaml, params.imgsz, params.batch, dev)
+    metrics = evaluate_detector(best, data_yaml, params.imgsz, params.batch, dev)
     summary = {
         "out": str(out),
         "weights": detector_identity(preset, out)["weights"],

@@ -31,8 +31,6 @@ from typing import Any
 
 import numpy as np
 
-RESIZE_MODES = ("letterbox", "center_crop")
-
 
 @dataclass(frozen=True)
 class TeacherParams:
@@ -64,6 +62,8 @@ class TeacherParams:
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("steps must be >= 1 and batch_size >= 2")
+        from pipeline.clip_inputs import RESIZE_MODES
+
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}")
         if not 0 <= self.holdout < 1:
@@ -165,33 +165,6 @@ def collect_data(
 # ----------------------------------------------------------------------------- images
 
 
-def clip_normalisation(preprocess: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of an open_clip preprocess's Normalize."""
-    for t in getattr(preprocess, "transforms", []):
-        if type(t).__name__ == "Normalize":
-            return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
-    raise ValueError("cannot find Normalize in the CLIP preprocess")
-
-
-def square_image(img, size: int, mode: str, fill: tuple[int, int, int]):
-    """PIL image -> size x size: letterbox (pad to a square with `fill`, then resize: nothing is
-    cut off) or center_crop (resize the short side, cut the centre: open_clip's eval)."""
-    from PIL import Image
-
-    w, h = img.size
-    if mode == "letterbox":
-        side = max(w, h)
-        canvas = Image.new("RGB", (side, side), fill)
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-        return canvas.resize((size, size), Image.Resampling.BICUBIC)
-    scale = size / min(w, h)
-    img = img.resize(
-        (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC
-    )
-    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
 def _load_rgb(path: str):
     from pipeline.images import decode_rgb, read_image_bytes
 
@@ -199,28 +172,23 @@ def _load_rgb(path: str):
 
 
 class ImageSource:
-    """Images -> CLIP input: square uint8 tensors (whole images cached), normalised in batches."""
+    """Images -> CLIP input exactly as label-objects makes it (pipeline.clip_inputs): square
+    uint8 tensors (whole images cached), normalised in batches."""
 
-    def __init__(self, preprocess: Any, size: int, mode: str, cache: int = 4096) -> None:
+    def __init__(self, preprocess: Any, mode: str, cache: int = 4096) -> None:
         import torch
 
-        self.size, self.mode = size, mode
-        mean, std = clip_normalisation(preprocess)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-        self.fill = tuple(round(255 * m) for m in mean)
+        from pipeline.clip_inputs import ClipInputSpec, Normaliser
+
+        self.spec = ClipInputSpec.from_preprocess(preprocess, mode)
+        self.normalise = Normaliser(self.spec, torch.device("cpu"))
         self.load = lru_cache(maxsize=cache)(_load_rgb)
         self._whole = lru_cache(maxsize=cache)(self._whole_uint8)
 
     def uint8(self, img) -> Any:
-        import torch
+        from pipeline.clip_inputs import pil_to_chw, square_pil
 
-        arr = np.asarray(square_image(img, self.size, self.mode, self.fill), np.uint8)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-    def normalise(self, batch: Any) -> Any:
-        """uint8 [B, 3, S, S] -> float, normalised like the CLIP preprocess."""
-        return (batch.float() / 255.0 - self.mean) / self.std
+        return pil_to_chw(square_pil(img, self.spec))
 
     def _whole_uint8(self, path: str) -> Any:
         return self.uint8(self.load(path))
@@ -291,11 +259,9 @@ class Teacher:
     ) -> None:
         import torch
 
-        from pipeline.labeling_data import clip_image_size
         from pipeline.models import load_clip, seeded
 
         self.model, self.preprocess, self.tokenizer = load_clip(preset, clip_path)
-        self.size = clip_image_size(self.preprocess)
         self.templates = {"entity": tuple(entity_templates), "relation": tuple(relation_templates)}
         dim = int(self.model.text_projection.shape[-1])
         with seeded(7):
@@ -580,7 +546,7 @@ def adapt_teacher(
     )
     model = teacher.model.train()
     trainable = torch.nn.ModuleDict({"clip": model, "probes": teacher.probes})  # resume state
-    images = ImageSource(teacher.preprocess, teacher.size, params.resize_mode)
+    images = ImageSource(teacher.preprocess, params.resize_mode)
     named = [*model.named_parameters(), *teacher.probes.named_parameters(prefix="probe")]
     decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]

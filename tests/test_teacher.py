@@ -43,7 +43,7 @@ def test_loss_falls_and_outputs_load_as_the_clip(world, tmp_path):
     out = tmp_path / "teacher.safetensors"
     s = adapt_teacher(out, world["pairs"], world["annotations"], params=PARAMS, progress=False)
     first, last = s["loss_first"], s["loss_last"]
-    assert set(first) == {"step", "caption", "entity", "relation"}
+    assert set(first) == {"step", "caption", "entity", "scene", "relation", "probe"}
     assert last["entity"] < first["entity"] and last["caption"] < first["caption"]
     assert s["held_out"]["entity_top1"] is not None
     assert (tmp_path / "teacher.png").read_bytes()[:4] == b"\x89PNG"
