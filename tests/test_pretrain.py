@@ -59,7 +59,9 @@ def small_config(tmp_path, shards, **kw):
         shards=str(shards),
         out=str(tmp_path / "ckpt" / "pretrain"),
         metrics=str(tmp_path / "metrics.json"),
+        report=str(tmp_path / "report.json"),
         live_dir="",
+        plot="",
         steps=6,
         batch_size=4,
         warmup_steps=2,
@@ -151,19 +153,26 @@ def test_cli_trains_and_writes_checkpoints_metrics_and_plots(tmp_path, synthetic
         cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "settings: code defaults (no params.yaml" in proc.stdout
     assert "pretrain done: 8 steps" in proc.stdout
     assert "itm=" in proc.stderr and "coe=" in proc.stderr  # the progress bar shows each loss
-    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
-    assert metrics["steps"] == 8 and metrics["bad_samples"] == 0 and metrics["samples_per_s"] > 0
-    assert set(metrics["train"]) >= {"loss", "itm", "cit", "coe", "cir"}
-    out = tmp_path / "checkpoints" / "pretrain"
+    runs = tmp_path / "runs" / "pretrain"  # a manual run writes under runs/, never DVC outputs
+    metrics = json.loads((runs / "metrics.json").read_text())  # headline figures only
+    assert metrics["steps"] == 8 and metrics["bad_samples"] == 0
+    assert set(metrics) == {"steps", "bad_samples", "loss", "itm", "cit", "coe", "cir"}
+    assert set(metrics["coe"]) == {"first", "last"}
+    report = json.loads((runs / "report.json").read_text())
+    assert report["samples_per_s"] > 0 and report["train"]["loss"] == metrics["loss"]["last"]
+    assert [row["step"] for row in report["history"]] == [2, 4, 6, 8]
+    assert (runs / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    out = runs / "model"
     model, cfg, tok = load_pretrained(out)
     assert cfg.n_entities == 20 and tok is not None
     for sub in ("text", "vision", "fusion", "bert"):
         assert AutoModel.from_pretrained(out / "hf" / sub) is not None
-    states = sorted(p.name for p in (tmp_path / "checkpoints" / "pretrain_state").glob("step-*"))
+    states = sorted(p.name for p in (runs / "model_state").glob("step-*"))
     assert states == ["step-00000004", "step-00000008"]
-    loss_plot = tmp_path / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv"
+    loss_plot = runs / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv"
     rows = [line.split("\t") for line in loss_plot.read_text().splitlines()]
     assert rows[0] == ["step", "loss"] and [int(r[0]) for r in rows[1:]] == [2, 4, 6, 8]
 
@@ -208,7 +217,7 @@ def test_ddp_two_cpu_processes_agree_on_parameters(tmp_path, synthetic_shards):
         cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
-    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads((tmp_path / "runs" / "pretrain" / "report.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
     assert metrics["steps_per_epoch"] == 16 // (2 * 2)
     checksums = metrics["param_checksums"]
