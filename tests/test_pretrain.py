@@ -241,3 +241,61 @@ def test_a_folder_smaller_than_one_batch_trains_with_a_smaller_batch(tmp_path, s
     assert metrics["steps"] == 2
     assert metrics["batch_size"] == 16  # the synthetic folder holds 16 samples
     assert metrics["steps_per_epoch"] == 1
+
+
+def test_compiled_model_follows_the_same_loss_trajectory(tmp_path, synthetic_shards):
+    """--compile runs the same step through torch.compile. The suite uses the aot_eager backend
+    (dynamo capture + AOT autograd, the parts that can change the graph) because inductor's
+    C++ compilation takes minutes on a 2-core CPU; CUDA users get inductor by default."""
+    plain = run.train(small_config(tmp_path / "plain", synthetic_shards, steps=3))
+    compiled = run.train(
+        small_config(
+            tmp_path / "compiled", synthetic_shards, steps=3, compile=True,
+            compile_backend="aot_eager",
+        )
+    )  # fmt: skip
+    assert compiled["compile"] is True and len(compiled["history"]) == 3
+    for a, b in zip(plain["history"], compiled["history"], strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a, b)
+
+
+def test_bad_samples_are_reported_when_they_happen(tmp_path, synthetic_shards, capsys):
+    """The first bad sample is reported at once with its reason, later ones periodically."""
+    from pipeline import shards as contract
+
+    folder = tmp_path / "with_bad"
+    folder.mkdir()
+    for name in ("entities.json", "relations.json", "manifest.json"):
+        (folder / name).write_bytes((synthetic_shards / name).read_bytes())
+    samples = [
+        contract.decode_sample(raw)
+        for path in contract.shard_paths(synthetic_shards)
+        for raw in contract.iter_raw_samples(path)
+    ]
+    written = []
+    for i, s in enumerate(samples):
+        written.append(
+            contract.LabelledSample(
+                id=s["meta"]["id"],
+                jpg=b"not a jpeg" if i % 5 == 2 else s["jpg"],
+                caption=s["caption"],
+                meta={k: v for k, v in s["meta"].items() if k != "id"},
+                ent_idx=s["ent_idx"],
+                ent_prob=s["ent_prob"],
+                rel_idx=s["rel_idx"],
+                rel_prob=s["rel_prob"],
+            )
+        )
+    contract.write_shard(folder / "shard-000000.tar", written)
+    contract.write_json_atomic(folder / "sizes.json", {"shard-000000.tar": len(written)})
+    report = run.train(
+        small_config(tmp_path, folder, steps=4, batch_size=2, shuffle_buffer=0,
+                     bad_warn_every_s=0.0)
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings[0].startswith("warning: skipped a bad sample (") and "image" in warnings[0]
+    assert any("more bad samples" in w and "so far); most frequent:" in w for w in warnings[1:])
+    assert report["bad_samples"] >= 2 and len(warnings) >= 2, warnings

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -129,7 +130,8 @@ class BadSamples:
         self.consecutive = 0
 
     def handler(self, exn: Exception) -> bool:
-        reason = f"{type(exn).__name__}: {exn}"[:200]
+        # one reason per kind of failure: object addresses would make every sample unique
+        reason = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exn).__name__}: {exn}")[:200]
         self.pending[reason] += 1
         self.consecutive += 1
         if self.consecutive > self.max_consecutive:
