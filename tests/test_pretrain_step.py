@@ -140,3 +140,17 @@ def test_accumulation_of_two_micro_batches_equals_one_batch_apart_from_cit(synth
             counts.append(int(matched.sum()))
     expected = sum(n * v for n, v in zip(counts, own, strict=True)) / sum(counts)
     assert float(parts["cit"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_machine_defaults_fill_batch_and_workers_per_rank(monkeypatch):
+    cfg = run.TrainConfig()
+    assert cfg.batch_size is None and cfg.num_workers is None  # "fit the machine"
+    monkeypatch.setattr(run, "cpu_cores", lambda: 16)
+    filled = run.machine_defaults(cfg, world=2, device=torch.device("cpu"))
+    assert (filled.batch_size, filled.num_workers) == (8, 7)  # 16 cores / 2 ranks, minus the rank
+    filled = run.machine_defaults(cfg, world=1, device=torch.device("cpu"))
+    assert filled.num_workers == 15
+    monkeypatch.setattr(run, "cpu_cores", lambda: 2)
+    assert run.machine_defaults(cfg, world=2, device=torch.device("cpu")).num_workers == 1
+    given = run.TrainConfig(batch_size=3, num_workers=0)
+    assert run.machine_defaults(given, 1, torch.device("cpu")) == given
