@@ -1,8 +1,8 @@
 """Pretraining throughput: step samples/s, MFU from counted FLOPs, and the loader's rate.
 
     python benchmarks/trainer_throughput.py --arch tiny --batch-size 8 --device cpu
-    python benchmarks/trainer_throughput.py --arch base --batch-size 128 --device cuda \\
-        --workers 15 --compile          # the GPU check (one command)
+    python benchmarks/trainer_throughput.py --device cuda --arch both --batch-size 128 \\
+        --workers 15 --compile both --json trainer_gpu.json    # the GPU check, one command
 
 Everything is the trainer's own code: `trainer.run.setup` builds the model, optimizer and data
 config from a TrainConfig (base = bert-base-uncased + ViT-B/16 shapes with random weights, no
@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -99,14 +100,15 @@ def loader_rate(r: run.Run, batches: int) -> float:
 
 def step_figures(r: run.Run, steps: int) -> dict[str, float]:
     """FLOPs of one step (counted), then samples/s over `steps` timed steps."""
-    batch = next(iter(data.make_loader(r.data_cfg, r.tokenizer)))
+    in_process = dataclasses.replace(r.data_cfg, num_workers=0)  # no workers left running
+    batch = next(iter(data.make_loader(in_process, r.tokenizer)))
     batch.pop("bad")
     micro = [data.to_device(batch, r.device) for _ in range(r.cfg.accum)]
     for _ in range(2):  # warm-up: allocations, autotuning, torch.compile
         run.forward_backward(r, micro)
         run.optimizer_step(r)
-    with flop_counter() as counter:
-        run.forward_backward(r, micro)
+    with flop_counter() as counter:  # eager: compiled kernels would bypass the counter
+        run.forward_backward(dataclasses.replace(r, model=r.core), micro)
     flops = counter.get_total_flops()
     run.optimizer_step(r)
     sync(r.device)
@@ -136,7 +138,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--image-wh", type=int, nargs=2, default=(320, 240))
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--compile",
+        choices=["no", "yes", "both"],
+        default="no",
+        help="torch.compile the model (inductor); both: eager and compiled rows",
+    )
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
@@ -144,7 +151,6 @@ def main() -> None:
     threads = runtime.set_threads(args.threads or None)
     device = runtime.select_device(args.device)
     archs = ["tiny", "base"] if args.arch == "both" else [args.arch]
-    peak, peak_dtype = matmul_rate(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{threads}"
 
     rows = []
@@ -161,7 +167,8 @@ def main() -> None:
             max_objects=4,
             image_size=tuple(args.image_wh),
         )
-        for arch in archs:
+        variants = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+        for arch, compiled in itertools.product(archs, variants):
             cfg = TrainConfig(
                 shards=str(shard_dir),
                 preset=arch,
@@ -172,20 +179,26 @@ def main() -> None:
                 shuffle_buffer=256,
                 device=str(device),
                 amp=not args.no_amp,
-                compile=args.compile,
+                compile=compiled,
                 threads=threads,
             )
             r = run.setup(cfg)
             n_params = sum(q.numel() for q in r.core.parameters())
             steps = args.steps or (3 if arch == "base" and device.type == "cpu" else 20)
+            # the machine's matmul rate just before and after the timed steps (the higher one:
+            # on a shared machine, load from others depresses a single measurement)
+            peak, peak_dtype = matmul_rate(device)
             figures = step_figures(r, steps)
+            peak = max(peak, matmul_rate(device)[0])
             loader = loader_rate(r, args.loader_batches)
             figures.update(
-                arch=arch,
+                arch=arch + ("+c" if compiled else ""),
                 params=n_params,
                 image_size=r.core.cfg.image_size,
                 loader_samples_per_s=loader,
                 loader_over_step=loader / figures["step_samples_per_s"],
+                matmul_flops_per_s=peak,
+                matmul_dtype=peak_dtype,
                 mfu=figures["achieved_flops_per_s"] / peak,
             )
             rows.append(figures)
@@ -194,13 +207,16 @@ def main() -> None:
     print(
         f"device {name}, torch {torch.__version__}, batch {args.batch_size} x accum "
         f"{args.accum}, loader workers {args.workers}, source JPEG "
-        f"{args.image_wh[0]}x{args.image_wh[1]}, compile {args.compile}, "
+        f"{args.image_wh[0]}x{args.image_wh[1]}, "
         f"{'fp32' if device.type == 'cpu' or args.no_amp else 'bf16 autocast'}"
     )
-    print(f"measured {peak_dtype} matmul rate: {peak / 1e12:.3f} TFLOP/s")
+    print(
+        f"MFU = counted step FLOPs x steps/s / the {rows[0]['matmul_dtype']} matmul rate "
+        "measured around the timed steps; +c = torch.compile"
+    )
     header = (
         f"{'arch':<6}{'params':>9}{'img':>5}{'GFLOP/sample':>14}{'step s/s':>10}"
-        f"{'TFLOP/s':>9}{'MFU':>8}{'loader s/s':>12}{'loader/step':>13}"
+        f"{'TFLOP/s':>9}{'matmul TFLOP/s':>16}{'MFU':>7}{'loader s/s':>12}{'loader/step':>13}"
     )
     print(header)
     for f in rows:
@@ -208,12 +224,12 @@ def main() -> None:
         print(
             f"{f['arch']:<6}{f['params'] / 1e6:>8.1f}M{f['image_size']:>5}"
             f"{f['flops_per_sample'] / 1e9:>14.2f}{f['step_samples_per_s']:>10.2f}"
-            f"{f['achieved_flops_per_s'] / 1e12:>9.3f}{100 * f['mfu']:>7.1f}%"
+            f"{f['achieved_flops_per_s'] / 1e12:>9.3f}{f['matmul_flops_per_s'] / 1e12:>16.3f}"
+            f"{100 * f['mfu']:>6.1f}%"
             f"{f['loader_samples_per_s']:>12.1f}{f['loader_over_step']:>13.1f}{flag}"
         )
     if args.json:
-        result = {"device": name, "torch": torch.__version__, "args": vars(args)}
-        result.update(matmul_flops_per_s=peak, matmul_dtype=peak_dtype, rows=rows)
+        result = {"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
 
 
