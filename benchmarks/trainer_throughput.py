@@ -120,6 +120,7 @@ def step_figures(r: run.Run, steps: int) -> dict[str, float]:
     elapsed = time.perf_counter() - start
     samples = r.cfg.batch_size * r.cfg.accum
     return {
+        "text_tokens": int(batch["input_ids"].shape[1]),  # padded caption length of the batch
         "flops_per_step": flops,
         "flops_per_sample": flops / samples,
         "step_samples_per_s": steps * samples / elapsed,
@@ -215,14 +216,14 @@ def main() -> None:
         "measured around the timed steps; +c = torch.compile"
     )
     header = (
-        f"{'arch':<6}{'params':>9}{'img':>5}{'GFLOP/sample':>14}{'step s/s':>10}"
+        f"{'arch':<7}{'params':>9}{'img':>5}{'tok':>5}{'GFLOP/sample':>14}{'step s/s':>10}"
         f"{'TFLOP/s':>9}{'matmul TFLOP/s':>16}{'MFU':>7}{'loader s/s':>12}{'loader/step':>13}"
     )
     print(header)
     for f in rows:
         flag = "" if f["loader_over_step"] >= LOADER_TARGET else f"  < {LOADER_TARGET:.0f}x target"
         print(
-            f"{f['arch']:<6}{f['params'] / 1e6:>8.1f}M{f['image_size']:>5}"
+            f"{f['arch']:<7}{f['params'] / 1e6:>8.1f}M{f['image_size']:>5}{f['text_tokens']:>5}"
             f"{f['flops_per_sample'] / 1e9:>14.2f}{f['step_samples_per_s']:>10.2f}"
             f"{f['achieved_flops_per_s'] / 1e12:>9.3f}{f['matmul_flops_per_s'] / 1e12:>16.3f}"
             f"{100 * f['mfu']:>6.1f}%"
