@@ -98,6 +98,23 @@ def loader_rate(r: run.Run, batches: int) -> float:
     return batches * r.cfg.batch_size / (time.perf_counter() - start)
 
 
+def host_syncs(r: run.Run, micro: list) -> int | None:
+    """Device-to-host syncs in one step (CUDA's sync debug mode; None on CPU)."""
+    if r.device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run.forward_backward(r, micro)
+            run.optimizer_step(r)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def step_figures(r: run.Run, steps: int) -> dict[str, float]:
     """FLOPs of one step (counted), then samples/s over `steps` timed steps."""
     in_process = dataclasses.replace(r.data_cfg, num_workers=0)  # no workers left running
@@ -107,6 +124,7 @@ def step_figures(r: run.Run, steps: int) -> dict[str, float]:
     for _ in range(2):  # warm-up: allocations, autotuning, torch.compile
         run.forward_backward(r, micro)
         run.optimizer_step(r)
+    syncs = host_syncs(r, micro)
     with flop_counter() as counter:  # eager: compiled kernels would bypass the counter
         run.forward_backward(dataclasses.replace(r, model=r.core), micro)
     flops = counter.get_total_flops()
@@ -121,6 +139,7 @@ def step_figures(r: run.Run, steps: int) -> dict[str, float]:
     samples = r.cfg.batch_size * r.cfg.accum
     return {
         "text_tokens": int(batch["input_ids"].shape[1]),  # padded caption length of the batch
+        "host_syncs_per_step": syncs,
         "flops_per_step": flops,
         "flops_per_sample": flops / samples,
         "step_samples_per_s": steps * samples / elapsed,
@@ -220,6 +239,9 @@ def main() -> None:
         f"{'TFLOP/s':>9}{'matmul TFLOP/s':>16}{'MFU':>7}{'loader s/s':>12}{'loader/step':>13}"
     )
     print(header)
+    syncs = {f["arch"]: f["host_syncs_per_step"] for f in rows}
+    if any(v is not None for v in syncs.values()):
+        print(f"device-to-host syncs in one training step (want 0): {syncs}")
     for f in rows:
         flag = "" if f["loader_over_step"] >= LOADER_TARGET else f"  < {LOADER_TARGET:.0f}x target"
         print(

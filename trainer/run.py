@@ -50,6 +50,7 @@ from trainer.model import (
 )
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.pretrain_cli import TrainConfig, check_config, check_inputs
+from trainer.settings import UsageError
 from trainer.train_log import TrainLog, summary
 
 __all__ = ["TrainConfig", "train", "setup", "forward_backward", "optimizer_step"]
@@ -120,7 +121,7 @@ def fit_batch_to_data(cfg: TrainConfig, n_samples: int, world: int, say: bool) -
     """A folder smaller than one step (the bundled sample) still trains, with smaller batches."""
     per_rank = n_samples // (world * cfg.accum)
     if per_rank < 1:
-        raise ValueError(
+        raise UsageError(
             f"{n_samples} samples cannot give every one of {world} rank(s) {cfg.accum} "
             "micro-batch(es): lower --accum or use fewer processes"
         )
