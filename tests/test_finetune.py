@@ -62,8 +62,12 @@ def test_mner_training_beats_majority_baseline(tmp_path):
     assert [ln.split("\t")[:2] for ln in first[1:]] == [
         [t, g] for t, g in zip(gold[0].tokens, gold[0].labels, strict=True)
     ]
-    saved = json.loads((tmp_path / "mner" / "metrics.json").read_text())
-    assert saved["test"]["overall"]["f1"] == test["f1"]
+    saved = json.loads((tmp_path / "mner" / "metrics.json").read_text())  # headline only
+    assert saved["test"] == {k: test[k] for k in ("precision", "recall", "f1")}
+    assert set(saved) == {"task", "best_epoch", "test", "dev", "test_majority_baseline_f1"}
+    report = json.loads((tmp_path / "mner" / "report.json").read_text())  # the detail
+    assert report == json.loads(json.dumps(m)) and set(report["test"]["per_type"]) >= {"PER"}
+    assert (tmp_path / "mner" / "dev.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_mre_training_beats_majority_baseline(tmp_path):
@@ -224,7 +228,7 @@ def test_cli_as_script_and_malformed_input(tmp_path):
 )
 def test_interrupted_then_resumed_run_writes_the_same_files(tmp_path, caplog, task, settings, stop):
     out = tmp_path / task
-    names = ("metrics.json", "predictions." + ("txt" if task == "mner" else "jsonl"))
+    names = ("metrics.json", "report.json", "predictions." + ("txt" if task == "mner" else "jsonl"))
     full = run_finetune(sample_config(task, tmp_path, **settings))
     expected = {n: (out / n).read_bytes() for n in names}
     for n in names:
@@ -271,7 +275,7 @@ def test_resume_with_other_settings_or_data_is_refused(tmp_path):
     # the CLI: other data content, same path -> exit code 2 and the reason
     train.write_text("\n".join(train.read_text().splitlines()[:-1]) + "\n")
     res = run_cli(
-        "--task", "mre", "--train", str(train), "--dev", str(d / "dev.txt"),
+        "--params", "none", "--task", "mre", "--train", str(train), "--dev", str(d / "dev.txt"),
         "--test", str(d / "test.txt"), "--rel2id", str(d / "rel2id.json"), "--epochs", "3",
         "--batch-size", "8", "--lr-encoder", "1e-3", "--lr-head", "3e-3", "--patience", "0",
         "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "mre"), "--resume",
@@ -317,10 +321,12 @@ def test_seeds_report_each_run_and_mean_std(tmp_path):
 
     cfg = sample_config("mre", tmp_path, epochs=2)
     summary = run_seeds(cfg, [1, 2])
-    saved = json.loads((tmp_path / "mre" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "mre" / "report.json").read_text())
     assert saved == json.loads(json.dumps(summary))
+    headline = json.loads((tmp_path / "mre" / "metrics.json").read_text())
+    assert headline == {k: saved[k] for k in ("task", "seeds", "dev", "test")}
     runs = [
-        json.loads((tmp_path / "mre" / f"seed-{s}" / "metrics.json").read_text()) for s in (1, 2)
+        json.loads((tmp_path / "mre" / f"seed-{s}" / "report.json").read_text()) for s in (1, 2)
     ]
     f1 = [r["test"]["overall"]["f1"] for r in runs]
     assert saved["seeds"] == [1, 2] and saved["runs"]["2"]["test"]["f1"] == f1[1]

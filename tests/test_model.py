@@ -127,3 +127,78 @@ def test_text_encoder_override_with_a_real_local_bert():
         ref = model.bert(**enc).last_hidden_state
     assert out["fused"].shape[-1] == 384 and out["rel_logits"].shape == (1, 3)
     assert torch.allclose(text_only, ref, atol=1e-5)
+
+
+def test_attention_runs_on_sdpa_with_a_mask_it_accepts(tiny, monkeypatch):
+    """BERT (text and fusion layers) and ViT use torch's SDPA; the fusion path hands it a
+    boolean mask that hides padded text, and the result equals the eager attention's."""
+    cfg, model, _, enc, pixels = tiny
+    assert model.bert.config._attn_implementation == "sdpa"
+    assert model.vit.config._attn_implementation == "sdpa"
+    assert bool((enc.attention_mask == 0).any())  # the fixture's second caption is padded
+    masks = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kw):
+        masks.append(attn_mask)
+        return real(query, key, value, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        out = model(enc.input_ids, enc.attention_mask, pixels)
+    monkeypatch.undo()
+    n_bert, n_vit = len(model.bert.encoder.layer), model.vit.config.num_hidden_layers
+    assert len(masks) == n_bert + n_vit  # every attention layer went through SDPA
+    bert_masks = [m for m in masks if m is not None]  # the ViT attends everywhere: no mask
+    assert len(bert_masks) == n_bert
+    t = enc.input_ids.shape[1]
+    fusion = bert_masks[-1]
+    assert fusion.dtype == torch.bool and fusion.shape == (2, 1, 1, t + 1 + 16)
+    assert torch.equal(fusion[:, 0, 0, :t], enc.attention_mask.bool())
+    assert bool(fusion[:, 0, 0, t:].all())  # image tokens are always attended to
+
+    eager = build_model(ModelConfig(n_entities=7, n_relations=5, attn_implementation="eager"))
+    eager.load_state_dict(model.state_dict())
+    assert eager.eval().bert.config._attn_implementation == "eager"
+    with torch.no_grad():
+        ref = eager(enc.input_ids, enc.attention_mask, pixels)
+    keep = torch.cat([enc.attention_mask.bool(), torch.ones(2, 17, dtype=torch.bool)], dim=1)
+    assert torch.allclose(out["fused"][keep], ref["fused"][keep], atol=1e-5)
+    assert torch.allclose(out["itm_logits"], ref["itm_logits"], atol=1e-5)
+
+
+def test_normalisation_comes_from_the_vision_encoders_processor_config(tmp_path):
+    import json
+
+    from pipeline.models import load_vision_encoder
+    from trainer.finetune import FinetuneConfig, load_encoder
+
+    vit_dir = tmp_path / "vit"
+    load_vision_encoder("tiny").save_pretrained(vit_dir)
+    mean, std = [0.4, 0.3, 0.2], [0.2, 0.25, 0.3]
+    processor = {"image_processor_type": "ViTImageProcessor", "image_mean": mean, "image_std": std}
+    (vit_dir / "preprocessor_config.json").write_text(json.dumps(processor))
+    cfg = ModelConfig(vision_encoder=str(vit_dir))
+    model = build_model(cfg).eval()
+    assert (cfg.image_mean, cfg.image_std) == (mean, std)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    expected = (pixels.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std
+    ).view(1, 3, 1, 1)
+    assert torch.equal(model.normalise(pixels), expected)
+    with torch.no_grad():
+        assert torch.equal(model.vision_states(pixels), model.vision_states(expected))
+
+    # saved with the checkpoint: fine-tuning (and the alignment plot) normalise the same way
+    save_pretrained(model, build_tokenizer(cfg), cfg, tmp_path / "ckpt")
+    loaded, cfg2, _ = load_pretrained(tmp_path / "ckpt")
+    assert (cfg2.image_mean, cfg2.image_std) == (mean, std)
+    assert torch.equal(loaded.normalise(pixels), expected)
+    ft = FinetuneConfig(task="mner", train="", dev="", test="", init=str(tmp_path / "ckpt"))
+    encoder, *_ = load_encoder(ft)
+    assert torch.equal(encoder.normalise(pixels), expected)
+
+    # the tiny preset, and a ViT folder without a processor file, keep 0.5 / 0.5
+    assert build_model(ModelConfig()).cfg.image_mean == [0.5, 0.5, 0.5]
+    (vit_dir / "preprocessor_config.json").unlink()
+    assert build_model(ModelConfig(vision_encoder=str(vit_dir))).cfg.image_std == [0.5] * 3

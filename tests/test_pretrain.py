@@ -59,7 +59,9 @@ def small_config(tmp_path, shards, **kw):
         shards=str(shards),
         out=str(tmp_path / "ckpt" / "pretrain"),
         metrics=str(tmp_path / "metrics.json"),
+        report=str(tmp_path / "report.json"),
         live_dir="",
+        plot="",
         steps=6,
         batch_size=4,
         warmup_steps=2,
@@ -151,19 +153,26 @@ def test_cli_trains_and_writes_checkpoints_metrics_and_plots(tmp_path, synthetic
         cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "settings: code defaults (no params.yaml" in proc.stdout
     assert "pretrain done: 8 steps" in proc.stdout
     assert "itm=" in proc.stderr and "coe=" in proc.stderr  # the progress bar shows each loss
-    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
-    assert metrics["steps"] == 8 and metrics["bad_samples"] == 0 and metrics["samples_per_s"] > 0
-    assert set(metrics["train"]) >= {"loss", "itm", "cit", "coe", "cir"}
-    out = tmp_path / "checkpoints" / "pretrain"
+    runs = tmp_path / "runs" / "pretrain"  # a manual run writes under runs/, never DVC outputs
+    metrics = json.loads((runs / "metrics.json").read_text())  # headline figures only
+    assert metrics["steps"] == 8 and metrics["bad_samples"] == 0
+    assert set(metrics) == {"steps", "bad_samples", "loss", "itm", "cit", "coe", "cir"}
+    assert set(metrics["coe"]) == {"first", "last"}
+    report = json.loads((runs / "report.json").read_text())
+    assert report["samples_per_s"] > 0 and report["train"]["loss"] == metrics["loss"]["last"]
+    assert [row["step"] for row in report["history"]] == [2, 4, 6, 8]
+    assert (runs / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    out = runs / "model"
     model, cfg, tok = load_pretrained(out)
     assert cfg.n_entities == 20 and tok is not None
     for sub in ("text", "vision", "fusion", "bert"):
         assert AutoModel.from_pretrained(out / "hf" / sub) is not None
-    states = sorted(p.name for p in (tmp_path / "checkpoints" / "pretrain_state").glob("step-*"))
+    states = sorted(p.name for p in (runs / "model_state").glob("step-*"))
     assert states == ["step-00000004", "step-00000008"]
-    loss_plot = tmp_path / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv"
+    loss_plot = runs / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv"
     rows = [line.split("\t") for line in loss_plot.read_text().splitlines()]
     assert rows[0] == ["step", "loss"] and [int(r[0]) for r in rows[1:]] == [2, 4, 6, 8]
 
@@ -208,7 +217,7 @@ def test_ddp_two_cpu_processes_agree_on_parameters(tmp_path, synthetic_shards):
         cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
-    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads((tmp_path / "runs" / "pretrain" / "report.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
     assert metrics["steps_per_epoch"] == 16 // (2 * 2)
     checksums = metrics["param_checksums"]
@@ -232,3 +241,65 @@ def test_a_folder_smaller_than_one_batch_trains_with_a_smaller_batch(tmp_path, s
     assert metrics["steps"] == 2
     assert metrics["batch_size"] == 16  # the synthetic folder holds 16 samples
     assert metrics["steps_per_epoch"] == 1
+
+
+def test_compiled_model_follows_the_same_loss_trajectory(tmp_path, synthetic_shards):
+    """--compile runs the same step through torch.compile. The suite uses the aot_eager backend
+    (dynamo capture + AOT autograd, the parts that can change the graph) because inductor's
+    C++ compilation takes minutes on a 2-core CPU; CUDA users get inductor by default."""
+    from torch._dynamo.utils import counters
+
+    plain = run.train(small_config(tmp_path / "plain", synthetic_shards, steps=2))
+    counters.clear()
+    compiled = run.train(
+        small_config(
+            tmp_path / "compiled", synthetic_shards, steps=2, compile=True,
+            compile_backend="aot_eager",
+        )
+    )  # fmt: skip
+    assert compiled["compile"] is True and len(compiled["history"]) == 2
+    assert counters["stats"]["unique_graphs"] >= 1  # the model really ran through dynamo
+    for a, b in zip(plain["history"], compiled["history"], strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a, b)
+
+
+def test_bad_samples_are_reported_when_they_happen(tmp_path, synthetic_shards, capsys):
+    """The first bad sample is reported at once with its reason, later ones periodically."""
+    from pipeline import shards as contract
+
+    folder = tmp_path / "with_bad"
+    folder.mkdir()
+    for name in ("entities.json", "relations.json", "manifest.json"):
+        (folder / name).write_bytes((synthetic_shards / name).read_bytes())
+    samples = [
+        contract.decode_sample(raw)
+        for path in contract.shard_paths(synthetic_shards)
+        for raw in contract.iter_raw_samples(path)
+    ]
+    written = []
+    for i, s in enumerate(samples):
+        written.append(
+            contract.LabelledSample(
+                id=s["meta"]["id"],
+                jpg=b"not a jpeg" if i % 5 == 2 else s["jpg"],
+                caption=s["caption"],
+                meta={k: v for k, v in s["meta"].items() if k != "id"},
+                ent_idx=s["ent_idx"],
+                ent_prob=s["ent_prob"],
+                rel_idx=s["rel_idx"],
+                rel_prob=s["rel_prob"],
+            )
+        )
+    contract.write_shard(folder / "shard-000000.tar", written)
+    contract.write_json_atomic(folder / "sizes.json", {"shard-000000.tar": len(written)})
+    report = run.train(
+        small_config(tmp_path, folder, steps=4, batch_size=2, shuffle_buffer=0,
+                     bad_warn_every_s=0.0)
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings[0].startswith("warning: skipped a bad sample (") and "image" in warnings[0]
+    assert any("more bad samples" in w and "so far); most frequent:" in w for w in warnings[1:])
+    assert report["bad_samples"] >= 2 and len(warnings) >= 2, warnings

@@ -1,83 +1,54 @@
 """Fine-tune and evaluate MNER (CRF tagger) or MRE (entity markers) on the fusion encoder.
 
+    python trainer/finetune.py --task mner     # in the project: params.yaml's sample data
     python trainer/finetune.py --task mner --train T --dev D --test E [--images DIR]
         [--init checkpoints/pretrain | tiny | base | HF_MODEL_DIR] [--out DIR]
 
 Trains, keeps the epoch with the best dev F1 (early stopping), evaluates it on test, and writes
-metrics JSON (overall, per type / per relation, text-only counts) and a predictions file.
-Samples without an image (no --images, or a missing / unreadable file) run text-only.
-Every epoch ends with a resumable state in OUT/state/; `--resume` continues from it.
+the headline metrics JSON (test / dev P/R/F1), a full report (per type / per relation, history,
+text-only counts), the predictions and a PNG of the dev scores per epoch. Samples without an
+image (no --images, or a missing / unreadable file) run text-only. Every epoch ends with a
+resumable state in OUT/state/; `--resume` continues from it. The command line (flags,
+params.yaml, input checks) is trainer/finetune_cli.py; here `prepare` builds the run,
+`run_finetune` is the epoch loop and `finish` evaluates and writes.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python trainer/finetune.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":  # parse flags and check inputs before torch is imported
+    from trainer.finetune_cli import main
+
+    sys.exit(main())
+
 import copy
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as `python trainer/finetune.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch import nn
 
-from trainer import finetune_state, ie_data
+from pipeline.shards import write_json_atomic
+from trainer import finetune_state, ie_data, plots
+from trainer.finetune_cli import TASKS, FinetuneConfig, check_config
 from trainer.heads import CRFTagger, RelationHead
 from trainer.metrics import majority_baseline_ner, majority_baseline_re, ner_scores, re_scores
 from trainer.optim import build_optimizer, build_scheduler
 
+__all__ = ["FinetuneConfig", "TASKS", "run_finetune", "run_seeds"]
 log = logging.getLogger("finetune")
-TASKS = ("mner", "mre")
-# ViT's own normalisation (google/vit-base-patch16-224-in21k and the tiny ViT): mean = std = 0.5.
-
-
-@dataclass
-class FinetuneConfig:
-    task: str
-    train: str
-    dev: str
-    test: str
-    rel2id: str | None = None  # MRE label map (default: rel2id.json beside --train)
-    none_label: str = "None"  # MRE: the no-relation label, excluded from P/R/F1
-    images: str | None = None
-    init: str = "tiny"  # pretraining checkpoint dir, preset name, or local HF model dir
-    preset: str = "tiny"  # vision encoder preset when --init is an HF text model
-    vision_encoder: str | None = None
-    n_fusion_layers: int | None = None
-    out: str = "checkpoints/finetune"
-    metrics: str | None = None  # default OUT/metrics.json
-    predictions: str | None = None  # default OUT/predictions.{txt,jsonl}
-    max_len: int = 128
-    # a standard BERT-CRF recipe (best dev epoch of 5, batch 16, lr 5e-5 / 1e-3 / 5e-2)
-    epochs: int = 5
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    lr_encoder: float = 5e-5
-    lr_head: float = 1e-3
-    lr_crf: float = 5e-2  # CRF transitions (MNER): from U(-0.1, 0.1) they must move by ~1-10
-    weight_decay: float = 0.01  # weight matrices only (trainer.optim)
-    warmup: float = 0.1  # fraction of optimiser steps
-    dropout: float = 0.1
-    grad_clip: float = 1.0
-    patience: int = 3  # epochs without dev improvement before stopping (0: never stop early)
-    seed: int = 42
-    max_train_samples: int | None = None
-    threads: int | None = None
-    device: str = "auto"
-    save_model: bool = False
-    resume: bool = False  # continue from the latest epoch state in OUT/state
-    stop_after_epoch: int | None = None  # planned interruption: stop once this epoch is saved
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -182,7 +153,8 @@ class FinetuneModel(nn.Module):
 
 
 def load_pixels(path: Path, image_size: int) -> torch.Tensor:
-    """Image file -> [3, S, S] float, preprocessed exactly as in pretraining."""
+    """Image file -> [3, S, S] uint8, preprocessed exactly as in pretraining (the model
+    normalises with its own encoder's mean and std)."""
     from pipeline.images import decode_rgb, read_image_bytes
     from trainer.data import vit_pixels
 
@@ -259,7 +231,7 @@ def collate(items, pad_id: int, task: str, image_size: int | None) -> dict[str, 
         attention_mask[row, : len(f.input_ids)] = 1
     batch.update(input_ids=input_ids, attention_mask=attention_mask)
     if bool(has_image.any()):
-        pix = torch.zeros((n, 3, image_size, image_size))
+        pix = torch.zeros((n, 3, image_size, image_size), dtype=torch.uint8)
         for row, (*_, p) in enumerate(items):
             if p is not None:
                 pix[row] = p
@@ -380,71 +352,132 @@ def write_predictions(task: str, split: Split, pred: list, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train, select the best dev epoch, evaluate on test, write metrics and predictions."""
-    from pipeline.runtime import select_device, set_threads
-    from pipeline.shards import write_json_atomic
+# ----------------------------------------------------------------------------- setup
 
-    if cfg.task not in TASKS:
-        raise ValueError(f"--task must be one of {TASKS}, not {cfg.task!r}")
+
+@dataclass
+class Finetune:
+    """Everything the epoch loop uses, built once by `prepare`."""
+
+    cfg: FinetuneConfig
+    device: torch.device
+    paths: dict[str, Path | None]  # out, metrics, report, predictions, plot
+    model: FinetuneModel
+    tokenizer: Any
+    mcfg: Any  # trainer.model.ModelConfig
+    desc: dict[str, Any]  # what the encoder is (for the report)
+    id2label: list[str]
+    splits: dict[str, Split]
+    loader: Any  # loader(split, train, epoch) -> DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state_dir: Path
+    fingerprint: dict[str, Any]
+
+
+@dataclass
+class Progress:
+    """The epoch loop's state; saved with every epoch, restored by --resume."""
+
+    epoch: int = 0  # last finished epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_key: float = -math.inf
+    best_epoch: int = 0
+    best_dev: dict | None = None
+    best_file: str | None = None
+    stale: int = 0  # epochs without dev improvement
+    stopped: bool = False
+    best_state: dict | None = None  # weights of the best epoch (not in the JSON)
+    trained_now: int = 0  # epochs trained by this process
+
+    def record(self, epoch: int, train_loss: float, dev: dict, model: nn.Module, cfg) -> bool:
+        """Add an epoch's figures; keep its weights when dev F1 improved; True if it did."""
+        o = dev["overall"]
+        self.epoch = epoch
+        self.trained_now += 1
+        self.history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "dev_precision": o["precision"],
+                "dev_recall": o["recall"],
+                "dev_f1": o["f1"],
+            }
+        )
+        improved = o["f1"] > self.best_key
+        if improved:
+            self.best_key, self.best_epoch, self.best_dev, self.stale = o["f1"], epoch, dev, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.stale += 1
+        self.stopped = bool(cfg.patience and self.stale >= cfg.patience and epoch < cfg.epochs)
+        return improved
+
+    def saved(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
+        keys = ("epoch", "history", "best_key", "best_epoch", "best_dev", "best_file", "stale")
+        return {**{k: getattr(self, k) for k in keys}, "stopped": self.stopped,
+                "fingerprint": fingerprint}  # fmt: skip
+
+
+def read_labels(cfg: FinetuneConfig, tokenizer, encoder, desc) -> tuple[dict, list, Any, Any]:
+    """(label -> id, id -> label, MRE marker ids, rel2id path); MRE grows the vocabulary."""
+    if cfg.task == "mner":
+        id2label = ie_data.ner_label_list(ie_data.read_ner(cfg.train))
+        return {lab: i for i, lab in enumerate(id2label)}, id2label, None, None
+    rel2id_path = cfg.rel2id or str(Path(cfg.train).with_name("rel2id.json"))
+    labels = ie_data.load_rel2id(rel2id_path)
+    if cfg.none_label not in labels:
+        raise ValueError(
+            f"{rel2id_path} has no {cfg.none_label!r} label (the no-relation class that "
+            f"P/R/F1 exclude): add it, or name yours with --none-label"
+        )
+    id2label = [r for r, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    markers = ie_data.add_markers(tokenizer)
+    desc["embeddings_resized"] = ensure_vocab(encoder, tokenizer)
+    desc["rel2id"] = rel2id_path
+    return labels, id2label, markers, rel2id_path
+
+
+def prepare(cfg: FinetuneConfig) -> Finetune:
+    """Encoder, labels, the three splits, head, loaders, optimizer and schedule."""
+    from pipeline.runtime import select_device, set_threads
+
+    check_config(cfg)
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.json"
-    suffix = "txt" if cfg.task == "mner" else "jsonl"
-    pred_path = Path(cfg.predictions) if cfg.predictions else out / f"predictions.{suffix}"
-    t_start = time.perf_counter()
+    paths = cfg.output_paths()
+    paths["out"].mkdir(parents=True, exist_ok=True)
 
     encoder, tokenizer, mcfg, desc = load_encoder(cfg)
     max_pos = encoder.bert.config.max_position_embeddings
     if cfg.max_len > max_pos:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the encoder's {max_pos} positions")
-
-    markers, rel2id_path = None, None
-    if cfg.task == "mner":
-        train_sents = ie_data.read_ner(cfg.train)
-        id2label = ie_data.ner_label_list(train_sents)
-        labels = {lab: i for i, lab in enumerate(id2label)}
-    else:
-        rel2id_path = cfg.rel2id or str(Path(cfg.train).with_name("rel2id.json"))
-        labels = ie_data.load_rel2id(rel2id_path)
-        if cfg.none_label not in labels:
-            raise ValueError(
-                f"{rel2id_path} has no {cfg.none_label!r} label (the no-relation class that "
-                f"P/R/F1 exclude): add it, or name yours with --none-label"
-            )
-        id2label = [r for r, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-        markers = ie_data.add_markers(tokenizer)
-        desc["embeddings_resized"] = ensure_vocab(encoder, tokenizer)
-        desc["rel2id"] = rel2id_path
+    labels, id2label, markers, rel2id_path = read_labels(cfg, tokenizer, encoder, desc)
     splits = {
         name: read_split(cfg, name, path, tokenizer, labels, markers)
         for name, path in (("train", cfg.train), ("dev", cfg.dev), ("test", cfg.test))
     }
     if cfg.task == "mner":  # a dev/test type unseen in train cannot be predicted; say so
-        unseen = {lab for sp in splits.values() for s in sp.samples for lab in s.labels} - set(
-            labels
-        )
-        if unseen:
-            raise ValueError(f"labels {sorted(unseen)} in dev/test do not occur in --train")
-
-    missing = {name: sp.text_only for name, sp in splits.items()}
+        seen = {lab for sp in splits.values() for s in sp.samples for lab in s.labels}
+        if seen - set(labels):
+            raise ValueError(
+                f"labels {sorted(seen - set(labels))} in dev/test do not occur in --train"
+            )
+    text_only = {name: sp.text_only for name, sp in splits.items()}
     if cfg.images is None:
-        log.info("no --images: running text-only (%s samples)", sum(missing.values()))
-    elif any(missing.values()):
-        log.info("images missing for %s samples: those run text-only", missing)
-    image_size = mcfg.image_size if cfg.images else None
+        log.info("no --images: running text-only (%s samples)", sum(text_only.values()))
+    elif any(text_only.values()):
+        log.info("images missing for %s samples: those run text-only", text_only)
 
-    hidden = encoder.hidden_size
     torch.manual_seed(cfg.seed)
     if cfg.task == "mner":
-        head: nn.Module = CRFTagger(hidden, len(id2label), cfg.dropout)
+        head: nn.Module = CRFTagger(encoder.hidden_size, len(id2label), cfg.dropout)
     else:
-        head = RelationHead(hidden, len(id2label), cfg.dropout)
+        head = RelationHead(encoder.hidden_size, len(id2label), cfg.dropout)
     model = FinetuneModel(encoder, head).to(device)
 
+    image_size = mcfg.image_size if cfg.images else None
     datasets = {name: IEDataset(sp, image_size) for name, sp in splits.items()}
 
     def loader(split: Split, train: bool, epoch: int = 0):
@@ -457,160 +490,175 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             collate_fn=lambda items: collate(items, tokenizer.pad_token_id, cfg.task, image_size),
         )
 
-    train_loader = loader(splits["train"], True)
-    steps = max(1, cfg.epochs * len(train_loader))
+    steps = max(1, cfg.epochs * len(loader(splits["train"], True)))
     crf = list(model.head.crf.parameters()) if cfg.task == "mner" else []
     parts = [(model.encoder, cfg.lr_encoder), (model.head, cfg.lr_head, crf)]
     if crf:  # the CRF transitions need a far larger step than the encoder (issue: BIO rules)
         parts.append((model.head.crf, cfg.lr_crf))
     optimizer = build_optimizer(parts, cfg.weight_decay, device)
     scheduler = build_scheduler(optimizer, int(cfg.warmup * steps), steps)
-
     log.info(
         "%s: train %d, dev %d, test %d; encoder %s (%s), %d epochs x %d steps",
         cfg.task,
-        len(splits["train"].samples),
-        len(splits["dev"].samples),
-        len(splits["test"].samples),
+        *(len(splits[s].samples) for s in ("train", "dev", "test")),
         desc["text_encoder"],
         desc["kind"],
         cfg.epochs,
-        len(train_loader),
+        steps // cfg.epochs,
     )
-    history = []
-    best_key, best_epoch, best_state, best_dev = -math.inf, 0, None, None
-    stale, stopped, best_file, start = 0, False, None, 1
-    state_dir = out / "state"
-    fingerprint = finetune_state.fingerprint(cfg, rel2id_path, missing)
-    found = finetune_state.read_latest(state_dir)
-    clear_old_state = False
-    if cfg.resume and found is None:
-        log.info("--resume: no state in %s, starting at epoch 1", state_dir)
-    elif cfg.resume:
-        path, saved = found
-        finetune_state.check_fingerprint(saved, fingerprint, state_dir)
-        t, best_state = finetune_state.restore(path, state_dir, model, optimizer, scheduler)
-        start, history, stale, stopped = t["epoch"] + 1, t["history"], t["stale"], t["stopped"]
-        best_key, best_epoch, best_dev, best_file = (
-            t["best_key"],
-            t["best_epoch"],
-            t["best_dev"],
-            t["best_file"],
-        )
-        log.info(
-            "resumed from %s: epoch %d done, best epoch %d (dev F1 %.4f), %d without improvement",
-            path,
-            t["epoch"],
-            best_epoch,
-            best_key,
-            stale,
-        )
-    elif found is not None:
-        clear_old_state = True
-        log.warning(
-            "%s holds a resume state (epoch %d); no --resume: starting over, it is replaced "
-            "at the end of epoch 1",
-            state_dir,
-            found[1]["trainer"]["epoch"],
-        )
-    dev_loader = loader(splits["dev"], False)
-    trained = 0
-    for epoch in range(start, cfg.epochs + 1):
-        if stopped:
+    state_dir = paths["out"] / "state"
+    fingerprint = finetune_state.fingerprint(cfg, rel2id_path, text_only)
+    return Finetune(
+        cfg, device, paths, model, tokenizer, mcfg, desc, id2label, splits, loader,
+        optimizer, scheduler, state_dir, fingerprint,
+    )  # fmt: skip
+
+
+def start_or_resume(ft: Finetune) -> tuple[Progress, bool]:
+    """(progress, whether an old state must be cleared before the first save)."""
+    found = finetune_state.read_latest(ft.state_dir)
+    if not ft.cfg.resume:
+        if found is not None:
+            log.warning(
+                "%s holds a resume state (epoch %d); no --resume: starting over, it is "
+                "replaced at the end of epoch 1",
+                ft.state_dir,
+                found[1]["trainer"]["epoch"],
+            )
+        return Progress(), found is not None
+    if found is None:
+        log.info("--resume: no state in %s, starting at epoch 1", ft.state_dir)
+        return Progress(), False
+    path, saved = found
+    finetune_state.check_fingerprint(saved, ft.fingerprint, ft.state_dir)
+    t, best_state = finetune_state.restore(path, ft.state_dir, ft.model, ft.optimizer, ft.scheduler)
+    keys = ("epoch", "history", "best_key", "best_epoch", "best_dev", "best_file", "stale")
+    progress = Progress(**{k: t[k] for k in keys}, stopped=t["stopped"], best_state=best_state)
+    log.info(
+        "resumed from %s: epoch %d done, best epoch %d (dev F1 %.4f), %d without improvement",
+        path,
+        progress.epoch,
+        progress.best_epoch,
+        progress.best_key,
+        progress.stale,
+    )
+    return progress, False
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_epoch(ft: Finetune, epoch: int) -> float:
+    """One pass over the training split; returns the mean loss (read back once, at the end)."""
+    ft.model.train()
+    total, n_batches = torch.zeros((), device=ft.device), 0
+    for batch in _progress(ft.loader(ft.splits["train"], True, epoch), f"epoch {epoch}"):
+        loss = loss_fn(ft.cfg.task, ft.model, to_device(batch, ft.device))
+        ft.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if ft.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(ft.model.parameters(), ft.cfg.grad_clip)
+        ft.optimizer.step()
+        ft.scheduler.step()
+        total += loss.detach()
+        n_batches += 1
+    return float(total) / max(1, n_batches)
+
+
+def evaluate(ft: Finetune, name: str) -> tuple[dict, list]:
+    """(scores, predicted labels) of the current model on a split."""
+    split = ft.splits[name]
+    pred_ids = predict(
+        ft.cfg.task, ft.model, ft.loader(split, False), ft.device, len(split.samples)
+    )
+    return score(ft.cfg.task, split, pred_ids, ft.id2label, ft.cfg.none_label)
+
+
+def save_epoch(ft: Finetune, progress: Progress, improved: bool, clear_old: bool) -> Path:
+    """The epoch's resumable state (and the best weights when they changed)."""
+    if clear_old:  # the first epoch of a fresh run replaces an old state
+        shutil.rmtree(ft.state_dir)
+    step = ft.scheduler.last_epoch  # optimiser steps so far
+    if improved:
+        progress.best_file = finetune_state.write_best(ft.state_dir, step, progress.best_state)
+    return finetune_state.save_epoch(
+        ft.state_dir,
+        step,
+        ft.model,
+        ft.tokenizer,
+        ft.mcfg,
+        ft.optimizer,
+        ft.scheduler,
+        progress.saved(ft.fingerprint),
+    )
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Train, select the best dev epoch, evaluate on test; return the full report."""
+    t_start = time.perf_counter()
+    ft = prepare(cfg)
+    progress, clear_old = start_or_resume(ft)
+    resumed_after = progress.epoch
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        if progress.stopped:
             break  # resumed from a run that had already stopped early
-        train_loader = loader(splits["train"], True, epoch)
-        model.train()
         t0 = time.perf_counter()
-        total, n_batches = 0.0, 0
-        for batch in _progress(train_loader, f"epoch {epoch}"):
-            batch = to_device(batch, device)
-            loss = loss_fn(cfg.task, model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
-            n_batches += 1
-        trained += 1
-        pred_ids = predict(cfg.task, model, dev_loader, device, len(splits["dev"].samples))
-        dev_scores, _ = score(cfg.task, splits["dev"], pred_ids, id2label, cfg.none_label)
-        key = dev_scores["overall"]["f1"]
-        o = dev_scores["overall"]
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / max(1, n_batches),
-                "dev_precision": o["precision"],
-                "dev_recall": o["recall"],
-                "dev_f1": o["f1"],
-            }
-        )
+        train_loss = train_epoch(ft, epoch)
+        dev, _ = evaluate(ft, "dev")
+        improved = progress.record(epoch, train_loss, dev, ft.model, cfg)
+        state_path = save_epoch(ft, progress, improved, clear_old)
+        clear_old = False
+        h = progress.history[-1]
         log.info(
             "epoch %d: loss %.4f, dev P/R/F1 %.4f/%.4f/%.4f (%.1fs)",
-            epoch,
-            history[-1]["train_loss"],
-            o["precision"],
-            o["recall"],
-            o["f1"],
+            epoch, h["train_loss"], h["dev_precision"], h["dev_recall"], h["dev_f1"],
             time.perf_counter() - t0,
-        )
-        improved = key > best_key
-        if improved:
-            best_key, best_epoch, best_dev, stale = key, epoch, dev_scores, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-        stopped = bool(cfg.patience and stale >= cfg.patience and epoch < cfg.epochs)
-        if clear_old_state:  # the first epoch of a fresh run replaces an old state
-            shutil.rmtree(state_dir)
-            clear_old_state = False
-        step = scheduler.last_epoch  # optimiser steps so far
-        if improved:
-            best_file = finetune_state.write_best(state_dir, step, best_state)
-        trainer_state = {
-            "epoch": epoch,
-            "history": history,
-            "best_key": best_key,
-            "best_epoch": best_epoch,
-            "best_dev": best_dev,
-            "best_file": best_file,
-            "stale": stale,
-            "stopped": stopped,
-            "fingerprint": fingerprint,
-        }
-        state_path = finetune_state.save_epoch(
-            state_dir, step, model, tokenizer, mcfg, optimizer, scheduler, trainer_state
-        )
-        if stopped:
-            log.info("early stop: no dev improvement for %d epochs", stale)
+        )  # fmt: skip
+        if progress.stopped:
+            log.info("early stop: no dev improvement for %d epochs", progress.stale)
             break
         if cfg.stop_after_epoch == epoch and epoch < cfg.epochs:
             log.info("stopping after epoch %d as asked: continue with --resume", epoch)
             print(f"interrupted after epoch {epoch}; state -> {state_path}", flush=True)
             return {"interrupted_after_epoch": epoch, "state": str(state_path)}
-    model.load_state_dict(best_state)
+    return finish(ft, progress, resumed_after, time.perf_counter() - t_start)
 
-    test_split = splits["test"]
-    pred_ids = predict(cfg.task, model, loader(test_split, False), device, len(test_split.samples))
-    test_scores, test_pred = score(cfg.task, test_split, pred_ids, id2label, cfg.none_label)
-    write_predictions(cfg.task, test_split, test_pred, pred_path)
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """What `dvc metrics show` lists: overall test and dev figures, no per-type detail."""
+    keys = ("precision", "recall", "f1", "accuracy")
+    return {
+        "task": report["task"],
+        "best_epoch": report["best_epoch"],
+        "test": {k: report["test"]["overall"][k] for k in keys if k in report["test"]["overall"]},
+        "dev": {k: report["dev"]["overall"][k] for k in keys if k in report["dev"]["overall"]},
+        "test_majority_baseline_f1": report["test_majority_baseline"]["f1"],
+    }
+
+
+def finish(ft: Finetune, progress: Progress, resumed_after: int, wall: float) -> dict[str, Any]:
+    """Best epoch's weights on test: predictions, report, headline metrics, plot, stats."""
+    cfg, splits, paths = ft.cfg, ft.splits, ft.paths
+    ft.model.load_state_dict(progress.best_state)
+    test_scores, test_pred = evaluate(ft, "test")
+    write_predictions(cfg.task, splits["test"], test_pred, paths["predictions"])
     if cfg.task == "mner":
-        baseline = majority_baseline_ner([s.labels for s in test_split.samples])
+        baseline = majority_baseline_ner([s.labels for s in splits["test"].samples])
     else:
         baseline = majority_baseline_re(
             [s.relation for s in splits["train"].samples],
-            [s.relation for s in test_split.samples],
+            [s.relation for s in splits["test"].samples],
             cfg.none_label,
         )
-    text_only = {name: sp.text_only for name, sp in splits.items()}
-    metrics = {
+    report = {
         "task": cfg.task,
-        "encoder": desc,
+        "encoder": ft.desc,
         "text_only": {
             "images": cfg.images,
-            "samples": text_only,
+            "samples": {name: sp.text_only for name, sp in splits.items()},
             "unreadable_images": {name: sp.unreadable_images for name, sp in splits.items()},
             "note": "no --images: all samples text-only"
             if cfg.images is None
@@ -620,32 +668,35 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             name: {"path": sp.path, "samples": len(sp.samples), "truncated": sp.truncated}
             for name, sp in splits.items()
         },
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "history": history,
-        "dev": best_dev,
+        "best_epoch": progress.best_epoch,
+        "epochs_run": len(progress.history),
+        "history": progress.history,
+        "dev": progress.best_dev,
         "test": test_scores,
         "test_majority_baseline": baseline["overall"],
         "params": {
             k: v
             for k, v in asdict(cfg).items()
-            if k not in ("extra", "resume", "stop_after_epoch")  # same metrics when resumed
+            if k not in ("extra", "resume", "stop_after_epoch")  # same report when resumed
         },
     }
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(metrics_path, metrics)
+    for key, content in (("report", report), ("metrics", headline(report))):
+        paths[key].parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(paths[key], content)
+    if paths["plot"] is not None:
+        title = f"fine-tuning {cfg.task.upper()}: dev scores per epoch"
+        plots.finetune_scores(progress.history, paths["plot"], title, progress.best_epoch)
     if cfg.save_model:
-        save_finetuned(model, tokenizer, mcfg, id2label, cfg, out / "model")
-    wall = time.perf_counter() - t_start
+        save_finetuned(ft.model, ft.tokenizer, ft.mcfg, ft.id2label, cfg, paths["out"] / "model")
     stats = {
         "wall_s": round(wall, 2),
-        "epochs_run": len(history),
-        "epochs_trained_now": trained,
-        "resumed_after_epoch": start - 1,
+        "epochs_run": len(progress.history),
+        "epochs_trained_now": progress.trained_now,
+        "resumed_after_epoch": resumed_after,
     }
-    write_json_atomic(out / "stats.json", stats)
-    _summary(cfg, metrics, wall, metrics_path, pred_path)
-    return metrics
+    write_json_atomic(paths["out"] / "stats.json", stats)
+    _summary(cfg, report, wall, paths)
+    return report
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -674,22 +725,23 @@ def seed_summary(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_seeds(cfg: FinetuneConfig, seeds: Sequence[int]) -> dict[str, Any]:
-    """run_finetune once per seed into OUT/seed-N/; the metrics file gets each run + mean +- std."""
-    from pipeline.shards import write_json_atomic
-
+    """run_finetune once per seed into OUT/seed-N/; the report gets each run + mean +- std,
+    the headline metrics the mean +- std."""
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must be distinct, got {list(seeds)}")
-    out = Path(cfg.out)
+    paths = cfg.output_paths()
     runs = {}
     for seed in seeds:
-        run_dir = out / f"seed-{seed}"
-        runs[seed] = run_finetune(replace(cfg, seed=seed, out=str(run_dir), metrics=None))
+        run_dir = paths["out"] / f"seed-{seed}"
+        per_seed = dict(out=str(run_dir), metrics=None, report=None, predictions=None, plot=None)
+        runs[seed] = run_finetune(replace(cfg, seed=seed, **per_seed))
         if "interrupted_after_epoch" in runs[seed]:
             return runs[seed]
     summary = {"task": cfg.task, **seed_summary(runs)}
-    metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(metrics_path, summary)
+    metrics = {k: summary[k] for k in ("task", "seeds", "dev", "test")}
+    for key, content in (("report", summary), ("metrics", metrics)):
+        paths[key].parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(paths[key], content)
     lines = [f"== finetune {cfg.task}: {len(seeds)} seeds =="]
     for seed, r in summary["runs"].items():
         t = r["test"]
@@ -703,7 +755,7 @@ def run_seeds(cfg: FinetuneConfig, seeds: Sequence[int]) -> dict[str, Any]:
             f"{split} mean +- std: "
             + ", ".join(f"{k[0].upper()} {s[k]['mean']:.4f} +- {s[k]['std']:.4f}" for k in s)
         )
-    lines.append(f"metrics -> {metrics_path}")
+    lines.append(f"metrics -> {paths['metrics']}; report -> {paths['report']}")
     print("\n".join(lines), flush=True)
     return summary
 
@@ -726,15 +778,15 @@ def _progress(iterable, desc: str):
     return tqdm(iterable, desc=desc, leave=False, disable=not sys.stderr.isatty())
 
 
-def _summary(cfg, metrics, wall, metrics_path, pred_path) -> None:
-    t = metrics["test"]["overall"]
-    d = metrics["dev"]["overall"]
-    per = metrics["test"].get("per_type") or metrics["test"].get("per_relation")
+def _summary(cfg, report, wall, paths) -> None:
+    t = report["test"]["overall"]
+    d = report["dev"]["overall"]
+    per = report["test"].get("per_type") or report["test"].get("per_relation")
     lines = [
-        f"== finetune {cfg.task}: {metrics['encoder']['text_encoder']} "
-        f"({metrics['encoder']['kind']}) ==",
-        f"epochs run {metrics['epochs_run']}, best epoch {metrics['best_epoch']}, wall {wall:.1f}s",
-        f"text-only samples: {metrics['text_only']['samples']}",
+        f"== finetune {cfg.task}: {report['encoder']['text_encoder']} "
+        f"({report['encoder']['kind']}) ==",
+        f"epochs run {report['epochs_run']}, best epoch {report['best_epoch']}, wall {wall:.1f}s",
+        f"text-only samples: {report['text_only']['samples']}",
         f"dev  P/R/F1 {d['precision']:.4f} / {d['recall']:.4f} / {d['f1']:.4f}",
         f"test P/R/F1 {t['precision']:.4f} / {t['recall']:.4f} / {t['f1']:.4f}"
         + (f"  acc {t['accuracy']:.4f}" if "accuracy" in t else ""),
@@ -742,79 +794,8 @@ def _summary(cfg, metrics, wall, metrics_path, pred_path) -> None:
         + ("type" if cfg.task == "mner" else "relation")
         + " (test F1): "
         + ", ".join(f"{k} {v['f1']:.3f}" for k, v in per.items()),
-        f"metrics -> {metrics_path}; predictions -> {pred_path}",
+        f"metrics -> {paths['metrics']}; report -> {paths['report']}; "
+        f"predictions -> {paths['predictions']}"
+        + (f"; plot -> {paths['plot']}" if paths["plot"] else ""),
     ]
     print("\n".join(lines), flush=True)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[FinetuneConfig, list[int] | None]:
-    defaults = FinetuneConfig(task="mner", train="", dev="", test="")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", choices=TASKS, required=True)
-    for name in ("train", "dev", "test"):
-        p.add_argument(f"--{name}", required=True)
-    p.add_argument("--rel2id", help="MRE label map (default: rel2id.json beside --train)")
-    p.add_argument("--images", help="folder of images named by IMGID / img_id (jpg)")
-    p.add_argument(
-        "--init",
-        default=defaults.init,
-        help="pretraining checkpoint dir, preset name (tiny|base) or local HF model dir",
-    )
-    p.add_argument("--none-label", default=defaults.none_label, help="MRE no-relation label")
-    p.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        help="run once per seed (OUT/seed-N/) and report each run plus mean +- std",
-    )
-    for name in ("preset", "vision_encoder", "out", "metrics", "predictions", "device"):
-        p.add_argument(f"--{name.replace('_', '-')}", default=getattr(defaults, name))
-    for name in ("max_len", "epochs", "batch_size", "eval_batch_size", "patience", "seed"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("n_fusion_layers", "max_train_samples", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    floats = ("lr_encoder", "lr_head", "lr_crf", "weight_decay", "warmup", "dropout", "grad_clip")
-    for name in floats:
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    p.add_argument("--save-model", action="store_true", help="save encoder + head under OUT/model")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the latest epoch state in OUT/state (same data and parameters)",
-    )
-    p.add_argument(
-        "--stop-after-epoch",
-        type=int,
-        default=None,
-        help="stop once this epoch's state is saved (a planned interruption; then --resume)",
-    )
-    args = vars(p.parse_args(argv))
-    for name in ("images", "rel2id", "vision_encoder", "metrics", "predictions"):
-        args[name] = args[name] or None  # "" (e.g. from params.yaml) means unset
-    seeds = args.pop("seeds")
-    return FinetuneConfig(**args), seeds
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # offline-first: no hub retries
-        os.environ.setdefault(var, "1")
-    from pipeline.models import WeightsUnavailable
-
-    cfg, seeds = parse_args(argv)
-    try:
-        if seeds:
-            run_seeds(cfg, seeds)
-        else:
-            run_finetune(cfg)
-    except (ie_data.DataFormatError, FileNotFoundError, ValueError, WeightsUnavailable) as e:
-        log.error("%s", e)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,7 +29,9 @@ from trainer import checkpoint
 NOT_FINGERPRINTED = (
     "out",
     "metrics",
+    "report",
     "predictions",
+    "plot",
     "threads",
     "device",
     "save_model",

@@ -1,12 +1,21 @@
-"""Pretraining losses (ITM, CIT, COE, CIR) and their helpers, as pure functions of tensors.
+"""Pretraining losses (ITM, CIT, COE, CIR) as pure functions of tensors, plus the two
+distributed helpers that feed them (open_clip keeps its gather beside its loss the same way).
+
+Every loss is a mean over rows (pairs, matched pairs or objects). `total` makes the mean a
+share of a larger one: the sum over this batch's valid rows divided by `total`, the number of
+valid rows in the whole global batch (all ranks, all accumulation micro-batches). The shares of
+every rank and micro-batch then add up to the global mean exactly (`batch_totals`,
+`global_totals`). Without `total` a loss is the plain mean over its own valid rows.
 
 Every loss returns a scalar that stays connected to its inputs even when no row is valid (it is
-then 0), so DDP always sees gradients for every head.
+then 0), so DDP always sees gradients for every head. Nothing here reads a value back to the
+host (no `.item()`, no boolean indexing): the step runs without device syncs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,16 +25,29 @@ TEMP_MIN, TEMP_MAX = 0.001, 0.5  # CIT temperature clamp (ALBEF's range)
 LOSS_NAMES = ("itm", "cit", "coe", "cir")
 
 
-def _masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
-    if valid is None:
-        return values.mean()
-    w = valid.to(values.dtype)
-    return (values * w).sum() / w.sum().clamp(min=1.0)
+def _mean(values: Tensor, valid: Tensor | None = None, total: Tensor | float | None = None):
+    """sum(values over valid rows) / total; total defaults to the number of valid rows."""
+    w = torch.ones_like(values) if valid is None else valid.to(values.dtype)
+    denominator = w.sum() if total is None else torch.as_tensor(total, dtype=values.dtype)
+    return (values * w).sum() / denominator.to(values.device).clamp(min=1.0)
 
 
-def itm_loss(logits: Tensor, itm: Tensor) -> Tensor:
+def itm_loss(logits: Tensor, itm: Tensor, total: Tensor | float | None = None) -> Tensor:
     """Image-text matching: 2-way cross-entropy on the fused [CLS] logits [B, 2]; itm in {0, 1}."""
-    return F.cross_entropy(logits.float(), itm.long())
+    return _mean(F.cross_entropy(logits.float(), itm.long(), reduction="none"), None, total)
+
+
+class Pairs(NamedTuple):
+    """CIT's inputs: the pairs whose embeddings serve as candidates, and the rows scored here.
+
+    On one process all rows of the batch; under DDP the pairs of every rank (`gather_pairs`)
+    with `rows` this rank's own slice, so each rank's InfoNCE has the global batch's negatives.
+    """
+
+    text_emb: Tensor  # [N, D] L2-normalised
+    image_emb: Tensor  # [N, D] L2-normalised
+    matched: Tensor  # [N] bool
+    rows: slice
 
 
 def cit_loss(
@@ -35,23 +57,32 @@ def cit_loss(
     matched: Tensor | None = None,
     temp_min: float = TEMP_MIN,
     temp_max: float = TEMP_MAX,
+    *,
+    rows: slice | None = None,
+    total: Tensor | float | None = None,
 ) -> Tensor:
     """Symmetric InfoNCE between L2-normalised text and image embeddings of matched pairs only.
 
     Row i of `text_emb` and `image_emb` form a pair; rows with matched == 0 are dropped (their
-    caption does not describe the image, so they are neither positives nor negatives).
+    caption does not describe the image, so they are neither positives nor negatives). `rows`
+    restricts the anchors to a slice (a rank's own pairs; every pair stays a candidate), `total`
+    divides by the global number of matched pairs instead of the local one.
     """
-    temp = torch.as_tensor(temp, dtype=torch.float32, device=text_emb.device)
-    t = temp.clamp(temp_min, temp_max)
+    n = text_emb.shape[0]
+    rows = rows if rows is not None else slice(0, n)
+    keep = torch.ones(n, dtype=torch.bool, device=text_emb.device)
     if matched is not None:
         keep = matched.bool()
-        anchor = (text_emb.sum() + image_emb.sum()) * 0.0 + t * 0.0  # keeps the graph connected
-        if int(keep.sum()) == 0:
-            return anchor
-        text_emb, image_emb = text_emb[keep], image_emb[keep]
-    logits = text_emb.float() @ image_emb.float().t() / t
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    t = torch.as_tensor(temp, dtype=torch.float32, device=text_emb.device).clamp(temp_min, temp_max)
+    target = torch.arange(n, device=text_emb.device)[rows]
+    # candidates: the matched pairs, and a row's own pair (keeps dropped rows finite; weight 0)
+    candidate = keep[None, :] | (target[:, None] == torch.arange(n, device=target.device))
+    text, image = text_emb.float(), image_emb.float()
+    t2i = (text[rows] @ image.t() / t).masked_fill(~candidate, float("-inf"))
+    i2t = (image[rows] @ text.t() / t).masked_fill(~candidate, float("-inf"))
+    per_row = F.cross_entropy(t2i, target, reduction="none")
+    per_row = (per_row + F.cross_entropy(i2t, target, reduction="none")) / 2
+    return _mean(per_row, keep[rows], total)
 
 
 def box_patch_mask(boxes: Tensor, grid: tuple[int, int], min_cover: float = 0.5) -> Tensor:
@@ -119,20 +150,91 @@ def hard_labels(q: Tensor) -> Tensor:
     return one_hot * (q.sum(-1, keepdim=True) > 0)
 
 
-def soft_cross_entropy(logits: Tensor, q: Tensor, valid: Tensor | None = None) -> Tensor:
+def soft_cross_entropy(
+    logits: Tensor, q: Tensor, valid: Tensor | None = None, total: Tensor | float | None = None
+) -> Tensor:
     """Mean over valid rows of -sum_c q_c log softmax(logits)_c."""
     per_row = -(q.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-    return _masked_mean(per_row, valid)
+    return _mean(per_row, valid, total)
 
 
-def coe_loss(ent_logits: Tensor, q_ent: Tensor, valid: Tensor) -> Tensor:
+def coe_loss(
+    ent_logits: Tensor, q_ent: Tensor, valid: Tensor, total: Tensor | float | None = None
+) -> Tensor:
     """Object-entity loss: fc_ent(pooled object states) [B, O, M] vs q_ent [B, O, M]."""
-    return soft_cross_entropy(ent_logits, q_ent, valid)
+    return soft_cross_entropy(ent_logits, q_ent, valid, total)
 
 
-def cir_loss(rel_logits: Tensor, q_rel: Tensor, valid: Tensor | None = None) -> Tensor:
+def cir_loss(
+    rel_logits: Tensor,
+    q_rel: Tensor,
+    valid: Tensor | None = None,
+    total: Tensor | float | None = None,
+) -> Tensor:
     """Image-relation loss: fc_rel(fused [CLS]) [B, L] vs q_rel [B, L]."""
-    return soft_cross_entropy(rel_logits, q_rel, valid)
+    return soft_cross_entropy(rel_logits, q_rel, valid, total)
+
+
+def batch_totals(batch: Mapping[str, Tensor]) -> Tensor:
+    """Rows each loss averages over in this batch, [4] in LOSS_NAMES order: every pair (ITM),
+    matched pairs (CIT, CIR), objects of matched pairs (COE)."""
+    matched = batch["itm"] == 1
+    objects = batch["box_mask"] & matched[:, None]
+    n_matched = matched.sum()
+    return torch.stack(
+        [torch.ones_like(n_matched) * matched.numel(), n_matched, objects.sum(), n_matched]
+    ).float()
+
+
+def global_totals(batches: Sequence[Mapping[str, Tensor]], world: int = 1) -> dict[str, Tensor]:
+    """batch_totals summed over an optimiser step's micro-batches and over the ranks (one
+    all_reduce; no host sync)."""
+    totals = torch.stack([batch_totals(b) for b in batches]).sum(0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    return dict(zip(LOSS_NAMES, totals.unbind(), strict=True))
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward returns each rank the summed gradient of its rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss may use every row
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather_pairs(text_emb: Tensor, image_emb: Tensor, matched: Tensor, world: int = 1) -> Pairs:
+    """The CIT pairs of all ranks, gathered with gradients (every rank holds the same number of
+    rows: the loader's batches are never partial); `rows` is this rank's slice."""
+    n = text_emb.shape[0]
+    if world == 1:
+        return Pairs(text_emb, image_emb, matched.bool(), slice(0, n))
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    flags = [torch.empty_like(matched) for _ in range(world)]
+    dist.all_gather(flags, matched.contiguous())
+    return Pairs(
+        _GatherWithGrad.apply(text_emb),
+        _GatherWithGrad.apply(image_emb),
+        torch.cat(flags).bool(),
+        slice(rank * n, (rank + 1) * n),
+    )
 
 
 def pretrain_loss(
@@ -141,35 +243,44 @@ def pretrain_loss(
     lambdas: Mapping[str, float],
     hard: bool = False,
     label_mass: str = "spread",
+    *,
+    totals: Mapping[str, Tensor] | None = None,
+    pairs: Pairs | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = sum of lambda * loss over the enabled losses; returns (total, detached components).
 
     `out` is PretrainModel.forward's output (with boxes given, for COE); `batch` the collated
     batch on the same device; n_entities / n_relations come from the label rows' sizes.
     `label_mass`: how truncated top-k labels become full distributions (dense_soft_labels).
+    `totals` (global_totals): each loss becomes this batch's share of the global-batch mean.
+    `pairs` (gather_pairs): CIT over every rank's pairs; default this batch's own.
 
     COE and CIR use matched pairs only (a mismatched caption says nothing about the image's
     objects, and the fused states then mix in the wrong text); ITM uses every pair.
     """
+    totals = totals or {}
     parts: dict[str, Tensor] = {}
     matched = batch["itm"] == 1
     if lambdas.get("itm", 0) > 0:
-        parts["itm"] = itm_loss(out["itm_logits"], batch["itm"])
+        parts["itm"] = itm_loss(out["itm_logits"], batch["itm"], totals.get("itm"))
     if lambdas.get("cit", 0) > 0:
-        parts["cit"] = cit_loss(out["text_emb"], out["image_emb"], out["temp"], matched)
+        p = pairs or Pairs(out["text_emb"], out["image_emb"], matched, slice(None))
+        parts["cit"] = cit_loss(
+            p.text_emb, p.image_emb, out["temp"], p.matched, rows=p.rows, total=totals.get("cit")
+        )
     if lambdas.get("coe", 0) > 0:
         n_ent = out["ent_logits"].shape[-1]
         q_ent = dense_soft_labels(batch["ent_idx"], batch["ent_prob"], n_ent, label_mass)
         if hard:
             q_ent = hard_labels(q_ent)
         valid = batch["box_mask"] & matched[:, None]
-        parts["coe"] = coe_loss(out["ent_logits"], q_ent, valid)
+        parts["coe"] = coe_loss(out["ent_logits"], q_ent, valid, totals.get("coe"))
     if lambdas.get("cir", 0) > 0:
         n_rel = out["rel_logits"].shape[-1]
         q_rel = dense_soft_labels(batch["rel_idx"], batch["rel_prob"], n_rel, label_mass)
         if hard:
             q_rel = hard_labels(q_rel)
-        parts["cir"] = cir_loss(out["rel_logits"], q_rel, matched)
+        parts["cir"] = cir_loss(out["rel_logits"], q_rel, matched, totals.get("cir"))
     if not parts:
         raise ValueError("every loss weight is 0: nothing to train")
     total = sum(lambdas[k] * v for k, v in parts.items())

@@ -24,6 +24,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FUSION_EXTRAS_FILE = "fusion_extras.safetensors"
 INIT_SEED = 4321  # heads and projections are initialised under this seed (reproducible models)
+# ViT-in21k's normalisation, also used by the tiny and random-init ViTs (they have no processor)
+DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
+PROCESSOR_FILE = "preprocessor_config.json"
 
 
 @dataclass
@@ -43,6 +47,11 @@ class ModelConfig:
     temp_init: float = 0.07
     image_size: int | None = None  # filled from the ViT config
     patch_size: int | None = None  # filled from the ViT config
+    # pixel normalisation, from the vision encoder's preprocessor_config.json (build_model);
+    # saved with the model, so fine-tuning and the alignment plot normalise the same way
+    image_mean: list[float] | None = None  # None: DEFAULT_IMAGE_MEAN
+    image_std: list[float] | None = None
+    attn_implementation: str = "sdpa"  # BERT and ViT attention: sdpa (fused kernels) | eager
     extra: dict[str, Any] = field(default_factory=dict)  # free-form (e.g. vocab sizes, notes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +73,14 @@ class PretrainModel(nn.Module):
         self.cfg = cfg
         self.bert = bert
         self.vit = vit
+        for encoder in (bert, vit):
+            if encoder.config._attn_implementation != cfg.attn_implementation:
+                encoder.set_attn_implementation(cfg.attn_implementation)
+        cfg.image_mean = list(cfg.image_mean or DEFAULT_IMAGE_MEAN)
+        cfg.image_std = list(cfg.image_std or DEFAULT_IMAGE_STD)
+        # [1, 3, 1, 1] buffers, not saved: the values live in the config
+        self.register_buffer("pixel_mean", _channels(cfg.image_mean), persistent=False)
+        self.register_buffer("pixel_std", _channels(cfg.image_std), persistent=False)
         n_layers = len(bert.encoder.layer)
         n_fusion = cfg.n_fusion_layers if cfg.n_fusion_layers is not None else max(1, n_layers // 2)
         if not 1 <= n_fusion <= n_layers:
@@ -107,6 +124,11 @@ class PretrainModel(nn.Module):
     # -------------------------------------------------------------------------- encoders
 
     def _mask(self, hidden: Tensor, attention_mask: Tensor | None):
+        """The attention mask the BERT layers take: for SDPA a boolean [B, 1, 1, T] (True =
+        attend), built here because create_bidirectional_mask reads the mask back to the host
+        (`.all()`) to drop it when nothing is padded; for other kernels HF's own mask."""
+        if attention_mask is not None and self.bert.config._attn_implementation == "sdpa":
+            return attention_mask.bool()[:, None, None, :]
         from transformers.masking_utils import create_bidirectional_mask
 
         return create_bidirectional_mask(
@@ -126,9 +148,16 @@ class PretrainModel(nn.Module):
             self.bert.encoder.layer[: self.n_text_layers], hidden, attention_mask
         )
 
+    def normalise(self, pixel_values: Tensor) -> Tensor:
+        """uint8 RGB [B, 3, S, S] (trainer.data.vit_pixels) -> the ViT's normalised float input,
+        with this model's own mean and std; a floating tensor is taken as normalised already."""
+        if pixel_values.is_floating_point():
+            return pixel_values
+        return (pixel_values.float() / 255.0 - self.pixel_mean) / self.pixel_std
+
     def vision_states(self, pixel_values: Tensor) -> Tensor:
-        """Raw ViT token states [B, 1+P, Hv] (CLS first)."""
-        return self.vit(pixel_values=pixel_values).last_hidden_state
+        """Raw ViT token states [B, 1+P, Hv] (CLS first); pixels as in `normalise`."""
+        return self.vit(pixel_values=self.normalise(pixel_values)).last_hidden_state
 
     def project_image(self, vision_states: Tensor) -> Tensor:
         return self.patch_proj(vision_states)
@@ -216,7 +245,41 @@ class PretrainModel(nn.Module):
         return out
 
 
+def _channels(values) -> Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float32).view(1, 3, 1, 1)
+
+
 # ------------------------------------------------------------------------------ factory
+
+
+def image_normalisation(source: str) -> tuple[list[float], list[float]] | None:
+    """(image_mean, image_std) from a vision encoder's preprocessor_config.json (a local HF
+    folder, or a hub model in the cache / online); None when it has no such file."""
+    from transformers.utils import cached_file
+
+    local = Path(source) / PROCESSOR_FILE
+    if local.is_file():
+        path = str(local)
+    elif Path(source).is_dir():
+        return None
+    else:
+        try:
+            path = cached_file(
+                source,
+                PROCESSOR_FILE,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except OSError:
+            return None
+    if not path:
+        return None
+    processor = json.loads(Path(path).read_text(encoding="utf-8"))
+    mean, std = processor.get("image_mean"), processor.get("image_std")
+    if mean is None or std is None:
+        return None
+    as_list = lambda v: [float(x) for x in (v if isinstance(v, list) else [v] * 3)]  # noqa: E731
+    return as_list(mean), as_list(std)
 
 
 def _random_bert(vocab_size: int):
@@ -256,12 +319,24 @@ def build_model(cfg: ModelConfig) -> PretrainModel:
         bert = _random_bert(30522)  # bert-base-uncased vocabulary size
     else:
         bert = presets.load_text_encoder(cfg.preset)
+    vision_source = None  # a real ViT (folder or hub): its image processor normalises
     if cfg.vision_encoder:
         vit = presets.load_vision_encoder(cfg.preset, cfg.vision_encoder)
+        vision_source = cfg.vision_encoder
     elif cfg.random_init and cfg.preset == "base":
         vit = _random_vit()
     else:
         vit = presets.load_vision_encoder(cfg.preset)
+        vision_source = presets.get_preset(cfg.preset).vision_encoder
+    if vision_source not in (None, *presets.RANDOM_VIT) and cfg.image_mean is None:
+        found = image_normalisation(vision_source)
+        if found is None:
+            print(
+                f"model: {vision_source} has no {PROCESSOR_FILE} with image_mean/image_std: "
+                f"normalising with mean {DEFAULT_IMAGE_MEAN}, std {DEFAULT_IMAGE_STD}"
+            )
+        else:
+            cfg.image_mean, cfg.image_std = found
     return PretrainModel(cfg, bert, vit)
 
 

@@ -1,8 +1,12 @@
 """Pretrain the fusion encoder on labelled shards: ITM + CIT + COE + CIR (the loop, end to end).
 
-python trainer/run.py --shards shards/ --preset tiny --steps 50
-python trainer/run.py --params params.yaml            # the `pretrain:` group, flags override
-torchrun --nproc_per_node 2 trainer/run.py --shards shards/ ...   # DDP (gloo CPU / nccl GPU)
+python trainer/run.py --shards shards/ --steps 50        # defaults: params.yaml `pretrain:`
+python trainer/run.py --shards shards/ --steps 500 --resume   # continue runs/pretrain/model
+torchrun --nproc_per_node 2 trainer/run.py --shards shards/   # DDP (gloo CPU / nccl GPU)
+
+The command line (flags, params.yaml, input checks) is trainer/pretrain_cli.py; this file is the
+run: `setup` builds everything, `train` is the loop, the step is `forward_backward` +
+`optimizer_step`, and `finish` writes the model, metrics and plots.
 """
 
 from __future__ import annotations
@@ -13,86 +17,70 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
+if __name__ == "__main__":  # parse flags and check inputs before torch is imported
+    from trainer.pretrain_cli import main
+
+    sys.exit(main())
+
+import contextlib
 import dataclasses
 import hashlib
-import json
-import math
 import os
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from pipeline import runtime
 from pipeline.shards import read_vocabularies, write_json_atomic
-from trainer import checkpoint, data
-from trainer.losses import LOSS_NAMES, TEMP_MAX, TEMP_MIN, pretrain_loss
-from trainer.model import ModelConfig, build_model, build_tokenizer, export_hf, save_pretrained
+from trainer import checkpoint, data, losses, plots
+from trainer.model import (
+    ModelConfig,
+    PretrainModel,
+    build_model,
+    build_tokenizer,
+    export_hf,
+    save_pretrained,
+)
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.pretrain_cli import TrainConfig, check_config, check_inputs
+from trainer.settings import UsageError
+from trainer.train_log import TrainLog, summary
 
-
-@dataclass
-class TrainConfig:
-    # data and outputs
-    shards: str = "shards"
-    out: str = "checkpoints/pretrain"  # final model; resume states go to {out}_state/
-    metrics: str = "metrics/pretrain.json"
-    live_dir: str = "dvclive/pretrain"  # dvclive logs and plots ("" to switch off)
-    # model
-    preset: str = "tiny"
-    text_encoder: str | None = None
-    vision_encoder: str | None = None
-    random_init: bool = False
-    n_fusion_layers: int | None = None
-    proj_dim: int = 256
-    # losses (lambda = 0 removes the loss and its head)
-    lambda_itm: float = 1.0
-    lambda_cit: float = 1.0
-    lambda_coe: float = 1.0
-    lambda_cir: float = 1.0
-    hard_labels: bool = False
-    label_mass: str = "spread"  # top-k labels: spread the leftover mass | renormalise the top-k
-    min_cover: float = 0.5  # fraction of a patch a box must cover to pool it (COE)
-    # optimisation (paper: AdamW, lr 1e-4, weight decay 1e-3)
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 1e-3
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    seed: int = 0
-    # data loading
-    max_len: int = 40
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    # runtime
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA (no-op on CPU)
-    threads: int = 0  # CPU threads per process (0: cores / processes)
-    ckpt_every: int = 500
-    keep_ckpts: int = 2
-    resume: bool = False
-    log_every: int = 10
-    export_hf: bool = True
-
-    @property
-    def lambdas(self) -> dict[str, float]:
-        return {k: float(getattr(self, f"lambda_{k}")) for k in LOSS_NAMES}
-
-    @property
-    def state_dir(self) -> Path:
-        out = Path(self.out)
-        return out.with_name(out.name + "_state")
+__all__ = ["TrainConfig", "train", "setup", "forward_backward", "optimizer_step"]
 
 
 # ------------------------------------------------------------------------------ setup
+
+
+@dataclass
+class Run:
+    """Everything the loop uses, built once by `setup`."""
+
+    cfg: TrainConfig  # machine defaults filled in (batch size, workers)
+    rank: int
+    world: int
+    device: torch.device
+    core: PretrainModel  # the model itself: saving, clipping, the temperature
+    model: torch.nn.Module  # what the step calls: core, DDP(core), maybe compiled
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    model_cfg: ModelConfig
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data_cfg: data.DataConfig
+    n_samples: int
+    per_epoch: int  # optimiser steps per epoch
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -104,8 +92,47 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine_defaults(cfg: TrainConfig, world: int, device: torch.device) -> TrainConfig:
+    """Per-rank batch size and loader workers that fit this machine, when not given.
+
+    Batch: 128 per GPU (the paper's batch; base in bf16 needs ~20 GB), 64 on GPUs under
+    40 GiB, 8 on CPU. Workers: this rank's share of the cores minus its own, at most 16."""
+    batch, workers = cfg.batch_size, cfg.num_workers
+    if batch is None:
+        batch = 8
+        if device.type == "cuda":
+            memory = torch.cuda.get_device_properties(device).total_memory
+            batch = 128 if memory >= 40 * 2**30 else 64
+    if workers is None:
+        workers = max(1, min(16, cpu_cores() // world - 1))
+    return dataclasses.replace(cfg, batch_size=batch, num_workers=workers)
+
+
+def fit_batch_to_data(cfg: TrainConfig, n_samples: int, world: int, say: bool) -> TrainConfig:
+    """A folder smaller than one step (the bundled sample) still trains, with smaller batches."""
+    per_rank = n_samples // (world * cfg.accum)
+    if per_rank < 1:
+        raise UsageError(
+            f"{n_samples} samples cannot give every one of {world} rank(s) {cfg.accum} "
+            "micro-batch(es): lower --accum or use fewer processes"
+        )
+    if per_rank >= cfg.batch_size:
+        return cfg
+    if say:
+        print(
+            f"pretrain: only {n_samples} samples for {world} rank(s) x {cfg.accum} "
+            f"micro-batch(es): batch size {cfg.batch_size} -> {per_rank}"
+        )
+    return dataclasses.replace(cfg, batch_size=per_rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -114,35 +141,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_checksum(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _reduce_mean(values: dict[str, float], world: int, device) -> dict[str, float]:
-    if world == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
-
-
-# ------------------------------------------------------------------------------ train
-
-
-def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
-    """Run (or resume) pretraining; return the metrics written to cfg.metrics.
-
-    `on_step(step)` is called after every optimiser step (tests use it to interrupt a run).
-    """
+def setup(cfg: TrainConfig) -> Run:
+    """Process group, threads, seeds, model (DDP, compiled), optimizer, schedule, data config."""
     rank, world, device = setup_distributed(cfg)
-    is_main = rank == 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    runtime.set_threads(cfg.threads or max(1, cores // world))
+    runtime.set_threads(cfg.threads or max(1, cpu_cores() // world))
+    cfg = machine_defaults(cfg, world, device)
+    n_samples = data.total_samples(cfg.shards)
+    cfg = fit_batch_to_data(cfg, n_samples, world, say=rank == 0)
     seed_everything(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
 
     entities, relations = read_vocabularies(cfg.shards)
@@ -158,27 +163,19 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         itm_head=lambdas["itm"] > 0,
         proj_dim=cfg.proj_dim if lambdas["cit"] > 0 else 0,
     )
-    model = build_model(model_cfg)
+    core = build_model(model_cfg).to(device).train()
     tokenizer = build_tokenizer(model_cfg)
-    model.to(device)
-    core = model
+    ddp = None
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
+    model = ddp or core
+    if cfg.compile:
+        model = torch.compile(model, backend=cfg.compile_backend)
     optimizer = build_optimizer([(core, cfg.lr)], cfg.weight_decay, device)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps)
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
 
-    n_samples = data.total_samples(cfg.shards)
-    if 0 < n_samples // world < cfg.batch_size:
-        # A small folder (the bundled sample) still trains: one smaller batch per rank and epoch.
-        if is_main:
-            print(
-                f"pretrain: only {n_samples} samples for {world} rank(s): "
-                f"batch size {cfg.batch_size} -> {n_samples // world}"
-            )
-        cfg = dataclasses.replace(cfg, batch_size=n_samples // world)
     data_cfg = data.DataConfig(
         shard_dir=cfg.shards,
         batch_size=cfg.batch_size,
@@ -190,295 +187,264 @@ def train(cfg: TrainConfig, on_step=None) -> dict[str, Any]:
         n_entities=len(entities),
         n_relations=len(relations),
     )
-    per_epoch = data.steps_per_epoch(n_samples, world, cfg.batch_size)
-
-    step, bad = 0, Counter()
-    history: list[dict[str, float]] = []
-    if cfg.resume:
-        latest = checkpoint.latest_state(cfg.state_dir)
-        if latest is not None:
-            restored = checkpoint.load_state(latest, model, optimizer, scheduler, rank)
-            step = restored["step"]
-            bad.update(restored.get("bad", {}))
-            history = restored.get("history", [])
-            if is_main:
-                print(f"resumed from {latest} at step {step}")
-        elif is_main:
-            print(f"--resume: no checkpoint in {cfg.state_dir}, starting at step 0")
-
-    live = open_live(cfg.live_dir, resume=step > 0) if is_main and cfg.live_dir else None
-    if live is not None:
-        live.log_params({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
-    if is_main:
+    per_epoch = data.steps_per_epoch(n_samples, world, cfg.batch_size * cfg.accum)
+    run = Run(
+        cfg, rank, world, device, core, model, ddp, model_cfg, tokenizer, optimizer,
+        scheduler, data_cfg, n_samples, per_epoch,
+    )  # fmt: skip
+    if run.is_main:
         n_params = sum(p.numel() for p in core.parameters())
         print(
             f"pretrain: {n_samples} samples, {per_epoch} steps/epoch on {world} rank(s), "
-            f"batch {cfg.batch_size}/rank, {n_params / 1e6:.1f}M params, device {device}, "
-            f"losses {', '.join(k for k, v in lambdas.items() if v > 0)}"
+            f"batch {cfg.batch_size}/rank x {cfg.accum} micro-batch(es), "
+            f"{cfg.num_workers} loader worker(s)/rank, {n_params / 1e6:.1f}M params, "
+            f"device {device}, losses {', '.join(k for k, v in lambdas.items() if v > 0)}"
+            + (f", torch.compile ({cfg.compile_backend})" if cfg.compile else "")
         )
+    return run
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, desc="pretrain", unit="step")
-    window: dict[str, list[torch.Tensor]] = {}
-    t_start, seen_start, t_data = time.perf_counter(), step, 0.0
-    pin = device.type == "cuda"
-    while step < cfg.steps:
-        epoch, skip = divmod(step, per_epoch)
-        loader = data.make_loader(data_cfg, tokenizer, epoch=epoch, pin_memory=pin)
-        n_batches = 0
-        t_fetch = time.perf_counter()
-        for i, batch in enumerate(loader):
-            n_batches = i + 1
-            batch_bad = batch.pop("bad")
-            if i < skip:  # resumed mid-epoch: trained on (and bad samples counted) before
-                continue
-            bad.update(batch_bad)
-            t_data += time.perf_counter() - t_fetch
-            batch = data.to_device(batch, device)
-            model.train()
-            with runtime.autocast(device, cfg.amp):
-                out = model(
+
+def resume(run: Run) -> tuple[int, dict[str, Any]]:
+    """(step, saved log state) from the latest checkpoint, or (0, {}) without one."""
+    latest = checkpoint.latest_state(run.cfg.state_dir)
+    if latest is None:
+        if run.is_main:
+            print(f"--resume: no checkpoint in {run.cfg.state_dir}, starting at step 0")
+        return 0, {}
+    restored = checkpoint.load_state(latest, run.core, run.optimizer, run.scheduler, run.rank)
+    if run.is_main:
+        print(f"resumed from {latest} at step {restored['step']}")
+    return restored["step"], restored
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def step_batches(run: Run, start_step: int, log: TrainLog) -> Iterator[list[dict[str, Any]]]:
+    """The micro-batches of every optimiser step from `start_step` on, on the device.
+
+    Epoch e is `per_epoch` steps of the loader seeded with (seed, e); a resume mid-epoch
+    rebuilds that epoch's stream and skips what was trained (bad samples counted then)."""
+    cfg, step = run.cfg, start_step
+    pin = run.device.type == "cuda"
+    while True:
+        epoch, done = divmod(step, run.per_epoch)
+        batches = iter(data.make_loader(run.data_cfg, run.tokenizer, epoch=epoch, pin_memory=pin))
+        for _ in range(done * cfg.accum):
+            _next_batch(batches, epoch, run)
+        for _ in range(done, run.per_epoch):
+            micro = []
+            for _ in range(cfg.accum):
+                t0 = time.perf_counter()
+                batch = _next_batch(batches, epoch, run)
+                log.data_wait += time.perf_counter() - t0
+                log.bad_samples(batch.pop("bad"))
+                micro.append(data.to_device(batch, run.device))
+            yield micro
+            step += 1
+
+
+def _next_batch(batches: Iterator[dict[str, Any]], epoch: int, run: Run) -> dict[str, Any]:
+    try:
+        return next(batches)
+    except StopIteration:
+        raise RuntimeError(
+            f"epoch {epoch}: the data stream ended before {run.per_epoch} steps; "
+            "the shards hold fewer readable samples than sizes.json says"
+        ) from None
+
+
+# ------------------------------------------------------------------------------ the step
+
+
+def forward_backward(
+    run: Run, micro_batches: list[dict[str, Any]]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward over one optimiser step's micro-batches.
+
+    Every loss is the mean over the global batch: all ranks and all micro-batches, weighted by
+    their valid rows (pairs, matched pairs, objects), as on one process holding the whole
+    batch. Each micro-batch adds its share (losses.global_totals); DDP averages gradients over
+    ranks, so each rank back-propagates world x its share. CIT draws its negatives from every
+    rank (losses.gather_pairs) but only from the current micro-batch: with --accum N, the
+    InfoNCE sees global batch / N candidates, not the whole step's.
+
+    Returns (loss, parts): this rank's shares, detached (they add up over ranks).
+    """
+    cfg, world = run.cfg, run.world
+    totals = losses.global_totals(micro_batches, world)
+    loss_sum, parts_sum = torch.zeros((), device=run.device), {}
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or run.ddp is None else run.ddp.no_sync()
+        with sync:
+            with runtime.autocast(run.device, cfg.amp):
+                out = run.model(
                     batch["input_ids"],
                     batch["attention_mask"],
                     batch["pixel_values"],
-                    boxes=batch["boxes"] if lambdas["coe"] > 0 else None,
+                    boxes=batch["boxes"] if cfg.lambda_coe > 0 else None,
                     min_cover=cfg.min_cover,
                 )
-            loss, parts = pretrain_loss(
-                out, batch, lambdas, hard=cfg.hard_labels, label_mass=cfg.label_mass
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if core.temp is not None:
-                with torch.no_grad():
-                    core.temp.clamp_(TEMP_MIN, TEMP_MAX)
-            step += 1
-
-            # losses stay on the device between log steps: no host sync per step on CUDA
-            for k, v in {"loss": loss.detach(), **parts}.items():
-                window.setdefault(k, []).append(v)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                means = {k: float(torch.stack(v).float().mean()) for k, v in window.items()}
-                avg = _reduce_mean(means, world, device)
-                window = {}
-                elapsed = time.perf_counter() - t_start
-                sps = (step - seen_start) * cfg.batch_size * world / max(elapsed, 1e-9)
-                lr = scheduler.get_last_lr()[0]
-                history.append({"step": step, **avg})
-                if is_main:
-                    bar.set_postfix(
-                        {k: f"{v:.3f}" for k, v in avg.items()}
-                        | {"lr": f"{lr:.1e}", "sps": f"{sps:.1f}"}
-                    )
-                if live is not None:
-                    live.step = step  # dvclive's x axis is the optimiser step
-                    for k, v in avg.items():
-                        live.log_metric(f"train/{k}", v)
-                    live.log_metric("train/lr", lr)
-                    live.log_metric("train/samples_per_s", sps)
-                    live.log_metric("train/grad_norm", float(grad_norm))
-                    live.next_step()
-            bar.update(1)
-
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save_checkpoint(
-                    cfg,
-                    step,
-                    model,
-                    tokenizer,
-                    model_cfg,
-                    optimizer,
-                    scheduler,
-                    {"bad": dict(bad), "history": history},
-                    rank,
-                    world,
+            pairs = None
+            if "text_emb" in out:
+                pairs = losses.gather_pairs(
+                    out["text_emb"], out["image_emb"], batch["itm"] == 1, world
                 )
-            if on_step is not None:
-                on_step(step)
-            if step >= cfg.steps or i + 1 >= per_epoch:
-                break
-            t_fetch = time.perf_counter()
-        if step < cfg.steps and n_batches < per_epoch:
-            raise RuntimeError(
-                f"epoch {epoch}: the data stream ended after {n_batches} of {per_epoch} batches "
-                f"(bad samples: {dict(bad)})"
+            loss, parts = losses.pretrain_loss(
+                out,
+                batch,
+                cfg.lambdas,
+                hard=cfg.hard_labels,
+                label_mass=cfg.label_mass,
+                totals=totals,
+                pairs=pairs,
             )
-    bar.close()
-    elapsed = time.perf_counter() - t_start
+            (loss * world).backward()
+        loss_sum = loss_sum + loss.detach()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0) + v
+    return loss_sum, parts_sum
 
-    checksums = [param_checksum(core)]
-    if world > 1:
-        gathered: list[Any] = [None] * world
+
+def optimizer_step(run: Run) -> torch.Tensor | None:
+    """Clip, step, schedule, clamp the CIT temperature; returns the gradient norm (on device)."""
+    grad_norm = None
+    if run.cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.core.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.core.temp is not None:
+        with torch.no_grad():
+            run.core.temp.clamp_(losses.TEMP_MIN, losses.TEMP_MAX)
+    return grad_norm
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) pretraining; return the run report (report.json; headline: --metrics).
+
+    `on_step(step)` is called after every optimiser step (tests use it to interrupt a run).
+    """
+    check_config(cfg)
+    check_inputs(cfg)
+    run = setup(cfg)
+    cfg = run.cfg
+    step, saved = resume(run) if cfg.resume else (0, {})
+    log = TrainLog(cfg, run.rank, run.world, step, saved.get("history"), saved.get("bad"))
+    batches = step_batches(run, step, log)
+    while step < cfg.steps:
+        loss, parts = forward_backward(run, next(batches))
+        grad_norm = optimizer_step(run)
+        step += 1
+        log.step(step, loss, parts, grad_norm, run.scheduler.get_last_lr()[0])
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_checkpoint(run, step, log.state())
+        if on_step is not None:
+            on_step(step)
+    batches.close()
+    log.close()
+    return finish(run, step, log)
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def save_checkpoint(run: Run, step: int, state: dict[str, Any]) -> None:
+    """Every rank saves its RNG; rank 0 saves the rest and publishes the step atomically."""
+    checkpoint.save_rank_rng(run.cfg.state_dir, step, run.rank)
+    if run.world > 1:
+        dist.barrier()
+    if run.is_main:
+        checkpoint.save_state(
+            run.cfg.state_dir,
+            step,
+            run.core,
+            run.tokenizer,
+            run.model_cfg,
+            run.optimizer,
+            run.scheduler,
+            state,
+            keep=run.cfg.keep_ckpts,
+        )
+    if run.world > 1:
+        dist.barrier()
+
+
+def param_checksum(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def headline_metrics(history: list[dict[str, float]], step: int, bad: int) -> dict[str, Any]:
+    """What `dvc metrics show` lists: first and last logged loss per component, no timings."""
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    out: dict[str, Any] = {"steps": step, "bad_samples": bad}
+    for k in ("loss", *losses.LOSS_NAMES):
+        if k in last:
+            out[k] = {"first": first.get(k), "last": last[k]}
+    return out
+
+
+def finish(run: Run, step: int, log: TrainLog) -> dict[str, Any]:
+    """Gather checksums and bad samples from every rank; rank 0 writes the model, HF exports,
+    the headline metrics, the full report and the loss plot."""
+    cfg, elapsed = run.cfg, log.elapsed()
+    checksums, bad = [param_checksum(run.core)], log.bad
+    if run.world > 1:
+        gathered: list[Any] = [None] * run.world
         dist.all_gather_object(gathered, {"checksum": checksums[0], "bad": dict(bad)})
         checksums = [g["checksum"] for g in gathered]
         bad = sum((Counter(g["bad"]) for g in gathered), Counter())
-    metrics = {
+    report = {
         "steps": step,
-        "epochs": round(step / per_epoch, 4),
-        "steps_per_epoch": per_epoch,
-        "world_size": world,
+        "epochs": round(step / run.per_epoch, 4),
+        "steps_per_epoch": run.per_epoch,
+        "world_size": run.world,
         "batch_size": cfg.batch_size,
-        "samples_seen": step * cfg.batch_size * world,
-        "samples_per_s": round((step - seen_start) * cfg.batch_size * world / elapsed, 3)
-        if elapsed > 0
-        else 0.0,
-        "data_wait_fraction": round(t_data / elapsed, 4) if elapsed > 0 else 0.0,
-        "train": history[-1] if history else {},
-        "first": history[0] if history else {},
+        "accum": cfg.accum,
+        "samples_seen": step * cfg.batch_size * cfg.accum * run.world,
+        "samples_per_s": round(log.samples_per_s(step), 3),
+        "wall_s": round(elapsed, 2),
+        "data_wait_fraction": round(log.data_wait / elapsed, 4) if elapsed > 0 else 0.0,
+        "train": log.history[-1] if log.history else {},
+        "first": log.history[0] if log.history else {},
+        "history": log.history,
         "bad_samples": int(sum(bad.values())),
         "bad_reasons": dict(bad.most_common(20)),
         "param_checksums": checksums,
-        "device": str(device),
+        "device": str(run.device),
         "preset": cfg.preset,
-        "lambdas": lambdas,
+        "lambdas": cfg.lambdas,
         "hard_labels": cfg.hard_labels,
         "label_mass": cfg.label_mass,
+        "compile": cfg.compile,
     }
-    if is_main:
+    metrics = headline_metrics(log.history, step, report["bad_samples"])
+    if run.is_main:
         save_pretrained(
-            core, tokenizer, model_cfg, cfg.out, extra={"train": dataclasses.asdict(cfg)}
+            run.core,
+            run.tokenizer,
+            run.model_cfg,
+            cfg.out,
+            extra={"train": dataclasses.asdict(cfg)},
         )
         if cfg.export_hf:
-            export_hf(core, Path(cfg.out) / "hf", tokenizer)
-        Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg.metrics, metrics)
-        if live is not None:
-            live.end()
-        print_summary(cfg, metrics, elapsed)
-    if world > 1:
+            export_hf(run.core, Path(cfg.out) / "hf", run.tokenizer)
+        for path, content in ((cfg.metrics, metrics), (cfg.report, report)):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, content)
+        if cfg.plot:
+            plots.pretrain_losses(log.history, cfg.plot)
+        print(summary(metrics, report, cfg))
+    if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return metrics
-
-
-class TsvLive:
-    """dvclive's plot layout (plots/metrics/<name>.tsv with step and value) without dvclive."""
-
-    def __init__(self, directory: str, resume: bool = False):
-        self.dir, self.step = Path(directory), 0
-        if not resume and (self.dir / "plots").exists():
-            import shutil
-
-            shutil.rmtree(self.dir / "plots")
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "params.json").write_text(json.dumps(params, indent=1), encoding="utf-8")
-
-    def log_metric(self, name: str, value: float) -> None:
-        path = self.dir / "plots" / "metrics" / f"{name}.tsv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with open(path, "a", encoding="utf-8") as f:
-            if new:
-                f.write(f"step\t{path.stem}\n")
-            f.write(f"{self.step}\t{value}\n")
-
-    def next_step(self) -> None:
-        self.step += 1
-
-    def end(self) -> None:
-        pass
-
-
-def open_live(directory: str, resume: bool):
-    """dvclive when it can start here; otherwise the same TSV plots written directly.
-
-    (dvclive 3.49 raises on a git repository without commits, e.g. a fresh `git init`.)
-    """
-    try:
-        from dvclive import Live
-
-        return Live(directory, save_dvc_exp=False, dvcyaml=None, resume=resume)
-    except Exception as e:  # noqa: BLE001 - logging must never stop training
-        print(f"dvclive unavailable ({type(e).__name__}: {e}); writing TSV plots to {directory}")
-        return TsvLive(directory, resume)
-
-
-def save_checkpoint(
-    cfg, step, model, tokenizer, model_cfg, optimizer, scheduler, state, rank, world
-):
-    """Every rank saves its RNG; rank 0 saves the rest and publishes the step atomically."""
-    checkpoint.save_rank_rng(cfg.state_dir, step, rank)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        checkpoint.save_state(
-            cfg.state_dir,
-            step,
-            model,
-            tokenizer,
-            model_cfg,
-            optimizer,
-            scheduler,
-            state,
-            keep=cfg.keep_ckpts,
-        )
-    if world > 1:
-        dist.barrier()
-
-
-def print_summary(cfg: TrainConfig, m: dict[str, Any], elapsed: float) -> None:
-    first, last = m["first"], m["train"]
-    lines = [
-        f"pretrain done: {m['steps']} steps ({m['epochs']} epochs) in {elapsed:.1f}s, "
-        f"{m['samples_per_s']} samples/s on {m['world_size']} x {m['device']}",
-        "loss     first    last",
-    ]
-    for k in ("loss", *LOSS_NAMES):
-        if k in last:
-            lines.append(f"{k:<8} {first.get(k, math.nan):7.4f}  {last[k]:7.4f}")
-    lines.append(
-        f"bad samples: {m['bad_samples']}" + (f" {m['bad_reasons']}" if m["bad_samples"] else "")
-    )
-    lines.append(
-        f"model: {cfg.out} (+ hf/), resume states: {cfg.state_dir}, metrics: {cfg.metrics}"
-    )
-    print("\n".join(lines))
-
-
-# ------------------------------------------------------------------------------ CLI
-
-
-def load_params(path: str | None, group: str = "pretrain") -> dict[str, Any]:
-    if not path:
-        return {}
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
-    values = params.get(group, {})
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"{path}: unknown {group} parameters {unknown}")
-    return values
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", help="YAML file whose `pretrain:` group sets the defaults")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            if f.name == "n_fusion_layers":
-                kind = int
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
-    args = vars(parser.parse_args(argv))
-    values = load_params(args.pop("params"))
-    values.update({k: v for k, v in args.items() if v is not None})
-    return TrainConfig(**values)
-
-
-def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    return report

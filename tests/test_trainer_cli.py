@@ -1,0 +1,260 @@
+"""The trainer scripts' command lines: params.yaml defaults, fast --help, one-line errors with
+exit code 2, the DVC-output guard, and the DVC stages' flags."""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer import finetune_cli, pretrain_cli
+from trainer.settings import UsageError, refuse_dvc_outputs
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {"run": REPO / "trainer" / "run.py", "finetune": REPO / "trainer" / "finetune.py"}
+
+
+def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-X", "importtime", str(SCRIPTS[name]), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def imported(stderr: str) -> set[str]:
+    """Top-level packages in python -X importtime's report."""
+    names = re.findall(r"^import time:.*\|\s+(\S+)$", stderr, flags=re.M)
+    return {n.split(".")[0] for n in names}
+
+
+@pytest.mark.parametrize(("name", "cls"), [("run", pretrain_cli.TrainConfig),
+                                           ("finetune", finetune_cli.FinetuneConfig)])  # fmt: skip
+def test_help_lists_every_option_with_its_default_before_torch_loads(tmp_path, name, cls):
+    start = time.perf_counter()
+    proc = script(name, "--help", cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not imported(proc.stderr) & {"torch", "transformers", "numpy"}
+    assert elapsed < 10  # about a second on a quiet machine; generous for a busy CI box
+    assert "settings: code defaults (no params.yaml here or above)" in " ".join(proc.stdout.split())
+    # argparse starts each option's entry with "  -", continuation lines are indented further
+    entries = re.split(r"\n(?=  -)", proc.stdout.split("options:", 1)[1])
+    help_of = {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries if e.strip()}
+    for f in dataclasses.fields(cls):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in help_of, flag
+        assert "(default:" in help_of[flag] or f.name == "task", help_of[flag]
+
+
+def write_project(root: Path, pretrain: dict, dvc_outs: list[str] = ()) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump({"pretrain": pretrain}))
+    stage = {"cmd": "true", "outs": list(dvc_outs)}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": stage}}))
+    return root
+
+
+def test_pretrain_defaults_come_from_the_projects_params_yaml(tmp_path, monkeypatch):
+    project = write_project(tmp_path / "p", {"steps": 7, "batch_size": 3, "lr": 1})
+    (project / "sub").mkdir()
+    monkeypatch.chdir(project / "sub")  # found in a parent folder too
+    cfg, args = pretrain_cli.parse_args(["--shards", "s", "--steps", "9"])
+    assert (cfg.steps, cfg.batch_size, cfg.lr) == (9, 3, 1.0)  # flag > params > code
+    assert args.params_file == project / "params.yaml"
+    cfg, _ = pretrain_cli.parse_args(["--params", "none"])
+    assert (cfg.steps, cfg.batch_size) == (1000, None)
+    (project / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"stpes": 1}}))
+    with pytest.raises(UsageError, match=r"unknown `pretrain` parameters \['stpes'\]"):
+        pretrain_cli.parse_args([])
+    (project / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"steps": "many"}}))
+    with pytest.raises(UsageError, match="steps = 'many' is not a int"):
+        pretrain_cli.parse_args([])
+
+
+def test_in_the_repo_the_pretrain_command_equals_the_dvc_stage(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg, _ = pretrain_cli.parse_args(["--shards", "shards"])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["pretrain"]
+    assert {k: getattr(cfg, k) for k in params} == params
+
+
+def dvc_stage_argv(stage: str) -> list[str]:
+    """A dvc.yaml stage's command with params.yaml substituted, split into arguments."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+
+    def value(match):
+        node = params
+        for key in match.group(1).split("."):
+            node = node[key]
+        return str(node)
+
+    import shlex
+
+    return shlex.split(re.sub(r"\$\{([^}]+)\}", value, cmd))[2:]  # after `python SCRIPT`
+
+
+def stage_paths(stage: str) -> set[str]:
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    entries = [e for kind in ("outs", "metrics", "plots") for e in spec.get(kind, [])]
+    return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+
+def test_dvc_stages_parse_and_write_only_their_declared_outputs(monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("DVC_STAGE", "pretrain")
+    cfg, _ = pretrain_cli.parse_args(dvc_stage_argv("pretrain"))
+    assert cfg.max_len == 80 and cfg.preset == "tiny"
+    tracked = stage_paths("pretrain")
+    for flag, path in cfg.outputs().items():  # the dvclive folder holds the tracked plots
+        inside = any(t.startswith(path + "/") for t in tracked)
+        assert path in tracked or inside or flag == "--out (resume states)", (flag, path)
+    refuse_dvc_outputs(cfg.outputs(), force=False)  # allowed: DVC runs the stage
+    for task in ("mner", "mre"):
+        cfg, _, _ = finetune_cli.parse_args(dvc_stage_argv(f"finetune-{task}"))
+        params = yaml.safe_load((REPO / "params.yaml").read_text())["finetune"]
+        assert cfg.train == params[task]["train"] and cfg.epochs == params["epochs"]
+        paths = cfg.output_paths()
+        tracked = stage_paths(f"finetune-{task}")
+        assert {str(paths["out"]), str(paths["metrics"]), str(paths["plot"])} <= tracked
+        # every finetune key the script reads is a declared param of the stage
+        declared = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][
+            f"finetune-{task}"]["params"])  # fmt: skip
+        read = {f"finetune.{k}" for k, v in params.items() if not isinstance(v, dict)}
+        assert read | {f"finetune.{task}"} <= declared
+
+
+def test_writing_a_dvc_output_by_hand_is_refused_unless_forced(tmp_path, monkeypatch, capsys):
+    project = write_project(tmp_path / "p", {}, ["checkpoints/pretrain", "metrics/pretrain.json"])
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    shards = make_shards(tmp_path)
+    code = pretrain_cli.main(["--shards", str(shards), "--out", "checkpoints/pretrain"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 2, err
+    assert "would overwrite checkpoints/pretrain, an output of the DVC stage `pretrain`" in err
+    outputs = {"--metrics": "metrics/pretrain.json"}
+    with pytest.raises(UsageError, match="metrics/pretrain.json"):
+        refuse_dvc_outputs(outputs, force=False)
+    with pytest.raises(UsageError):  # a folder that holds a tracked output counts too
+        refuse_dvc_outputs({"--live-dir": "metrics"}, force=False)
+    refuse_dvc_outputs(outputs, force=True)
+    refuse_dvc_outputs({"--out": "runs/pretrain/model"}, force=False)  # the default: fine
+    monkeypatch.setenv("DVC_STAGE", "pretrain")
+    refuse_dvc_outputs(outputs, force=False)
+
+
+def make_shards(tmp_path: Path) -> Path:
+    from pipeline.synthetic import write_synthetic_shards
+
+    return write_synthetic_shards(tmp_path / "shards", n_samples=4, samples_per_shard=4)
+
+
+def broken(tmp_path: Path, case: str) -> Path:
+    folder = tmp_path / case
+    if case == "empty":
+        folder.mkdir()
+    elif case != "absent":
+        folder = make_shards(tmp_path)
+        if case == "missing-shard":
+            (folder / "shard-000000.tar").unlink()
+        elif case == "bad-sizes":
+            (folder / "sizes.json").write_text("{not json")
+        elif case == "no-samples":
+            (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": 0}))
+        elif case == "no-entities":
+            (folder / "entities.json").unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "no shards here: {dir} has no sizes.json; label the pairs first"),
+        ("absent", "--shards {dir}: no such folder"),
+        ("missing-shard", "1 shard(s) listed in sizes.json are missing (shard-000000.tar)"),
+        ("bad-sizes", "sizes.json is not a shard-size table"),
+        ("no-samples", "lists 1 shards with 0 samples"),
+        ("no-entities", "entities.json missing: the shard folder is incomplete"),
+    ],
+)
+def test_pretrain_input_errors_are_one_or_two_lines_and_exit_2(tmp_path, capsys, case, message):
+    folder = broken(tmp_path, case)
+    code = pretrain_cli.main(["--params", "none", "--shards", str(folder), "--out", "o"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message.format(dir=folder) in err, err
+    assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--label-mass", "even"], "--label-mass 'even': choose one of ['spread', 'renormalise']"),
+        (["--lambda-itm", "0", "--lambda-cit", "0", "--lambda-coe", "0", "--lambda-cir", "0"],
+         "every loss weight is 0: nothing to train"),
+        (["--lr", "-1"], "--lr -1.0: must be > 0"),
+        (["--accum", "0"], "--accum 0: must be >= 1"),
+        (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda or cuda:N"),
+        (["--preset", "huge"], "--preset 'huge': choose one of ['base', 'tiny']"),
+        (["--max-len", "1000"], "--max-len 1000: must be in [2, 512]"),
+    ],
+)  # fmt: skip
+def test_pretrain_bad_values_are_refused_before_anything_runs(tmp_path, capsys, flags, message):
+    code = pretrain_cli.main(["--params", "none", "--shards", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_script_exits_2_on_an_empty_folder_and_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = script("run", "--shards", "empty", cwd=tmp_path)
+    lines = [x for x in proc.stderr.splitlines() if not x.startswith("import time:")]
+    assert proc.returncode == 2 and lines == [
+        "error: no shards here: empty has no sizes.json; label the pairs first: "
+        "`pipeline label-objects --out DIR` (or `dvc repro`)"
+    ]
+    assert "torch" not in imported(proc.stderr)  # it failed before loading torch
+    proc = script("run", "--shards", "empty", "--debug", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_finetune_defaults_and_paths_come_from_params_yaml(monkeypatch):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["finetune"]
+    monkeypatch.chdir(REPO / "trainer")  # params.yaml in the parent: its paths are the project's
+    cfg, seeds, _ = finetune_cli.parse_args(["--task", "mre", "--epochs", "2"])
+    assert seeds is None and cfg.epochs == 2 and cfg.batch_size == params["batch_size"]
+    assert Path(cfg.train).resolve() == (REPO / params["mre"]["train"]).resolve()
+    assert Path(cfg.train).is_file() and not Path(cfg.train).is_absolute()
+    assert cfg.images is None  # "" in params.yaml: text-only
+    assert str(cfg.output_paths()["out"]) == "runs/finetune-mre"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "--task is required: mner or mre"),
+        (["--task", "mner"], "--train, --dev, --test required"),
+        (["--task", "mner", "--train", "nope.txt", "--dev", "d", "--test", "t"],
+         "--train nope.txt: no such file"),
+        (["--task", "mner", "--init", "no/such/checkpoint", "--train", "{s}/train.txt",
+          "--dev", "{s}/dev.txt", "--test", "{s}/test.txt"], "--init no/such/checkpoint: no such "
+         "folder (pretrain first"),
+        (["--task", "mner", "--warmup", "2", "--train", "{s}/train.txt", "--dev",
+          "{s}/dev.txt", "--test", "{s}/test.txt"], "--warmup 2.0: a fraction of the steps"),
+    ],
+)  # fmt: skip
+def test_finetune_bad_arguments_exit_2_with_one_line(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)  # outside the project: code defaults
+    sample = str(REPO / "trainer" / "sample" / "mner")
+    code = finetune_cli.main([f.format(s=sample) for f in flags])
+    captured = capsys.readouterr()
+    assert code == 2 and message in captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1

@@ -1,0 +1,214 @@
+"""The command line of trainer/finetune.py: FinetuneConfig, params.yaml defaults, input checks.
+
+Imports nothing heavy, so `--help` and bad arguments answer before torch is loaded. Defaults
+come from params.yaml's `finetune:` group, with `finetune: <task>:` (data paths, max_len) over
+it; flags override. `main` hands the config to `trainer.finetune.run_finetune` / `run_seeds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.settings import (
+    UsageError,
+    add_config_flags,
+    check_types,
+    config_values,
+    describe_source,
+    find_params,
+    load_group,
+    opt,
+    refuse_dvc_outputs,
+    relative_to_cwd,
+    run_main,
+)
+
+TASKS = ("mner", "mre")
+PARAMS_GROUP = "finetune"
+SOURCE = "`finetune:` with `finetune: TASK:` over it"
+PATH_FIELDS = ("train", "dev", "test", "rel2id", "images", "init")  # project-relative in params
+
+
+def required(help: str) -> Any:  # noqa: A002
+    return field(metadata={"help": help, "shown": "required"})
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = required("mner (CRF tagger) | mre (entity markers)")
+    train: str = required("training file (Twitter-2015/2017 CoNLL or MNRE lines)")
+    dev: str = required("dev file: the best epoch by dev F1 is kept")
+    test: str = required("test file: evaluated once with the best epoch")
+    rel2id: str | None = opt(None, "MRE label map JSON", "rel2id.json beside --train")
+    none_label: str = opt("None", "MRE: the no-relation label, excluded from P/R/F1")
+    images: str | None = opt(None, "folder of images named by IMGID / img_id ('' = text-only)")
+    init: str = opt("tiny", "pretraining checkpoint folder, preset (tiny|base) or HF model folder")
+    preset: str = opt("tiny", "vision encoder preset when --init is an HF text model")
+    vision_encoder: str | None = opt(None, "local HF folder / hub name for the ViT")
+    n_fusion_layers: int | None = opt(None, "upper BERT layers that fuse (HF / preset init)")
+    out: str | None = opt(None, "output folder (state, predictions)", "runs/finetune-TASK")
+    metrics: str | None = opt(None, "headline metrics JSON (test/dev P/R/F1)", "OUT/metrics.json")
+    report: str | None = opt(None, "full report JSON (per type, history)", "OUT/report.json")
+    predictions: str | None = opt(None, "predictions file", "OUT/predictions.{txt,jsonl}")
+    plot: str | None = opt(None, "dev scores per epoch as a PNG ('none' = off)", "OUT/dev.png")
+    max_len: int = opt(128, "sub-tokens per sequence incl. [CLS]/[SEP]")
+    # a standard BERT-CRF recipe (best dev epoch of 5, batch 16, lr 5e-5 / 1e-3 / 5e-2)
+    epochs: int = opt(5, "training epochs")
+    batch_size: int = opt(16, "training batch size")
+    eval_batch_size: int = opt(64, "evaluation batch size")
+    lr_encoder: float = opt(5e-5, "encoder learning rate")
+    lr_head: float = opt(1e-3, "head learning rate")
+    lr_crf: float = opt(5e-2, "CRF transitions learning rate (MNER)")
+    weight_decay: float = opt(0.01, "AdamW weight decay, weight matrices only")
+    warmup: float = opt(0.1, "warmup fraction of the optimiser steps")
+    dropout: float = opt(0.1, "head dropout")
+    grad_clip: float = opt(1.0, "gradient norm clipping (0 = off)")
+    patience: int = opt(3, "epochs without dev improvement before stopping (0 = never)")
+    seed: int = opt(42, "seed of head init and data order")
+    max_train_samples: int | None = opt(None, "use only the first N training samples", "all")
+    threads: int | None = opt(None, "CPU threads", "all cores")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    save_model: bool = opt(False, "save encoder + head under OUT/model")
+    resume: bool = opt(False, "continue from the latest epoch state in OUT/state")
+    stop_after_epoch: int | None = opt(None, "stop once this epoch is saved (then --resume)")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def output_paths(self) -> dict[str, Path | None]:
+        """Where this run writes: out, metrics, report, predictions, plot (None = off)."""
+        out = Path(self.out or f"runs/finetune-{self.task}")
+        suffix = "txt" if self.task == "mner" else "jsonl"
+        plot = None if (self.plot or "").lower() == "none" else Path(self.plot or out / "dev.png")
+        return {
+            "out": out,
+            "metrics": Path(self.metrics or out / "metrics.json"),
+            "report": Path(self.report or out / "report.json"),
+            "predictions": Path(self.predictions or out / f"predictions.{suffix}"),
+            "plot": plot,
+        }
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Values that cannot work, and input files that are not there: one UsageError."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UsageError(message)
+
+    need(cfg.task in TASKS, f"--task {cfg.task!r}: choose one of {list(TASKS)}")
+    for name in ("train", "dev", "test"):
+        path = getattr(cfg, name)
+        need(bool(path), f"--{name} is required (or run in the project: params.yaml names one)")
+        need(Path(path).is_file(), f"--{name} {path}: no such file")
+    if cfg.task == "mre":
+        rel2id = cfg.rel2id or str(Path(cfg.train).with_name("rel2id.json"))
+        need(Path(rel2id).is_file(), f"--rel2id {rel2id}: no such file (the MRE label map)")
+    need(not cfg.images or Path(cfg.images).is_dir(), f"--images {cfg.images}: no such folder")
+    need(
+        cfg.init in ("tiny", "base") or Path(cfg.init).is_dir(),
+        f"--init {cfg.init}: no such folder (pretrain first: `dvc repro pretrain` or "
+        "trainer/run.py), or use a preset: --init tiny | base",
+    )
+    need(cfg.epochs >= 1 and cfg.batch_size >= 1, "--epochs and --batch-size must be >= 1")
+    need(cfg.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
+    need(cfg.max_len >= 4, f"--max-len {cfg.max_len}: must be >= 4")
+    need(min(cfg.lr_encoder, cfg.lr_head, cfg.lr_crf) > 0, "learning rates must be > 0")
+    need(0 <= cfg.warmup < 1, f"--warmup {cfg.warmup}: a fraction of the steps, in [0, 1)")
+    need(0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: must be in [0, 1)")
+    need(cfg.patience >= 0 and cfg.grad_clip >= 0, "--patience / --grad-clip must be >= 0")
+    need(
+        bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device)),
+        f"--device {cfg.device!r}: use auto, cpu, cuda or cuda:N",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, list[int] | None, Any]:
+    """(config, seeds, extra flags): code defaults < params.yaml < flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--params")
+    pre.add_argument("--task", choices=TASKS)
+    known, _ = pre.parse_known_args(argv)
+    params = find_params(known.params)
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    defaults: dict[str, Any] = {}
+    if params is not None:
+        defaults = load_group(params, PARAMS_GROUP, names, subgroup=known.task)
+        defaults = check_types(FinetuneConfig, defaults, f"{params} `{PARAMS_GROUP}:`")
+        for name in PATH_FIELDS:
+            if name in defaults:
+                defaults[name] = relative_to_cwd(defaults[name], params.parent)
+
+    parser = argparse.ArgumentParser(
+        prog="trainer/finetune.py",
+        description="Fine-tune and evaluate MNER (CRF) or MRE (entity markers) on the fusion "
+        "encoder: best dev epoch, evaluated on test.",
+        epilog=describe_source(params, SOURCE),
+    )
+    parser.add_argument(
+        "--params",
+        metavar="FILE",
+        help=f"YAML whose `{PARAMS_GROUP}:` group (and its `mner:` / `mre:` subgroup) sets the "
+        f"defaults; `none` for the code defaults (found: {params or 'none'})",
+    )
+    parser.add_argument("--task", choices=TASKS, help="mner | mre (required)")
+    add_config_flags(parser, FinetuneConfig, defaults, skip=("task",))
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="run once per seed (OUT/seed-N/) and report each run plus mean +- std",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="allow writing DVC-tracked outputs outside dvc repro"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors too")
+    args = parser.parse_args(argv)
+    if args.task is None:
+        raise UsageError("--task is required: mner or mre")
+    values = {**defaults, **config_values(vars(args), FinetuneConfig)}
+    missing = [f"--{n}" for n in ("train", "dev", "test") if not values.get(n)]
+    if missing:
+        raise UsageError(
+            f"{', '.join(missing)} required (no params.yaml with `{PARAMS_GROUP}: "
+            f"{args.task}:` paths here or above)"
+        )
+    for name in ("images", "rel2id", "vision_encoder", "metrics", "predictions", "report"):
+        values[name] = values.get(name) or None  # "" (e.g. from params.yaml) means unset
+    cfg = FinetuneConfig(**values)
+    args.params_file = params
+    return cfg, args.seeds, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python trainer/finetune.py ...`: parse, check, run; exit 2 with a message on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # offline-first: no hub retries
+        os.environ.setdefault(var, "1")
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+
+    def body() -> Any:
+        cfg, seeds, args = parse_args(argv)
+        print(describe_source(args.params_file, SOURCE), flush=True)
+        check_config(cfg)
+        cfg = dataclasses.replace(cfg, out=str(cfg.output_paths()["out"]))
+        paths = cfg.output_paths()
+        refuse_dvc_outputs({f"--{k}": str(v) for k, v in paths.items() if v}, args.force)
+        from trainer.finetune import run_finetune, run_seeds
+
+        return run_seeds(cfg, seeds) if seeds else run_finetune(cfg)
+
+    from pipeline.models import WeightsUnavailable
+    from trainer.ie_data import DataFormatError
+
+    # bad data files, refused resumes and unavailable weights are the user's to fix
+    return run_main(
+        body, debug, (DataFormatError, FileNotFoundError, ValueError, WeightsUnavailable)
+    )

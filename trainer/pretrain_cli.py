@@ -1,0 +1,245 @@
+"""The command line of trainer/run.py: TrainConfig, params.yaml defaults, input checks.
+
+Imports nothing heavy: `--help`, bad values and a missing shard folder answer in about a second,
+before torch is loaded. `main` then hands the config to `trainer.run.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from trainer.settings import (
+    UsageError,
+    add_config_flags,
+    check_types,
+    config_values,
+    describe_source,
+    find_params,
+    load_group,
+    opt,
+    refuse_dvc_outputs,
+    run_main,
+)
+
+LOSSES = ("itm", "cit", "coe", "cir")  # trainer.losses.LOSS_NAMES (kept light here)
+LABEL_MASS_MODES = ("spread", "renormalise")  # trainer.losses.LABEL_MASS_MODES
+PARAMS_GROUP = "pretrain"
+
+
+@dataclass
+class TrainConfig:
+    # data and outputs (defaults under runs/: a manual run never touches DVC-tracked outputs)
+    shards: str = opt("shards", "shard folder written by `pipeline label-objects`")
+    out: str = opt("runs/pretrain/model", "final model folder; resume states go to OUT_state/")
+    metrics: str = opt("runs/pretrain/metrics.json", "headline metrics JSON (loss first/last)")
+    report: str = opt("runs/pretrain/report.json", "full run report JSON (speed, bad samples)")
+    live_dir: str = opt("runs/pretrain/dvclive", "dvclive logs and TSV plots ('' = off)")
+    plot: str = opt("runs/pretrain/loss.png", "loss curves as a PNG ('' = off)")
+    # model
+    preset: str = opt("tiny", "model preset: tiny (random, offline) | base (pretrained)")
+    text_encoder: str | None = opt(None, "local HF folder / hub name for the BERT")
+    vision_encoder: str | None = opt(None, "local HF folder / hub name for the ViT")
+    random_init: bool = opt(False, "the preset's shapes with random weights (no download)")
+    n_fusion_layers: int | None = opt(None, "upper BERT layers that fuse text + image", "half")
+    proj_dim: int = opt(256, "CIT projection size")
+    # losses (lambda = 0 removes the loss and its head)
+    lambda_itm: float = opt(1.0, "weight of ITM (0 = off, no head)")
+    lambda_cit: float = opt(1.0, "weight of CIT (0 = off, no projections)")
+    lambda_coe: float = opt(1.0, "weight of COE (0 = off, no fc_ent)")
+    lambda_cir: float = opt(1.0, "weight of CIR (0 = off, no fc_rel)")
+    hard_labels: bool = opt(False, "one-hot argmax instead of the soft q_ent / q_rel")
+    label_mass: str = opt("spread", "top-k labels -> full q: spread the leftover | renormalise")
+    min_cover: float = opt(0.5, "COE: fraction of a patch a box must cover to pool it")
+    # optimisation (paper: AdamW, lr 1e-4, weight decay 1e-3)
+    steps: int = opt(1000, "optimiser steps")
+    batch_size: int | None = opt(None, "samples per rank and micro-batch", "CUDA 128 | CPU 8")
+    accum: int = opt(1, "micro-batches per optimiser step (gradient accumulation)")
+    lr: float = opt(1e-4, "AdamW learning rate (peak)")
+    weight_decay: float = opt(1e-3, "AdamW weight decay, weight matrices only")
+    warmup_steps: int = opt(100, "linear warmup steps, then linear decay to 0")
+    grad_clip: float = opt(1.0, "gradient norm clipping (0 = off)")
+    seed: int = opt(0, "seed of init, data order and dropout")
+    # data loading
+    max_len: int = opt(80, "caption tokens incl. [CLS]/[SEP] (the paper's 80)")
+    num_workers: int | None = opt(None, "DataLoader workers per rank", "cores per rank - 1, <= 16")
+    shuffle_buffer: int = opt(1000, "sample shuffle buffer per worker")
+    # runtime
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    amp: bool = opt(True, "bf16 autocast on CUDA (no-op on CPU)")
+    compile: bool = opt(False, "torch.compile the model (first step compiles: minutes)")
+    compile_backend: str = opt("inductor", "torch.compile backend (inductor | aot_eager | ...)")
+    threads: int = opt(0, "CPU threads per process (0 = cores / processes)")
+    ckpt_every: int = opt(500, "resumable state every N steps")
+    keep_ckpts: int = opt(2, "resumable states kept")
+    resume: bool = opt(False, "continue from the latest state in OUT_state/")
+    log_every: int = opt(10, "log losses every N steps (the only host syncs)")
+    bad_warn_every_s: float = opt(60.0, "after the first bad sample, warn at most this often")
+    export_hf: bool = opt(True, "also write HF folders to OUT/hf/")
+
+    @property
+    def lambdas(self) -> dict[str, float]:
+        return {k: float(getattr(self, f"lambda_{k}")) for k in LOSSES}
+
+    @property
+    def state_dir(self) -> Path:
+        out = Path(self.out)
+        return out.with_name(out.name + "_state")
+
+    def outputs(self) -> dict[str, str]:
+        """flag -> path of everything this run writes."""
+        return {
+            "--out": self.out,
+            "--out (resume states)": str(self.state_dir),
+            "--metrics": self.metrics,
+            "--report": self.report,
+            "--live-dir": self.live_dir,
+            "--plot": self.plot,
+        }
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Values that cannot work: one UsageError naming the flag."""
+    from pipeline.models import PRESETS
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UsageError(message)
+
+    need(cfg.preset in PRESETS, f"--preset {cfg.preset!r}: choose one of {sorted(PRESETS)}")
+    need(
+        cfg.label_mass in LABEL_MASS_MODES,
+        f"--label-mass {cfg.label_mass!r}: choose one of {list(LABEL_MASS_MODES)}",
+    )
+    for k, v in cfg.lambdas.items():
+        need(v >= 0, f"--lambda-{k} {v}: loss weights must be >= 0 (0 switches a loss off)")
+    need(any(v > 0 for v in cfg.lambdas.values()), "every loss weight is 0: nothing to train")
+    need(cfg.steps >= 1, f"--steps {cfg.steps}: must be >= 1")
+    need(cfg.batch_size is None or cfg.batch_size >= 1, "--batch-size must be >= 1")
+    need(cfg.accum >= 1, f"--accum {cfg.accum}: must be >= 1")
+    need(cfg.lr > 0, f"--lr {cfg.lr}: must be > 0")
+    need(cfg.weight_decay >= 0, "--weight-decay must be >= 0")
+    need(cfg.warmup_steps >= 0, "--warmup-steps must be >= 0")
+    need(cfg.grad_clip >= 0, "--grad-clip must be >= 0 (0 = off)")
+    need(2 <= cfg.max_len <= 512, f"--max-len {cfg.max_len}: must be in [2, 512]")
+    need(0 < cfg.min_cover <= 1, f"--min-cover {cfg.min_cover}: must be in (0, 1]")
+    need(cfg.proj_dim >= 1 or cfg.lambda_cit == 0, "--proj-dim must be >= 1 with CIT on")
+    need(cfg.num_workers is None or cfg.num_workers >= 0, "--num-workers must be >= 0")
+    need(cfg.shuffle_buffer >= 0, "--shuffle-buffer must be >= 0")
+    need(cfg.threads >= 0, "--threads must be >= 0 (0 = auto)")
+    need(cfg.log_every >= 1 and cfg.ckpt_every >= 1, "--log-every / --ckpt-every must be >= 1")
+    need(cfg.keep_ckpts >= 1, "--keep-ckpts must be >= 1")
+    need(
+        bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device)),
+        f"--device {cfg.device!r}: use auto, cpu, cuda or cuda:N",
+    )
+    need(bool(cfg.out), "--out must name a folder")
+
+
+def check_inputs(cfg: TrainConfig) -> int:
+    """The shard folder is complete (sizes.json, listed shards, vocabularies); returns the
+    number of samples. Each problem is a UsageError saying what to run."""
+    folder = Path(cfg.shards)
+    how = "label the pairs first: `pipeline label-objects --out DIR` (or `dvc repro`)"
+    if not folder.is_dir():
+        raise UsageError(f"--shards {cfg.shards}: no such folder; {how}")
+    sizes_file = folder / "sizes.json"
+    if not sizes_file.is_file():
+        raise UsageError(f"no shards here: {folder} has no sizes.json; {how}")
+    try:
+        sizes = json.loads(sizes_file.read_text(encoding="utf-8"))
+        n_samples = sum(int(v) for v in sizes.values())
+    except (ValueError, AttributeError, TypeError) as e:
+        raise UsageError(f"{sizes_file} is not a shard-size table ({e}); {how}") from None
+    if n_samples == 0:
+        raise UsageError(f"no samples: {sizes_file} lists {len(sizes)} shards with 0 samples")
+    missing = sorted(name for name in sizes if not (folder / name).is_file())
+    if missing:
+        raise UsageError(
+            f"{folder}: {len(missing)} shard(s) listed in sizes.json are missing "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); re-run label-objects"
+        )
+    for name, key in (("entities.json", "entities"), ("relations.json", "relations")):
+        path = folder / name
+        try:
+            vocab = json.loads(path.read_text(encoding="utf-8"))[key]
+            if not isinstance(vocab, list):
+                raise TypeError(f"`{key}` is not a list")
+        except FileNotFoundError:
+            raise UsageError(f"{path} missing: the shard folder is incomplete; {how}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{path} is not a vocabulary file ({e}); {how}") from None
+    return n_samples
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """(config, extra flags): code defaults < params.yaml `pretrain:` < flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--params")
+    known, _ = pre.parse_known_args(argv)
+    params = find_params(known.params)
+    names = {f.name for f in fields(TrainConfig)}
+    defaults = load_group(params, PARAMS_GROUP, names) if params else {}
+    defaults = check_types(TrainConfig, defaults, f"{params} `{PARAMS_GROUP}:`")
+
+    parser = argparse.ArgumentParser(
+        prog="trainer/run.py",
+        description="Pretrain the fusion encoder on labelled shards (ITM + CIT + COE + CIR).",
+        epilog=describe_source(params, f"`{PARAMS_GROUP}:`"),
+    )
+    parser.add_argument(
+        "--params",
+        metavar="FILE",
+        help=f"YAML whose `{PARAMS_GROUP}:` group sets the defaults; `none` for the code "
+        f"defaults (default: params.yaml here or in a parent folder: {params or 'none found'})",
+    )
+    add_config_flags(parser, TrainConfig, defaults)
+    parser.add_argument(
+        "--force", action="store_true", help="allow writing DVC-tracked outputs outside dvc repro"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks of expected errors too"
+    )
+    args = parser.parse_args(argv)
+    values = {**defaults, **config_values(vars(args), TrainConfig)}
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise UsageError(str(e)) from None
+    args.params_file = params
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python trainer/run.py ...`: parse, check, train; exit 2 with a message on bad input."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+
+    def body() -> Any:
+        cfg, args = parse_args(argv)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(describe_source(args.params_file, f"`{PARAMS_GROUP}:`"), flush=True)
+        check_config(cfg)
+        check_inputs(cfg)
+        refuse_dvc_outputs(cfg.outputs(), args.force)
+        from pipeline.models import WeightsUnavailable
+        from trainer.run import train
+
+        try:
+            return train(cfg)
+        except WeightsUnavailable as e:
+            raise UsageError(str(e)) from e
+
+    return run_main(body, debug)
