@@ -51,7 +51,7 @@ class Scale:
     mre: tuple[int, int, int] = (400, 200, 400)
     image_size: int = 160
     detector_epochs: int = 40
-    teacher_steps: int = 500
+    teacher_steps: int = 1200
     teacher_batch: int = 32
     pretrain_steps: int = 600
     pretrain_batch: int = 32
@@ -194,7 +194,7 @@ def build_inputs(run: Run, seed: int, s: Scale) -> None:
         None,
         det,
     )
-    teacher = TeacherParams(steps=s.teacher_steps, batch_size=s.teacher_batch, lr=1e-3, seed=seed)
+    teacher = TeacherParams(steps=s.teacher_steps, batch_size=s.teacher_batch, lr=2e-3, seed=seed)
     run.step(
         "adapt-teacher",
         lambda: {
@@ -296,7 +296,9 @@ def pretrain(run: Run, variant: str, s: Scale, encoder: str | None, seed: int) -
         shards=str(run.path("shards", label)),
         out=str(out),
         metrics=str(run.path("pretrain", f"{variant}.json")),
+        report=str(run.path("pretrain", f"{variant}-report.json")),
         live_dir="",
+        plot=str(run.path("pretrain", f"{variant}-loss.png")),
         preset="small",
         text_encoder=encoder,
         steps=s.pretrain_steps,
@@ -306,6 +308,7 @@ def pretrain(run: Run, variant: str, s: Scale, encoder: str | None, seed: int) -
         max_len=48,
         num_workers=1,
         shuffle_buffer=500,
+        device="cpu",
         seed=seed,
         ckpt_every=max(1, s.pretrain_steps),
         export_hf=False,

@@ -436,6 +436,9 @@ def label_objects_cmd(
     ),
     out: str = typer.Option("shards", help="Shard folder."),
     stats: str = typer.Option("", help="Where to write timings (JSON); not written if empty."),
+    metrics: str = typer.Option(
+        "", help="Where to write the headline counts (JSON, no timings); not written if empty."
+    ),
     preset: str = typer.Option("tiny", help="Model preset: tiny | base."),
     clip: str = typer.Option("", help="Local CLIP checkpoint (.safetensors) for the preset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
@@ -532,6 +535,11 @@ def label_objects_cmd(
         **extra,
     )
     c, t = s["counts"], s["timing"]
+    if metrics:
+        from pipeline.shards import write_json_atomic
+
+        Path(metrics).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(metrics, {**c, "rejected_by_reason": s["rejected_by_reason"]})
     typer.echo(
         f"label-objects: {c['samples']} samples in {c['shards']} shards ({t['shards_resumed']} "
         f"resumed), {c['objects']} objects, {c['images_without_objects']} images without "

@@ -90,6 +90,8 @@ def test_repro_builds_verified_shards_and_a_second_repro_is_a_no_op(project):
     assert manifest["preset"] == "tiny" and manifest["counts"]["samples"] == report.samples > 0
     assert manifest["counts"]["objects"] > 0
     assert (root / "metrics" / "label_stats.json").is_file()
+    headline = json.loads((root / "metrics" / "labels.json").read_text())
+    assert headline["samples"] == report.samples and "seconds_total" not in headline
 
     again = _run(dvc + ["repro", TARGET], root, env)
     assert "Running stage" not in again
@@ -118,9 +120,7 @@ def test_prompt_templates_invalidate_embed_prompts_and_labels(project):
     path = project[0] / "params.yaml"
     original = path.read_text(encoding="utf-8")
     params = yaml.safe_load(original)
-    params["embed_prompts"]["templates"]["relation_template"].append(
-        "The relation of {relation} is shown in this image."
-    )
+    params["embed_prompts"]["relation_templates"] = "A+B"  # ensemble the paper's A and B
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     try:
         stale = _stages_that_would_run(project) & LABELING
