@@ -202,7 +202,7 @@ def test_label_objects_records_file_hashes_that_verify_checks(labeling_inputs, t
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--preset", "huge"], ["unknown preset 'huge'", "base, tiny"]),
+        (["--preset", "huge"], ["unknown preset 'huge'", "base, small, tiny"]),
         (["--device", "cuda:7"], ["--device cuda:7"]),
         (["--device", "gpu"], ["'gpu' is not a device"]),
         (["--clip", "/no/clip.safetensors"], ["CLIP checkpoint", "does not exist"]),

@@ -203,7 +203,7 @@ def test_pretrain_input_errors_are_one_or_two_lines_and_exit_2(tmp_path, capsys,
         (["--lr", "-1"], "--lr -1.0: must be > 0"),
         (["--accum", "0"], "--accum 0: must be >= 1"),
         (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda or cuda:N"),
-        (["--preset", "huge"], "--preset 'huge': choose one of ['base', 'tiny']"),
+        (["--preset", "huge"], "--preset 'huge': choose one of ['base', 'small', 'tiny']"),
         (["--max-len", "1000"], "--max-len 1000: must be in [2, 512]"),
     ],
 )  # fmt: skip

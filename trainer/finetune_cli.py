@@ -111,10 +111,12 @@ def check_config(cfg: FinetuneConfig) -> None:
         rel2id = cfg.rel2id or str(Path(cfg.train).with_name("rel2id.json"))
         need(Path(rel2id).is_file(), f"--rel2id {rel2id}: no such file (the MRE label map)")
     need(not cfg.images or Path(cfg.images).is_dir(), f"--images {cfg.images}: no such folder")
+    from pipeline.models import PRESETS  # a plain dict module: no torch import
+
     need(
-        cfg.init in ("tiny", "base") or Path(cfg.init).is_dir(),
+        cfg.init in PRESETS or Path(cfg.init).is_dir(),
         f"--init {cfg.init}: no such folder (pretrain first: `dvc repro pretrain` or "
-        "trainer/run.py), or use a preset: --init tiny | base",
+        f"trainer/run.py), or use a preset: --init {' | '.join(sorted(PRESETS))}",
     )
     need(cfg.epochs >= 1 and cfg.batch_size >= 1, "--epochs and --batch-size must be >= 1")
     need(cfg.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
