@@ -88,6 +88,9 @@ def main(
 
     Every stage is also a DVC stage (see dvc.yaml); run them in the order listed.
     """
+    from pipeline.runtime import configure_process
+
+    configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
 
 
 @app.command("presets")
@@ -436,6 +439,9 @@ def label_objects_cmd(
     ),
     out: str = typer.Option("shards", help="Shard folder."),
     stats: str = typer.Option("", help="Where to write timings (JSON); not written if empty."),
+    counts: str = typer.Option(
+        "", help="Where to write the label counts alone (JSON, same bytes every run); not if empty."
+    ),
     preset: str = typer.Option("tiny", help="Model preset: tiny | base."),
     clip: str = typer.Option("", help="Local CLIP checkpoint (.safetensors) for the preset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
@@ -528,6 +534,7 @@ def label_objects_cmd(
         device,
         prepare_rejected_path=rejected or None,
         stats_path=stats or None,
+        counts_path=counts or None,
         stage_params=stage_record,
         **extra,
     )

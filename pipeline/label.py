@@ -558,6 +558,7 @@ def label_objects(
     stats_path: str | os.PathLike | None = None,
     stage_params: dict[str, Any] | None = None,
     progress: bool = True,
+    counts_path: str | os.PathLike | None = None,
     stop_after_shards: int | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
@@ -607,15 +608,24 @@ def label_objects(
         "engine": "local",
     }
     summary["timing"] = timing
-    write_stats(stats_path, summary)
+    write_stats(stats_path, summary, counts_path)
     return summary
 
 
-def write_stats(stats_path: str | os.PathLike | None, summary: dict[str, Any]) -> None:
-    """Timings and counts beside the shards' provenance (never inside the manifest)."""
-    if stats_path:
-        Path(stats_path).parent.mkdir(parents=True, exist_ok=True)
-        shards.write_json_atomic(stats_path, {"counts": summary["counts"], **summary["timing"]})
+def write_stats(
+    stats_path: str | os.PathLike | None,
+    summary: dict[str, Any],
+    counts_path: str | os.PathLike | None = None,
+) -> None:
+    """Timings and counts beside the shards' provenance (never inside the manifest); the counts
+    alone (the same bytes on every run: a DVC metric) to `counts_path`."""
+    for path, content in (
+        (stats_path, {"counts": summary["counts"], **summary["timing"]}),
+        (counts_path, {"counts": summary["counts"]}),
+    ):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            shards.write_json_atomic(path, content)
 
 
 def _check_prompts(meta: dict[str, str], clip_id: dict, entities: Any, relations: Any) -> None:

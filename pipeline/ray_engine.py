@@ -197,6 +197,7 @@ def label_objects_ray(
     stats_path: str | os.PathLike | None = None,
     stage_params: dict[str, Any] | None = None,
     progress: bool = True,
+    counts_path: str | os.PathLike | None = None,
     address: str | None = None,
     actors: int = 0,
     cpus_per_actor: float = 2,
@@ -256,5 +257,5 @@ def label_objects_ray(
         "cpus_per_actor": cpus,
         "gpus_per_actor": gpus,
     }
-    write_stats(stats_path, summary)
+    write_stats(stats_path, summary, counts_path)
     return summary
