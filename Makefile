@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
 	touch $@
 
+# Reproducible mode: the same bytes as the committed dvc.lock on any x86-64 CPU
+# (docs/reproducibility.md). `PMU_REPRODUCIBLE=0 make repro` uses the machine's fastest kernels.
+repro: export PMU_REPRODUCIBLE ?= 1
 repro: setup
 	dvc repro
 

@@ -88,6 +88,9 @@ def main(
 
     Every stage is also a DVC stage (see dvc.yaml); run them in the order listed.
     """
+    from pipeline.runtime import configure_process
+
+    configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
 
 
 @app.command("presets")

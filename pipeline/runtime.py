@@ -1,16 +1,97 @@
-"""Device, threads and autocast: the one place that decides where and how tensors run."""
+"""Device, threads and autocast: the one place that decides where and how tensors run.
+
+Reproducible mode (`PMU_REPRODUCIBLE=1`; `make repro` sets it) pins the CPU kernels so that the
+same inputs give the same bytes on every x86-64 CPU (docs/reproducibility.md): ATen's portable
+kernels instead of the AVX2 / AVX-512 ones chosen per CPU, MKL's one code path for every CPU
+(conditional numerical reproducibility), no oneDNN, and a fixed thread count. Only CPU kernels
+change; CUDA kernels are untouched.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 
+from pipeline.errors import UserError
 
-def set_threads(n: int | None = None) -> int:
-    """Use all cores once, explicitly (importing ultralytics sets OMP_NUM_THREADS=1)."""
+REPRODUCIBLE_VAR = "PMU_REPRODUCIBLE"
+THREADS_VAR = "PMU_THREADS"
+REPRODUCIBLE_THREADS = 2  # the project's machines have 2 cores; fewer cores only run slower
+
+# Read by torch and MKL when they first compute, so they are set before any tensor operation.
+PINNED_CPU_ENV = {
+    "ATEN_CPU_CAPABILITY": "default",  # ATen's portable kernels, not the per-CPU SIMD ones
+    "MKL_CBWR": "COMPATIBLE",  # MKL's one branch for Intel and AMD CPUs alike (SSE2, no rcpps)
+    "MKL_DYNAMIC": "FALSE",  # MKL keeps the thread count it is given
+    "OMP_DYNAMIC": "FALSE",
+}
+
+
+def reproducible() -> bool:
+    """`PMU_REPRODUCIBLE` = 1 (true, yes, on) turns reproducible mode on; unset or 0 (false, no,
+    off) leaves the machine's fastest kernels. `make repro` sets it."""
+    raw = os.environ.get(REPRODUCIBLE_VAR, "").strip().lower()
+    if raw in {"", "0", "false", "no", "off"}:
+        return False
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    raise UserError(f"{REPRODUCIBLE_VAR} must be 1 or 0, got {raw!r}", "set it to 1 or 0")
+
+
+def reproducible_threads() -> int:
+    """Torch (and OpenMP / OpenBLAS) threads in reproducible mode: `PMU_THREADS`, default 2."""
+    raw = os.environ.get(THREADS_VAR, "").strip()
+    if not raw:
+        return REPRODUCIBLE_THREADS
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"{THREADS_VAR} must be a positive integer, got {raw!r}", "e.g. 2")
+    return int(raw)
+
+
+def reproducible_env() -> dict[str, str]:
+    """The environment reproducible mode runs under (pinned kernels and thread counts)."""
+    threads = str(reproducible_threads())
+    return {**PINNED_CPU_ENV, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+
+
+def configure_process() -> bool:
+    """The first thing every command does. In reproducible mode, put the pinned kernel settings
+    into this process's environment (before torch or MKL compute anything; child processes
+    inherit them). Returns whether reproducible mode is on."""
+    if not reproducible():
+        return False
+    os.environ.update(reproducible_env())
+    return True
+
+
+def pin_torch_cpu_kernels() -> None:
+    """Reproducible mode inside torch: no oneDNN (its kernels and blocking differ per CPU; convs
+    and GELU then use ATen + MKL), and a check that ATen really runs its portable kernels."""
     import torch
 
-    if not n:
+    configure_process()
+    capability = torch.backends.cpu.get_cpu_capability()
+    wanted = PINNED_CPU_ENV["ATEN_CPU_CAPABILITY"]
+    if capability.lower() != wanted:
+        raise RuntimeError(
+            f"reproducible mode: torch chose its {capability} CPU kernels before "
+            f"{REPRODUCIBLE_VAR}=1 took effect; set {REPRODUCIBLE_VAR}=1 in the environment that "
+            f"starts the command (or ATEN_CPU_CAPABILITY={wanted})"
+        )
+    torch.backends.mkldnn.enabled = False
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use all cores once, explicitly (importing ultralytics sets OMP_NUM_THREADS=1).
+
+    In reproducible mode the count is `PMU_THREADS` (default 2) whatever `n` or the machine says,
+    since float reductions are split by thread, and the CPU kernels are pinned."""
+    import torch
+
+    if reproducible():
+        pin_torch_cpu_kernels()
+        n = reproducible_threads()
+    elif not n:
         n = usable_cores()
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()

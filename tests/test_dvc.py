@@ -50,6 +50,7 @@ def project(tmp_path_factory):
         PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""),
         PYTHONPATH=str(root),
         DVC_NO_ANALYTICS="1",
+        PMU_REPRODUCIBLE="1",  # as `make repro` runs it
         GIT_AUTHOR_NAME="t",
         GIT_AUTHOR_EMAIL="t@t",
         GIT_COMMITTER_NAME="t",
@@ -89,7 +90,7 @@ def test_repro_builds_verified_shards_and_a_second_repro_is_a_no_op(project):
     manifest = json.loads((root / "shards" / "manifest.json").read_text())
     assert manifest["preset"] == "tiny" and manifest["counts"]["samples"] == report.samples > 0
     assert manifest["counts"]["objects"] > 0
-    assert (root / "metrics" / "label_stats.json").is_file()
+    assert (root / "runs" / "dvc" / "label_stats.json").is_file()  # timings: untracked
     headline = json.loads((root / "metrics" / "labels.json").read_text())
     assert headline["samples"] == report.samples and "seconds_total" not in headline
 
@@ -127,3 +128,25 @@ def test_prompt_templates_invalidate_embed_prompts_and_labels(project):
     finally:
         path.write_text(original, encoding="utf-8")
     assert stale == {"embed-prompts", "label-objects", "verify"}
+
+
+def test_another_cpu_rebuilds_the_same_dvc_lock(project):
+    """The README's promise, emulated: torch's AVX2 kernels, MKL's and oneDNN's AVX2 paths and
+    one core re-run the whole labeling chain (as `make repro` runs it) to the same dvc.lock."""
+    root, env, dvc = project
+    before = (root / "dvc.lock").read_text()
+    other = dict(env, ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    other.update(ONEDNN_MAX_CPU_ISA="AVX2")
+    one_core = sorted(os.sched_getaffinity(0))[:1]
+    proc = subprocess.run(
+        dvc + ["repro", "--force", TARGET],
+        cwd=root,
+        env=other,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: os.sched_setaffinity(0, one_core),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Running stage 'detect-objects'" in proc.stdout  # really re-ran
+    assert (root / "dvc.lock").read_text() == before

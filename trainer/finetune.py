@@ -31,12 +31,14 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -445,6 +447,8 @@ def prepare(cfg: FinetuneConfig) -> Finetune:
     check_config(cfg)
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)  # nothing draws from these, but resumable states save them: seeded
+    np.random.seed(cfg.seed)
     device = select_device(cfg.device)
     paths = cfg.output_paths()
     paths["out"].mkdir(parents=True, exist_ok=True)

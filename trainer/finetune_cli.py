@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+from pipeline.runtime import configure_process
 from trainer.settings import (
     UsageError,
     add_config_flags,
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
 
     def body() -> Any:
+        configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
         cfg, seeds, args = parse_args(argv)
         print(describe_source(args.params_file, SOURCE), flush=True)
         check_config(cfg)
@@ -212,5 +215,5 @@ def main(argv: list[str] | None = None) -> int:
 
     # bad data files, refused resumes and unavailable weights are the user's to fix
     return run_main(
-        body, debug, (DataFormatError, FileNotFoundError, ValueError, WeightsUnavailable)
+        body, debug, (DataFormatError, FileNotFoundError, ValueError, WeightsUnavailable, UserError)
     )

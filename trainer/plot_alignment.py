@@ -321,6 +321,9 @@ def _rounded(value: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from pipeline.runtime import configure_process
+
+    configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a save_pretrained folder")
     parser.add_argument("--shards", required=True, help="shard folder with vocabularies")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+from pipeline.runtime import configure_process
 from trainer.settings import (
     UsageError,
     add_config_flags,
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
 
     def body() -> Any:
+        configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
         cfg, args = parse_args(argv)
         if int(os.environ.get("RANK", "0")) == 0:
             print(describe_source(args.params_file, f"`{PARAMS_GROUP}:`"), flush=True)
@@ -242,4 +245,4 @@ def main(argv: list[str] | None = None) -> int:
         except WeightsUnavailable as e:
             raise UsageError(str(e)) from e
 
-    return run_main(body, debug)
+    return run_main(body, debug, (UserError,))
