@@ -131,6 +131,8 @@ class Run:
         self.times[name] = round(time.perf_counter() - t0, 1)
         done.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(done, json.loads(json.dumps(result, default=str)))
+        if self.times_path.exists():  # another process may share the folder (other --rows)
+            self.times = {**json.loads(self.times_path.read_text()), **self.times}
         write_json_atomic(self.times_path, self.times)
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {self.times[name]} s", flush=True)
         return result
@@ -450,19 +452,15 @@ def main() -> int:
     if not args.labels_only:
         encoder = text_encoder(args.text_encoder)
         fresh = encoder or "small"  # no pretraining: the student as built
-        inits = {None: fresh}
-        for variant in {ROWS[r][0] for r in args.rows} - {None}:
-            inits[variant] = pretrain(run, variant, s, encoder, args.world_seed)
         results: dict[str, dict[str, list[dict]]] = {}
-        for row in args.rows:
+        for row in args.rows:  # row by row: each row's figures are ready as soon as it ends
             variant, _ = ROWS[row]
+            init = pretrain(run, variant, s, encoder, args.world_seed) if variant else fresh
             results[row] = {
-                task: [
-                    finetune_row(run, row, task, seed, s, encoder, inits[variant])
-                    for seed in args.seeds
-                ]
+                task: [finetune_row(run, row, task, seed, s, encoder, init) for seed in args.seeds]
                 for task in args.tasks
             }
+            print(ablation_table(results), flush=True)  # the rows so far
         report += [
             "",
             f"## Fine-tuning (test F1, mean ± std over seeds {args.seeds}; student text encoder "
