@@ -40,14 +40,18 @@ def capabilities() -> set[str]:
     return set(order[: order.index(best) + 1]) if best in order else {"default"}
 
 
-def probe(inputs: Path, out: Path, cores: int | None = None, **env: str) -> dict:
-    """Run tests/repro_probe.py in a fresh process under `env` (and on `cores` cores)."""
+def probe(inputs: Path, workdir: Path, cores: int | None = None, **env: str) -> dict:
+    """Run tests/repro_probe.py in a fresh process under `env` (and on `cores` cores). Its
+    outputs go to `workdir/out`, named by the relative path `out` (configs and reports record
+    paths: the same string in every run, as in a DVC project)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     clean = {k: v for k, v in os.environ.items() if k not in KERNEL_VARS}
     clean.update(env, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
     allowed = sorted(os.sched_getaffinity(0))
     preexec = (lambda: os.sched_setaffinity(0, allowed[:cores])) if cores else None
     proc = subprocess.run(
-        [sys.executable, str(PROBE), str(inputs), str(out)],
+        [sys.executable, str(PROBE), str(inputs), "out"],
+        cwd=workdir,
         env=clean,
         capture_output=True,
         text=True,
