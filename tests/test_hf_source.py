@@ -80,17 +80,14 @@ def test_image_feature_bytes_go_to_a_content_addressed_store(image_dataset, tmp_
     store = tmp_path / "out" / "images"
     source = read_source("hf", str(image_dataset), columns=COLUMNS, image_store=store)
     result, rows, rejected = _prepare(source, tmp_path / "out")
-    assert [r["id"] for r in rows] == ["a", "b", "c"]
-    assert [r["itm"] for r in rows] == [1, 0, 1]
+    by_id = {r["id"]: r for r in rows}  # prepare interleaves matched and mismatched pairs
+    assert {k: r["itm"] for k, r in by_id.items()} == {"a": 1, "b": 0, "c": 1}
     assert all(r["source"] == "hf" for r in rows)
     digest = hashlib.sha256(GOOD).hexdigest()
-    assert (
-        rows[0]["image_path"] == rows[1]["image_path"] == str(store / digest[:2] / f"{digest}.jpg")
-    )
-    assert rows[2]["image_path"].endswith(".png") and (rows[0]["width"], rows[0]["height"]) == (
-        32,
-        24,
-    )
+    jpeg = str(store / digest[:2] / f"{digest}.jpg")
+    assert by_id["a"]["image_path"] == by_id["b"]["image_path"] == jpeg
+    assert by_id["c"]["image_path"].endswith(".png")
+    assert (by_id["a"]["width"], by_id["a"]["height"]) == (32, 24)
     assert {k: (r.stage, r.reason) for k, r in rejected.items()} == {
         "d": ("image", TRUNCATED),
         "e": ("image", UNKNOWN_FORMAT),

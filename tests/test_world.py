@@ -11,6 +11,7 @@ import yaml
 from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
+from pipeline.errors import UserError
 from pipeline.world import build_world
 from pipeline.world.ontology import (
     CLASS_NAMES,
@@ -161,7 +162,7 @@ def test_prepare_accepts_the_world_corpus_and_adapt_split(world, tmp_path):
     assert Path(result.pairs[0].image_path).is_file()
     adapt = prepare(read_source("world", str(world / "adapt")), tmp_path / "a", progress=False)
     assert adapt.rejected == [] and adapt.n_input == ARGS["n_adapt"]
-    with pytest.raises(ValueError, match="world folder"):
+    with pytest.raises(UserError, match="world folder"):
         read_source("world", str(tmp_path))
 
 
@@ -209,7 +210,7 @@ def test_relations_tsv_lists_the_world_relations_first_with_real_pids(world):
     body = [tuple(r) for r in rows[1:]]
     assert body[: len(RULES)] == [(r.pid, r.label) for r in RULES]
     assert 20 <= len(body) <= 30 and len({p for p, _ in body}) == len(body)
-    assert sorted(read_snapshot(world / "relations.tsv")) == sorted(body)
+    assert sorted((p.pid, p.label) for p in read_snapshot(world / "relations.tsv")) == sorted(body)
     item_relations = _property_labels(SNAPSHOT)  # the bundled WikibaseItem snapshot
     assert all(item_relations.get(pid) == label for pid, label in body)
     full = SHARED_DATA / "wikidata" / "wikidata_properties.tsv"
