@@ -58,6 +58,7 @@ def task_config(task: str, data: Path, args, init: Path) -> FinetuneConfig:
         lr_head=args.lr_head,
         lr_crf=args.lr_crf,
         patience=args.epochs,  # a short run: no early stop, the best dev epoch is kept
+        resume=args.resume,
         max_train_samples=args.max_train_samples,
         threads=args.threads,
         device=args.device,
@@ -82,6 +83,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="/tmp/pmu-bench-finetune")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs in --out (a finished seed is only re-evaluated): add seeds later",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
