@@ -210,6 +210,7 @@ def build_inputs(run: Run, seed: int, s: Scale) -> None:
                 progress=False,
                 entities_path=run.path("vocab", "entities.json"),
                 relations_path=run.path("vocab", "relations.json"),
+                resume=True,  # continues from models/teacher.state/ after an interruption
             ).items()
             if k != "history"
         },
