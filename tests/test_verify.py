@@ -32,6 +32,7 @@ def _rewrite(path, members, extra_infos=()):
 
 def _npy(array):
     buf = io.BytesIO()
+    # allow_pickle on *save* only: one case writes a pickled object array that verify must refuse
     np.save(buf, array, allow_pickle=True)
     return buf.getvalue()
 
