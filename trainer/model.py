@@ -28,6 +28,7 @@ INIT_SEED = 4321  # heads and projections are initialised under this seed (repro
 DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
 PROCESSOR_FILE = "preprocessor_config.json"
+ALIGN_ON = ("fused", "vision")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class ModelConfig:
     image_mean: list[float] | None = None  # None: DEFAULT_IMAGE_MEAN
     image_std: list[float] | None = None
     attn_implementation: str = "sdpa"  # BERT and ViT attention: sdpa (fused kernels) | eager
+    # states COE and CIR read: "fused" (the paper: patches and [CLS] after the fusion layers) or
+    # "vision" (projected ViT states before fusion, so only the image can answer them)
+    align_on: str = "fused"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form (e.g. vocab sizes, notes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +80,8 @@ class PretrainModel(nn.Module):
         for encoder in (bert, vit):
             if encoder.config._attn_implementation != cfg.attn_implementation:
                 encoder.set_attn_implementation(cfg.attn_implementation)
+        if cfg.align_on not in ALIGN_ON:
+            raise ValueError(f"align_on must be one of {ALIGN_ON}, got {cfg.align_on!r}")
         cfg.image_mean = list(cfg.image_mean or DEFAULT_IMAGE_MEAN)
         cfg.image_std = list(cfg.image_std or DEFAULT_IMAGE_STD)
         # [1, 3, 1, 1] buffers, not saved: the values live in the config
@@ -116,6 +122,12 @@ class PretrainModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.bert.config.hidden_size
+
+    def vision_modules(self) -> nn.ModuleList:
+        """The image side (ViT, patch projection, CIT image projection): its own lr group."""
+        return nn.ModuleList(
+            [m for m in (self.vit, self.patch_proj, self.image_proj) if m is not None]
+        )
 
     def resize_token_embeddings(self, n: int) -> nn.Embedding:
         """Grow the text vocabulary (e.g. entity markers for MRE)."""
@@ -209,11 +221,11 @@ class PretrainModel(nn.Module):
             vision_states = self.vision_states(pixel_values)
         return F.normalize(self.image_proj(vision_states[:, 0]).float(), dim=-1)
 
-    def object_states(self, fused_patches: Tensor, boxes: Tensor, min_cover: float = 0.5) -> Tensor:
-        """COE object pooling: mean fused patch state under each box [B, O, H]."""
+    def object_states(self, patches: Tensor, boxes: Tensor, min_cover: float = 0.5) -> Tensor:
+        """COE object pooling: mean patch state under each box [B, O, H]."""
         from trainer.losses import box_patch_mask, pool_patches
 
-        return pool_patches(fused_patches, box_patch_mask(boxes, self.patch_grid(), min_cover))
+        return pool_patches(patches, box_patch_mask(boxes, self.patch_grid(), min_cover))
 
     def forward(
         self,
@@ -226,10 +238,16 @@ class PretrainModel(nn.Module):
         """All pretraining outputs from one pass (the ViT runs once); boxes [B, O, 4] for COE."""
         text_states = self.encode_text(input_ids, attention_mask)
         vis = self.vision_states(pixel_values)
-        fused = self.fuse(text_states, attention_mask, self.project_image(vis))
+        image_states = self.project_image(vis)
+        fused = self.fuse(text_states, attention_mask, image_states)
         t = input_ids.shape[1]
         out: dict[str, Tensor] = {"fused": fused, "fused_cls": fused[:, 0]}
         out["fused_patches"] = fused[:, t + 1 :]  # image patch tokens, CLS of the image skipped
+        # COE / CIR inputs: fused states (paper) or the image's own, before the text joins
+        if self.cfg.align_on == "vision":
+            align_patches, align_cls = image_states[:, 1:], image_states[:, 0]
+        else:
+            align_patches, align_cls = out["fused_patches"], fused[:, 0]
         if self.itm_head is not None:
             out["itm_logits"] = self.itm_head(fused[:, 0])
         if self.text_proj is not None:
@@ -237,11 +255,9 @@ class PretrainModel(nn.Module):
             out["image_emb"] = self.image_embedding(vision_states=vis)
             out["temp"] = self.temp
         if self.fc_ent is not None and boxes is not None:
-            out["ent_logits"] = self.fc_ent(
-                self.object_states(out["fused_patches"], boxes, min_cover)
-            )
+            out["ent_logits"] = self.fc_ent(self.object_states(align_patches, boxes, min_cover))
         if self.fc_rel is not None:
-            out["rel_logits"] = self.fc_rel(fused[:, 0])
+            out["rel_logits"] = self.fc_rel(align_cls)
         return out
 
 

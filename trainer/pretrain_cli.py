@@ -32,6 +32,7 @@ from trainer.settings import (
 
 LOSSES = ("itm", "cit", "coe", "cir")  # trainer.losses.LOSS_NAMES (kept light here)
 LABEL_MASS_MODES = ("spread", "renormalise")  # trainer.losses.LABEL_MASS_MODES
+ALIGN_ON = ("fused", "vision")  # trainer.model.ALIGN_ON
 PARAMS_GROUP = "pretrain"
 
 
@@ -59,11 +60,17 @@ class TrainConfig:
     hard_labels: bool = opt(False, "one-hot argmax instead of the soft q_ent / q_rel")
     label_mass: str = opt("spread", "top-k labels -> full q: spread the leftover | renormalise")
     min_cover: float = opt(0.5, "COE: fraction of a patch a box must cover to pool it")
+    align_on: str = opt(
+        "fused", "COE / CIR read: fused states (paper) | vision (ViT states, before fusion)"
+    )
     # optimisation (paper: AdamW, lr 1e-4, weight decay 1e-3)
     steps: int = opt(1000, "optimiser steps")
     batch_size: int | None = opt(None, "samples per rank and micro-batch", "CUDA 128 | CPU 8")
     accum: int = opt(1, "micro-batches per optimiser step (gradient accumulation)")
     lr: float = opt(1e-4, "AdamW learning rate (peak)")
+    lr_vision: float | None = opt(
+        None, "peak lr of the ViT and its projections (a ViT trained from scratch)", "--lr"
+    )
     weight_decay: float = opt(1e-3, "AdamW weight decay, weight matrices only")
     warmup_steps: int = opt(100, "linear warmup steps, then linear decay to 0")
     grad_clip: float = opt(1.0, "gradient norm clipping (0 = off)")
@@ -129,6 +136,8 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.batch_size is None or cfg.batch_size >= 1, "--batch-size must be >= 1")
     need(cfg.accum >= 1, f"--accum {cfg.accum}: must be >= 1")
     need(cfg.lr > 0, f"--lr {cfg.lr}: must be > 0")
+    need(cfg.lr_vision is None or cfg.lr_vision > 0, f"--lr-vision {cfg.lr_vision}: must be > 0")
+    need(cfg.align_on in ALIGN_ON, f"--align-on {cfg.align_on!r}: choose one of {list(ALIGN_ON)}")
     need(cfg.weight_decay >= 0, "--weight-decay must be >= 0")
     need(cfg.warmup_steps >= 0, "--warmup-steps must be >= 0")
     need(cfg.grad_clip >= 0, "--grad-clip must be >= 0 (0 = off)")

@@ -162,6 +162,7 @@ def setup(cfg: TrainConfig) -> Run:
         n_relations=len(relations) if lambdas["cir"] > 0 else 0,
         itm_head=lambdas["itm"] > 0,
         proj_dim=cfg.proj_dim if lambdas["cit"] > 0 else 0,
+        align_on=cfg.align_on,
     )
     core = build_model(model_cfg).to(device).train()
     tokenizer = build_tokenizer(model_cfg)
@@ -172,7 +173,12 @@ def setup(cfg: TrainConfig) -> Run:
     model = ddp or core
     if cfg.compile:
         model = torch.compile(model, backend=cfg.compile_backend)
-    optimizer = build_optimizer([(core, cfg.lr)], cfg.weight_decay, device)
+    vision = core.vision_modules()
+    optimizer = build_optimizer(
+        [(core, cfg.lr, vision.parameters()), (vision, cfg.lr_vision or cfg.lr)],
+        cfg.weight_decay,
+        device,
+    )
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps)
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
 
@@ -424,6 +430,8 @@ def finish(run: Run, step: int, log: TrainLog) -> dict[str, Any]:
         "lambdas": cfg.lambdas,
         "hard_labels": cfg.hard_labels,
         "label_mass": cfg.label_mass,
+        "align_on": cfg.align_on,
+        "lr_vision": cfg.lr_vision,
         "compile": cfg.compile,
     }
     metrics = headline_metrics(log.history, step, report["bad_samples"])
