@@ -2,6 +2,7 @@
 
     python benchmarks/probe_student_vision.py --checkpoint /tmp/abl-0/pretrain/full \
         --world /tmp/abl-0/world [--task mner]
+    python benchmarks/probe_student_vision.py --vit /tmp/abl-0/models/student-vit --world ...
 
 Linear probes (one logistic regression per object class, on the ViT's [CLS] + mean patch
 state) trained on the world's MNER (or MRE) train images and scored on its test images against
@@ -51,7 +52,9 @@ def probe_auc(xtr, ytr, xte, yte) -> list[float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a trainer save_pretrained folder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a trainer save_pretrained folder")
+    which.add_argument("--vit", help="an HF ViT folder (e.g. trainer/vision_init.py's output)")
     p.add_argument("--world", required=True, help="a synth-world folder")
     p.add_argument("--task", choices=("mner", "mre"), default="mner")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh ViT")
@@ -72,14 +75,20 @@ def main() -> int:
         s: np.array([[c in r["classes"] for c in classes] for r in rs], dtype=int)
         for s, rs in split.items()
     }
-    model, _, _ = load_pretrained(args.checkpoint)
+    if args.checkpoint:
+        model, _, _ = load_pretrained(args.checkpoint)
+    else:
+        from trainer.model import ModelConfig, build_model
+
+        model = build_model(ModelConfig(preset="tiny", vision_encoder=args.vit))  # any BERT
     model.eval()
     size = model.vit.config.image_size
     torch.manual_seed(args.seed)
     fresh = ViTModel(model.vit.config, add_pooling_layer=False).eval()
     paths = {s: [folder / r["image"] for r in rs] for s, rs in split.items()}
     print(f"{len(paths['train'])} train / {len(paths['test'])} test images, {len(classes)} classes")
-    for name, vit in (("checkpoint", model.vit), ("fresh (random init)", fresh)):
+    given = "checkpoint" if args.checkpoint else "--vit"
+    for name, vit in ((given, model.vit), ("fresh (random init)", fresh)):
         xtr, xte = (features(model, vit, paths[s], size) for s in ("train", "test"))
         aucs = probe_auc(xtr, labels["train"], xte, labels["test"])
         detail = " ".join(f"{c} {a:.2f}" for c, a in zip(classes, aucs, strict=True))

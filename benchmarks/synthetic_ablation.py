@@ -2,6 +2,7 @@
 
     python benchmarks/synthetic_ablation.py --world-seed 0 [--labels-only] [--work DIR]
         [--seeds 1 2 3] [--text-encoder minilm|small] [--scale default|smoke]
+        [--rows ROW ...] [--tasks mner mre] [--align-on fused|vision] [--student-vit random|adapted]
 
 One run does the whole chain on a world from `pipeline synth-world` (docs/world.md):
 1. world -> prepare (corpus, adapt split) -> entity vocabulary (spaCy) -> relations (the world's
@@ -16,6 +17,10 @@ One run does the whole chain on a world from `pipeline synth-world` (docs/world.
 5. MNER and MRE fine-tuning with images for every row, one run per seed, plus text-only and
    multimodal-without-pretraining rows -> table 2: test F1 mean +- std, overall and on the
    entities / relations that only the image settles.
+`--student-vit adapted` first trains the student's ViT on the adapt split's boxes
+(trainer/vision_init.py, a stand-in for its ImageNet pretraining) and starts every image row from
+it; `--align-on vision` puts COE / CIR on the ViT's own states (docs/trainer.md). Rows run with
+either get their own cache names (`full_vision`, `full_vit`, `multimodal_no_pretraining_vit`).
 Every step is cached in the work folder (an interrupted run resumes where it stopped); the
 wall time of each step and of the whole run is printed. The world and the seeds are fixed by the
 arguments; nothing is tuned on the test split.
