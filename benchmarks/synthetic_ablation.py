@@ -2,7 +2,7 @@
 
     python benchmarks/synthetic_ablation.py --world-seed 0 [--labels-only] [--work DIR]
         [--seeds 1 2 3] [--text-encoder minilm|small] [--scale default|smoke]
-        [--rows ROW ...] [--tasks mner mre] [--align-on fused|vision] [--student-vit random|adapted]
+        [--rows ROW ...] [--tasks mner mre] [--align-on fused|vision] [--student-vit adapted|random]
 
 One run does the whole chain on a world from `pipeline synth-world` (docs/world.md):
 1. world -> prepare (corpus, adapt split) -> entity vocabulary (spaCy) -> relations (the world's
@@ -17,10 +17,11 @@ One run does the whole chain on a world from `pipeline synth-world` (docs/world.
 5. MNER and MRE fine-tuning with images for every row, one run per seed, plus text-only and
    multimodal-without-pretraining rows -> table 2: test F1 mean +- std, overall and on the
    entities / relations that only the image settles.
-`--student-vit adapted` first trains the student's ViT on the adapt split's boxes
-(trainer/vision_init.py, a stand-in for its ImageNet pretraining) and starts every image row from
-it; `--align-on vision` puts COE / CIR on the ViT's own states (docs/trainer.md). Rows run with
-either get their own cache names (`full_vision`, `full_vit`, `multimodal_no_pretraining_vit`).
+The student's ViT is first trained on the adapt split's boxes (trainer/vision_init.py, a
+stand-in for its ImageNet pretraining) and every image row starts from it; `--student-vit random`
+starts them from random weights instead (docs/world.md: then nothing helps); `--align-on
+vision` puts COE / CIR on the ViT's own states (docs/trainer.md). Each setting has its own cache
+names (`full_vit`, `multimodal_no_pretraining_vit`; random ViT: `full`, `full_vision`).
 Every step is cached in the work folder (an interrupted run resumes where it stopped); the
 wall time of each step and of the whole run is printed. The world and the seeds are fixed by the
 arguments; nothing is tuned on the test split.
@@ -495,9 +496,9 @@ def main() -> int:
     p.add_argument(
         "--student-vit",
         choices=("random", "adapted"),
-        default="random",
-        help="the student ViT's start: random init | adapted (trained on the adapt split's "
-        "boxes first, trainer/vision_init.py: a stand-in for the paper's ImageNet ViT)",
+        default="adapted",
+        help="the student ViT's start: adapted (default: trained on the adapt split's boxes "
+        "first, trainer/vision_init.py, a stand-in for the paper's ImageNet ViT) | random init",
     )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
