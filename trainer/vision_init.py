@@ -37,8 +37,6 @@ if __package__ in (None, ""):
 
 from pipeline.errors import UserError  # noqa: E402
 
-NORMALISATION = (0.5, 0.5, 0.5)  # the random-init ViTs' mean and std (trainer.model)
-
 
 @dataclass
 class VisionInitConfig:
@@ -102,9 +100,9 @@ def collate(pixels, objects, idx, n_classes: int, rng=None, min_scale: float = 0
             s = float(rng.uniform(min_scale, 1.0))
             ox, oy = float(rng.uniform(0, 1 - s)), float(rng.uniform(0, 1 - s))
             flip = bool(rng.random() < 0.5)
-            c = max(1, round(s * size))
-            x0, y0 = round(ox * size), round(oy * size)
-            crop = px[row, :, y0 : y0 + c, x0 : x0 + c].float()[None]
+            side = max(1, round(s * size))
+            left, top = round(ox * size), round(oy * size)
+            crop = px[row, :, top : top + side, left : left + side].float()[None]
             img = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
             px[row] = img[0].round().clamp(0, 255).to(torch.uint8)
             if flip:
@@ -126,9 +124,11 @@ def collate(pixels, objects, idx, n_classes: int, rng=None, min_scale: float = 0
 def forward(vit, obj_head, img_head, px, boxes, grid, min_cover: float = 0.5):
     """Object logits [B, O, C] from pooled patch states, image logits [B, C] from [CLS]."""
     from trainer.losses import box_patch_mask, pool_patches
+    from trainer.model import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
 
-    mean = px.new_tensor(NORMALISATION, dtype=vit.dtype).view(1, 3, 1, 1)
-    x = (px.to(vit.dtype) / 255.0 - mean) / mean  # std == mean == 0.5
+    mean = px.new_tensor(DEFAULT_IMAGE_MEAN, dtype=vit.dtype).view(1, 3, 1, 1)
+    std = px.new_tensor(DEFAULT_IMAGE_STD, dtype=vit.dtype).view(1, 3, 1, 1)
+    x = (px.to(vit.dtype) / 255.0 - mean) / std
     states = vit(pixel_values=x).last_hidden_state
     pooled = pool_patches(states[:, 1:], box_patch_mask(boxes, grid, min_cover))
     return obj_head(pooled), img_head(states[:, 0])
@@ -239,7 +239,9 @@ def save_vit(vit, out: Path) -> None:
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     vit.save_pretrained(str(tmp))
-    processor = {"image_mean": list(NORMALISATION), "image_std": list(NORMALISATION)}
+    from trainer.model import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
+
+    processor = {"image_mean": list(DEFAULT_IMAGE_MEAN), "image_std": list(DEFAULT_IMAGE_STD)}
     (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
