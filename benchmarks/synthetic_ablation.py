@@ -1,7 +1,7 @@
 """The method on a synthetic world with known truth: label quality and the paper's ablations.
 
     python benchmarks/synthetic_ablation.py --world-seed 0 [--labels-only] [--work DIR]
-        [--seeds 1 2 3] [--text-encoder minilm|small] [--scale default|smoke]
+        [--seeds 1 2 3] [--text-encoder minilm|small] [--scale default|fast|smoke] [--jobs N]
         [--rows ROW ...] [--tasks mner mre] [--align-on fused|vision] [--student-vit adapted|random]
 
 One run does the whole chain on a world from `pipeline synth-world` (docs/world.md):
@@ -23,13 +23,16 @@ starts them from random weights instead (docs/world.md: then nothing helps); `--
 vision` puts COE / CIR on the ViT's own states (docs/trainer.md). Each setting has its own cache
 names (`full_vit`, `multimodal_no_pretraining_vit`; random ViT: `full`, `full_vision`).
 Every step is cached in the work folder (an interrupted run resumes where it stopped); the
-wall time of each step and of the whole run is printed. The world and the seeds are fixed by the
-arguments; nothing is tuned on the test split.
+wall time of each step and of the whole run is printed. `--jobs N` runs N steps side by side, each
+in its own process (`--jobs 2` on a 2-core machine: the detector, the student ViT and the
+baseline fine-tunings next to the teacher, then two pretrainings or fine-tunings at a time).
+The world and the seeds are fixed by the arguments; nothing is tuned on the test split.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -42,6 +45,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.task_graph import Task, run_tasks  # noqa: E402
+
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "YOLO_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,7 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @dataclass(frozen=True)
 class Scale:
-    """Sizes of everything; `default` runs in about an hour on 2 CPU cores."""
+    """Sizes of everything (docs/world.md: what each scale costs)."""
 
     corpus: int = 1500
     adapt: int = 1500
@@ -68,6 +73,17 @@ class Scale:
 
 SCALES = {
     "default": Scale(),
+    # about an hour with --jobs 2 on 2 cores: a smaller world, shorter adaptation, pretraining
+    # and fine-tuning (docs/world.md compares its figures with the default's)
+    "fast": Scale(
+        corpus=1000,
+        adapt=1000,
+        detector_epochs=20,
+        teacher_steps=400,
+        pretrain_steps=150,
+        finetune_epochs=4,
+        vision_init_steps=600,
+    ),
     # a few minutes: checks that every step runs (its figures mean little)
     "smoke": Scale(
         corpus=96,
@@ -111,9 +127,9 @@ ALIGN_OVERRIDES = {"fused": {}, "vision": {"align_on": "vision", "lr_vision": 1e
 # label set -> (teacher, relation template name)
 LABEL_SETS = {
     "A": ("adapted", "A"),
+    "random": ("random", "A"),
     "B": ("adapted", "B"),
     "C": ("adapted", "C"),
-    "random": ("random", "A"),
 }
 
 
@@ -142,9 +158,11 @@ class Run:
         self.times[name] = round(time.perf_counter() - t0, 1)
         done.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(done, json.loads(json.dumps(result, default=str)))
-        if self.times_path.exists():  # another process may share the folder (other --rows)
-            self.times = {**json.loads(self.times_path.read_text()), **self.times}
-        write_json_atomic(self.times_path, self.times)
+        with open(self.work / ".timings.lock", "w") as lock:  # --jobs workers share the file
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.times_path.exists():
+                self.times = {**json.loads(self.times_path.read_text()), **self.times}
+            write_json_atomic(self.times_path, self.times)
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {self.times[name]} s", flush=True)
         return result
 
@@ -153,13 +171,11 @@ class Run:
 
 
 def build_inputs(run: Run, seed: int, s: Scale) -> None:
-    """World, prepared pairs, vocabularies, detector and adapted teacher."""
-    from pipeline.detector_train import DetectorTrainParams, train_detector
+    """World, prepared pairs and vocabularies (a minute: run before everything else)."""
     from pipeline.nouns import mine_nouns
     from pipeline.prepare import prepare
     from pipeline.readers.world import read_world
     from pipeline.relations import fetch_relations
-    from pipeline.teacher import TeacherParams, adapt_teacher
     from pipeline.world import build_world
 
     w = run.path("world")
@@ -197,25 +213,37 @@ def build_inputs(run: Run, seed: int, s: Scale) -> None:
             ]
         ),
     )
+
+
+def train_detector_step(run: Run, seed: int, s: Scale) -> dict:
+    """The detector, fine-tuned on the adapt split's YOLO export."""
+    from pipeline.detector_train import DetectorTrainParams, train_detector
+
     det = DetectorTrainParams(epochs=s.detector_epochs, imgsz=s.image_size, seed=seed)
-    run.step(
+    return run.step(
         "train-detector",
         train_detector,
-        w / "yolo" / "data.yaml",
+        run.path("world", "yolo", "data.yaml"),
         run.path("models", "detector.safetensors"),
         "small",
         None,
         det,
     )
+
+
+def adapt_teacher_step(run: Run, seed: int, s: Scale) -> dict:
+    """The CLIP teacher, adapted on the adapt split: captions, crops, image relations."""
+    from pipeline.teacher import TeacherParams, adapt_teacher
+
     teacher = TeacherParams(steps=s.teacher_steps, batch_size=s.teacher_batch, lr=2e-3, seed=seed)
-    run.step(
+    return run.step(
         "adapt-teacher",
         lambda: {
             k: v
             for k, v in adapt_teacher(
                 run.path("models", "teacher.safetensors"),
                 run.path("prepared", "adapt", "pairs.parquet"),
-                w / "adapt" / "truth.jsonl",
+                run.path("world", "adapt", "truth.jsonl"),
                 preset="small",
                 params=teacher,
                 progress=False,
@@ -228,26 +256,32 @@ def build_inputs(run: Run, seed: int, s: Scale) -> None:
     )
 
 
-def label_set(run: Run, name: str, s: Scale) -> dict:
-    """detect (once), embed-prompts and label-objects for one label set; scores vs the truth."""
+def detect_step(run: Run, s: Scale) -> dict:
+    """detect-objects on the corpus with the adapted detector (shared by every label set)."""
     from pipeline.detect import DetectParams, detect_objects
-    from pipeline.label import LabelParams, label_objects
-    from pipeline.prompts import embed_prompts, named_templates
-    from pipeline.score import score_labels
 
-    pairs = run.path("prepared", "corpus", "pairs.parquet")
-    boxes = run.path("objects", "boxes.parquet")
-    run.step(
+    return run.step(
         "detect-objects",
         lambda: detect_objects(
-            pairs,
-            boxes,
+            run.path("prepared", "corpus", "pairs.parquet"),
+            run.path("objects", "boxes.parquet"),
             "small",
             run.path("models", "detector.safetensors"),
             DetectParams(batch_size=32, imgsz=s.image_size, conf=0.25, top_k=6),
             progress=False,
         ),
     )
+
+
+def label_set(run: Run, name: str) -> dict:
+    """embed-prompts and label-objects for one label set (after detect_step); scores vs the
+    truth."""
+    from pipeline.label import LabelParams, label_objects
+    from pipeline.prompts import embed_prompts, named_templates
+    from pipeline.score import score_labels
+
+    pairs = run.path("prepared", "corpus", "pairs.parquet")
+    boxes = run.path("objects", "boxes.parquet")
     teacher, template = LABEL_SETS[name]
     clip = run.path("models", "teacher.safetensors") if teacher == "adapted" else None
     prompts = run.path("vocab", f"prompts-{name}.safetensors")
@@ -336,14 +370,18 @@ def vision_init(run: Run, s: Scale, seed: int) -> str:
     return str(out)
 
 
+def pretrain_dir(run: Run, variant: str, student: Student) -> str:
+    return str(run.path("pretrain", student.tag(variant)))
+
+
 def pretrain(run: Run, variant: str, s: Scale, student: Student, seed: int) -> str:
     from trainer.run import TrainConfig, train
 
     label, overrides = VARIANTS[variant]
     overrides = {**overrides, **ALIGN_OVERRIDES[student.align_on]}
     encoder = student.text_encoder
+    out = Path(pretrain_dir(run, variant, student))
     variant = student.tag(variant)
-    out = run.path("pretrain", variant)
     cfg = TrainConfig(
         shards=str(run.path("shards", label)),
         out=str(out),
@@ -426,6 +464,53 @@ def finetune_row(
     return run.step(f"finetune-{slug}-{task}-{seed}", go)
 
 
+def label_tasks(run: Run, seed: int, s: Scale) -> dict[str, Task]:
+    """Detector and teacher adaptation, detection, then the four label sets (scored)."""
+    tasks = {
+        "adapt-teacher": Task(adapt_teacher_step, (run, seed, s)),  # the critical path: first
+        "train-detector": Task(train_detector_step, (run, seed, s)),
+        "detect-objects": Task(detect_step, (run, s), ("train-detector",)),
+    }
+    for name, (teacher, _) in LABEL_SETS.items():
+        after = ("detect-objects",) + (("adapt-teacher",) if teacher == "adapted" else ())
+        tasks[f"label-{name}"] = Task(label_set, (run, name), after)
+    return tasks
+
+
+def training_tasks(
+    run: Run,
+    seed: int,
+    s: Scale,
+    student: Student,
+    rows: list[str],
+    tasks_: list[str],
+    seeds: list[int],
+) -> dict[str, Task]:
+    """The student ViT, the pretraining variants of `rows`, and one fine-tuning per row, task
+    and seed (each after the pretraining or ViT it starts from)."""
+    tasks: dict[str, Task] = {}
+    vit_done = ("vision-init",) if student.vit else ()
+    if student.vit:
+        tasks["vision-init"] = Task(vision_init, (run, s, seed))
+    for variant in dict.fromkeys(ROWS[row][0] for row in rows if ROWS[row][0]):
+        label = VARIANTS[variant][0]
+        tasks[f"pretrain {variant}"] = Task(
+            pretrain, (run, variant, s, student, seed), (f"label-{label}",) + vit_done
+        )
+    for row in rows:
+        variant, images = ROWS[row]
+        if variant:
+            init, after = pretrain_dir(run, variant, student), (f"pretrain {variant}",)
+        else:  # no pretraining: the student as built
+            init, after = student.text_encoder or "small", vit_done if images else ()
+        for task in tasks_:
+            for finetune_seed in seeds:
+                tasks[f"finetune {row} {task} {finetune_seed}"] = Task(
+                    finetune_row, (run, row, task, finetune_seed, s, student, init), after
+                )
+    return tasks
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -485,7 +570,16 @@ def main() -> int:
     p.add_argument("--text-encoder", choices=("minilm", "small"), default="minilm")
     p.add_argument("--tasks", nargs="+", choices=("mner", "mre"), default=["mner", "mre"])
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="steps run side by side, each in its own process (the fine-tunings, pretrainings "
+        "and the detector next to the teacher); 2 on a 2-core machine",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)"
+    )
     p.add_argument(
         "--align-on",
         choices=sorted(ALIGN_OVERRIDES),
@@ -502,9 +596,12 @@ def main() -> int:
     )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.runtime import set_threads
+    from pipeline.runtime import set_threads, usable_cores
 
-    set_threads(args.threads)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    threads = args.threads or max(1, usable_cores() // args.jobs)
+    set_threads(threads)
     s = SCALES[args.scale]
     work = Path(args.work or f"/tmp/pmu-ablation-{args.world_seed}-{args.scale}")
     run = Run(work)
@@ -512,7 +609,15 @@ def main() -> int:
     print(f"work folder {work}; scale {args.scale}: {asdict(s)}")
 
     build_inputs(run, args.world_seed, s)
-    scores = {name: label_set(run, name, s) for name in ("A", "random", "B", "C")}
+    tasks = label_tasks(run, args.world_seed, s)
+    if not args.labels_only:
+        encoder = text_encoder(args.text_encoder)
+        vit = str(run.path("models", "student-vit")) if args.student_vit == "adapted" else None
+        student = Student(encoder, args.align_on, vit)
+        tasks |= training_tasks(run, args.world_seed, s, student, args.rows, args.tasks, args.seeds)
+    done = run_tasks(tasks, args.jobs, threads)
+
+    scores = {name: done[f"label-{name}"] for name in LABEL_SETS}
     teacher = json.loads(run.path("models", "teacher.json").read_text())
     detector = json.loads(run.path("models", "detector.json").read_text())
     report = [
@@ -526,19 +631,13 @@ def main() -> int:
         label_table(scores),
     ]
     if not args.labels_only:
-        encoder = text_encoder(args.text_encoder)
-        fresh = encoder or "small"  # no pretraining: the student as built
-        vit = vision_init(run, s, args.world_seed) if args.student_vit == "adapted" else None
-        student = Student(encoder, args.align_on, vit)
-        results: dict[str, dict[str, list[dict]]] = {}
-        for row in args.rows:  # row by row: each row's figures are ready as soon as it ends
-            variant, _ = ROWS[row]
-            init = pretrain(run, variant, s, student, args.world_seed) if variant else fresh
-            results[row] = {
-                task: [finetune_row(run, row, task, seed, s, student, init) for seed in args.seeds]
+        results = {
+            row: {
+                task: [done[f"finetune {row} {task} {seed}"] for seed in args.seeds]
                 for task in args.tasks
             }
-            print(ablation_table(results), flush=True)  # the rows so far
+            for row in args.rows
+        }
         report += [
             "",
             f"## Fine-tuning (test F1, mean ± std over seeds {args.seeds}; student text encoder "
@@ -547,6 +646,7 @@ def main() -> int:
             "",
             ablation_table(results),
         ]
+    run.times = json.loads(run.times_path.read_text())  # the workers' steps too
     wall = time.perf_counter() - t0
     report += ["", f"wall time this run {wall:.0f} s; cached steps: {run.times}"]
     text = "\n".join(report)
