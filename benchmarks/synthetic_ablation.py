@@ -578,7 +578,10 @@ def main() -> int:
         "and the detector next to the teacher); 2 on a 2-core machine",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)"
+        "--threads",
+        type=int,
+        default=None,
+        help="cores per job (default: cores / jobs); each job is confined to its own cores",
     )
     p.add_argument(
         "--align-on",

@@ -7,6 +7,7 @@ it stopped; this module only orders and places them.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -23,8 +24,29 @@ class Task:
     after: tuple[str, ...] = field(default_factory=tuple)
 
 
+def pin_cores(slot: int, threads: int) -> None:
+    """Keep this process on `threads` of its cores, the slot-th group of them (wrapping round).
+
+    The stages size their thread pools from the cores a process may use, so this is what makes
+    N jobs share the machine instead of each taking all of it. No-op where affinity is not
+    available (macOS) or when every core is asked for."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if threads >= len(cores):
+        return
+    os.sched_setaffinity(0, {cores[(slot * threads + i) % len(cores)] for i in range(threads)})
+
+
+def _init_worker(next_slot: Any, threads: int) -> None:
+    with next_slot.get_lock():
+        slot = next_slot.value
+        next_slot.value += 1
+    pin_cores(slot, threads)
+
+
 def _call(
-    fn: Callable[..., Any], args: tuple, threads: int | None, start_method: str | None = None
+    fn: Callable[..., Any], args: tuple, threads: int, start_method: str | None = None
 ) -> Any:
     from pipeline.runtime import set_threads
 
@@ -34,12 +56,13 @@ def _call(
     return fn(*args)
 
 
-def run_tasks(tasks: dict[str, Task], jobs: int, threads: int | None) -> dict[str, Any]:
+def run_tasks(tasks: dict[str, Task], jobs: int, threads: int) -> dict[str, Any]:
     """Run every task after its dependencies; return name -> result.
 
-    jobs 1: in this process, in order. jobs N: N worker processes, each task on `threads`
-    threads; a free worker takes the first ready task in `tasks`' order (so put the critical
-    path, the teacher, first). A failed task stops the run; its finished steps stay cached."""
+    jobs 1: in this process, in order. jobs N: N worker processes, each pinned to `threads`
+    cores of its own (pin_cores); a free worker takes the first ready task in `tasks`' order
+    (so put the critical path, the teacher, first). A failed task stops the run; its finished
+    steps stay cached."""
     unknown = {d for t in tasks.values() for d in t.after} - set(tasks)
     if unknown:
         raise ValueError(f"tasks wait on tasks that do not exist: {sorted(unknown)}")
@@ -50,6 +73,7 @@ def run_tasks(tasks: dict[str, Task], jobs: int, threads: int | None) -> dict[st
         return [n for n, t in pending.items() if all(d in done for d in t.after)]
 
     if jobs <= 1:
+        pin_cores(0, threads)
         while pending:
             if not ready():
                 raise ValueError(f"tasks wait on each other: {sorted(pending)}")
@@ -59,7 +83,10 @@ def run_tasks(tasks: dict[str, Task], jobs: int, threads: int | None) -> dict[st
         return done
     start_method = multiprocessing.get_start_method()
     ctx = multiprocessing.get_context("spawn")  # workers start clean (no forked torch threads)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    slots = ctx.Value("i", 0)
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(slots, threads)
+    ) as pool:
         running: dict[Any, str] = {}
         while pending or running:
             for name in ready()[: jobs - len(running)]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,26 @@ def graph(tmp_path: Path) -> dict[str, Task]:
     }
 
 
+ALL_CORES = len(os.sched_getaffinity(0))  # jobs 1 pins this process: keep it on every core
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_tasks_run_after_their_dependencies(tmp_path: Path, jobs: int) -> None:
-    done = run_tasks(graph(tmp_path), jobs=jobs, threads=1)
+    done = run_tasks(graph(tmp_path), jobs=jobs, threads=ALL_CORES if jobs == 1 else 1)
     assert done == {"a": "a", "b": "ab", "c": "abc", "d": "d"}
+
+
+def cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(ALL_CORES < 2, reason="needs 2 cores to confine a job to one")
+def test_each_worker_is_confined_to_its_share_of_the_cores() -> None:
+    mine = set(cores())
+    done = run_tasks({f"t{i}": Task(cores, ()) for i in range(4)}, jobs=2, threads=1)
+    for name, got in done.items():
+        assert len(got) == 1 and set(got) <= mine, (name, got)
+    assert set(cores()) == mine  # the parent keeps its cores
 
 
 def test_a_failed_task_fails_the_run(tmp_path: Path) -> None:
@@ -50,8 +67,9 @@ def test_a_failed_task_fails_the_run(tmp_path: Path) -> None:
 
 def test_missing_or_circular_dependencies_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not exist: \\['nope'\\]"):
-        run_tasks({"a": Task(fail, (), ("nope",))}, jobs=1, threads=1)
+        run_tasks({"a": Task(fail, (), ("nope",))}, jobs=1, threads=ALL_CORES)
     loop = {"a": Task(fail, (), ("b",)), "b": Task(fail, (), ("a",))}
     for jobs in (1, 2):
         with pytest.raises(ValueError, match="wait on each other"):
-            run_tasks(loop, jobs=jobs, threads=1)
+            run_tasks(loop, jobs=jobs, threads=ALL_CORES if jobs == 1 else 1)
+    assert len(cores()) == ALL_CORES
