@@ -11,7 +11,7 @@ export YOLO_OFFLINE ?= 1
 export DVC_NO_ANALYTICS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup repro test lint bench
+.PHONY: setup repro world-demo test lint bench
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 repro: export PMU_REPRODUCIBLE ?= 1
 repro: setup
 	dvc repro
+
+# The chain on a synthetic world with adapted models (docs/world.md): about an hour on 2 cores.
+world-demo: setup
+	dvc repro world-demo/dvc.yaml
 
 test: setup
 	$(PY) -m pytest -q
