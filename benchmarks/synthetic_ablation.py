@@ -74,8 +74,8 @@ class Scale:
 
 SCALES = {
     "default": Scale(),
-    # about an hour with --jobs 2 on 2 cores: a smaller world, shorter adaptation, pretraining
-    # and fine-tuning (docs/world.md compares its figures with the default's)
+    # about 80 min with --jobs 2 on 2 cores (measured, docs/world.md): a smaller world, shorter
+    # adaptation, pretraining and fine-tuning
     "fast": Scale(
         corpus=1000,
         adapt=1000,
@@ -653,7 +653,8 @@ def main() -> int:
             "",
             ablation_table(results),
         ]
-    run.times = json.loads(run.times_path.read_text())  # the workers' steps too
+    if run.times_path.exists():  # the workers' steps too
+        run.times = json.loads(run.times_path.read_text())
     wall = time.perf_counter() - t0
     report += ["", f"wall time this run {wall:.0f} s; cached steps: {run.times}"]
     text = "\n".join(report)
