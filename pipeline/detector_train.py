@@ -8,6 +8,11 @@ from its last.pt), writes the best epoch to `out` and reports mAP50 and recall o
 `val` images. `out` ending in .safetensors (the default) holds weights, architecture and class
 names without pickle (pipeline.models.load_detector reads it); .pt copies ultralytics'
 checkpoint (a pickle: load only ones you made).
+
+The dataset folder is only read: ultralytics' label-scan caches (`labels/*.cache`, which it
+would write beside the labels and later load with numpy's pickle) are neither written nor
+read (`no_label_caches`), so a DVC output stays unchanged and a dataset from elsewhere cannot
+run code through a planted cache file.
 """
 
 from __future__ import annotations
@@ -58,6 +63,30 @@ def no_integrations():
     finally:
         for k, v in saved.items():
             dict.__setitem__(SETTINGS, k, v)
+
+
+@contextlib.contextmanager
+def no_label_caches():
+    """Keep ultralytics from reading or writing `labels/*.cache` files for this block.
+
+    Its YOLO datasets load that file with `np.load(allow_pickle=True)` (unpickling whatever a
+    dataset ships) and write it into the dataset folder (modifying a DVC-tracked output). Here
+    loading always fails, so the labels are rescanned (seconds for thousands of images), and
+    saving does nothing."""
+    import ultralytics.data.dataset as ds
+
+    def refuse_load(path):
+        raise FileNotFoundError(f"{path}: label caches are not read (pickle)")
+
+    def skip_save(prefix, path, x, version):
+        x["version"] = version  # what the real one adds in place (its callers pop it)
+
+    saved = ds.load_dataset_cache_file, ds.save_dataset_cache_file
+    ds.load_dataset_cache_file, ds.save_dataset_cache_file = refuse_load, skip_save
+    try:
+        yield
+    finally:
+        ds.load_dataset_cache_file, ds.save_dataset_cache_file = saved
 
 
 def _read_names(data_yaml: Path) -> dict[int, str]:
@@ -124,7 +153,7 @@ def train_detector(
         amp=dev.type == "cuda",
         verbose=False,
     )
-    with no_integrations():
+    with no_integrations(), no_label_caches():
         if resume and last.is_file():
             from ultralytics import YOLO
 
@@ -171,7 +200,7 @@ def evaluate_detector(
     from ultralytics import YOLO
 
     model = YOLO(str(weights))
-    with no_integrations():
+    with no_integrations(), no_label_caches():
         res = model.val(
             data=str(data_yaml),
             split="val",
