@@ -306,10 +306,24 @@ def adapt_teacher_cmd(
         1.0, min=0.0, help="Auxiliary linear probes on the image features (0: off)."
     ),
     box_jitter: float = typer.Option(0.1, min=0.0, help="Crop box jitter, fraction of its size."),
+    crop_margin: float = typer.Option(
+        0.0,
+        min=0.0,
+        max=1.0,
+        help="Whole images: cut up to this share of the margins around the true boxes (0: off).",
+    ),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Mirror half the images and crops."),
+    template_loss: str = typer.Option(
+        "each", help="each (one loss per template: each labels alone) | ensemble (their mean)."
+    ),
     resize_mode: str = typer.Option("letterbox", help="letterbox | center_crop (as labeling)."),
     holdout: float = typer.Option(0.1, min=0.0, max=0.9, help="Annotated images held out."),
-    entity_templates: str = typer.Option("1", help="Entity templates by name (embed-prompts)."),
-    relation_templates: str = typer.Option("A", help="Relation templates by name."),
+    entity_templates: str = typer.Option(
+        "all", help="Entity templates by name (embed-prompts' names: 1, 2, 1+2, all)."
+    ),
+    relation_templates: str = typer.Option(
+        "all", help="Relation templates by name (A, B, C, A+B, all)."
+    ),
     seed: int = typer.Option(0, help="Seed of the batches, jitter and held-out images."),
     resume: bool = typer.Option(False, help="Continue from OUT's .state folder."),
     ckpt_every: int = typer.Option(200, min=1, help="Save a resumable state every N steps."),
@@ -332,6 +346,9 @@ def adapt_teacher_cmd(
             weight_scene=weight_scene,
             weight_probe=weight_probe,
             box_jitter=box_jitter,
+            crop_margin=crop_margin,
+            flip=flip,
+            template_loss=template_loss,
             resize_mode=resize_mode,
             holdout=holdout,
             negatives=negatives,

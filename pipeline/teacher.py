@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+TEMPLATE_LOSSES = ("each", "ensemble")
+
 
 @dataclass(frozen=True)
 class TeacherParams:
@@ -53,10 +55,19 @@ class TeacherParams:
     # features class-specific at once, which gives the prompts their gradient.
     weight_probe: float = 1.0
     box_jitter: float = 0.1  # crops: box sides moved by up to this fraction (detector noise)
+    # Whole annotated images are cut to a random window that keeps every true box (this share
+    # of each margin may go; 0: off), and every image and crop is mirrored half the time. A
+    # from-scratch teacher memorises its ~1,400 relation images within a few hundred steps.
+    crop_margin: float = 0.0
+    flip: bool = False
     crop_padding: float = 0.0  # as label-objects' crop_padding
     resize_mode: str = "letterbox"  # as label-objects: letterbox | center_crop
     holdout: float = 0.1  # annotated images held out to report entity / relation accuracy
     negatives: int = 64  # vocabulary entries (not a true class) sampled per step as negatives
+    # With several templates: `each` scores against every template's prompts separately (one
+    # loss each, averaged), so any one template labels well on its own; `ensemble` against
+    # their normalised mean only (what labeling with all of them ensembled uses).
+    template_loss: str = "each"
     max_logit_scale: float = 100.0
 
     def check(self) -> None:
@@ -68,6 +79,10 @@ class TeacherParams:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}")
         if not 0 <= self.holdout < 1:
             raise ValueError("holdout must be in [0, 1)")
+        if self.template_loss not in TEMPLATE_LOSSES:
+            raise ValueError(f"template_loss must be one of {TEMPLATE_LOSSES}")
+        if not 0 <= self.crop_margin <= 1:
+            raise ValueError("crop_margin must be in [0, 1]")
 
 
 @dataclass
@@ -84,6 +99,7 @@ class TeacherData:
     extra_relations: list[str] = field(default_factory=list)
     held_crops: list[tuple[str, list[float], int]] = field(default_factory=list)
     held_relations: list[tuple[str, int]] = field(default_factory=list)
+    boxes: dict[str, list[list[float]]] = field(default_factory=dict)  # annotated image -> boxes
 
 
 def read_annotations(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -120,15 +136,8 @@ def collect_data(
     from pipeline.prompts import read_entity_names, read_relation_labels
 
     data = TeacherData()
-    if pairs_path:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(pairs_path, columns=["image_path", "caption", "itm"])
-        for image, caption, itm in zip(
-            *(table.column(c).to_pylist() for c in table.column_names), strict=True
-        ):
-            if itm == 1:
-                data.captions.append((image, caption))
+    held_images: set[str] = set()  # realpaths: a held-out image trains no objective
+    annotated_captions: list[tuple[str, str]] = []
     if annotations_path:
         rows = read_annotations(annotations_path)
         data.classes = sorted({c for r in rows for c in r["classes"]})
@@ -145,15 +154,28 @@ def collect_data(
             ]
             rels = [(r["image"], rel[r["relation"]])] if r.get("relation") else []
             if i in held:
+                held_images.add(os.path.realpath(r["image"]))
                 data.held_crops += crops
                 data.held_relations += rels
             else:
                 data.crops += crops
                 data.relations += rels
+                data.boxes[r["image"]] = [box for _, box, _ in crops]
                 if crops:
                     data.scenes.append((r["image"], sorted({c for *_, c in crops})))
                 if r.get("caption"):
-                    data.captions.append((r["image"], r["caption"]))
+                    annotated_captions.append((r["image"], r["caption"]))
+    if pairs_path:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pairs_path, columns=["image_path", "caption", "itm"])
+        for image, caption, itm in zip(
+            *(table.column(c).to_pylist() for c in table.column_names), strict=True
+        ):
+            # the held-out images' captions would train their features: they stay out too
+            if itm == 1 and os.path.realpath(image) not in held_images:
+                data.captions.append((image, caption))
+    data.captions += annotated_captions
     if entities_path:
         data.extra_entities = [e for e in read_entity_names(entities_path) if e not in data.classes]
     if relations_path:
@@ -169,6 +191,32 @@ def _load_rgb(path: str):
     from pipeline.images import decode_rgb, read_image_bytes
 
     return decode_rgb(read_image_bytes(path))
+
+
+def _mirror(img: Any) -> Any:
+    from PIL import Image
+
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def window_keeping_boxes(
+    size: tuple[int, int], boxes: Sequence[Sequence[float]], margin: float, u: Sequence[float]
+) -> tuple[int, int, int, int]:
+    """A window (left, top, right, bottom) of an image of `size` that holds every box: up to
+    `margin` of the space between the boxes' union and each image edge is cut, by the four
+    uniform draws `u` in [0, 1). No boxes: the whole image."""
+    width, height = size
+    if not boxes:
+        return 0, 0, width, height
+    ux0 = max(0.0, min(b[0] for b in boxes))
+    uy0 = max(0.0, min(b[1] for b in boxes))
+    ux1 = min(float(width), max(b[2] for b in boxes))
+    uy1 = min(float(height), max(b[3] for b in boxes))
+    left = int(math.floor(u[0] * margin * ux0))
+    top = int(math.floor(u[1] * margin * uy0))
+    right = int(math.ceil(width - u[2] * margin * max(0.0, width - ux1)))
+    bottom = int(math.ceil(height - u[3] * margin * max(0.0, height - uy1)))
+    return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
 class ImageSource:
@@ -193,10 +241,23 @@ class ImageSource:
     def _whole_uint8(self, path: str) -> Any:
         return self.uint8(self.load(path))
 
-    def whole(self, path: str) -> Any:
-        return self._whole(path)
+    def whole(self, path: str, window: Sequence[int] | None = None, flip: bool = False) -> Any:
+        """The whole image (cached), or its `window` (left, top, right, bottom), mirrored."""
+        if window is None and not flip:
+            return self._whole(path)
+        img = self.load(path)
+        if window is not None:
+            img = img.crop(tuple(window))
+        return self.uint8(_mirror(img) if flip else img)
 
-    def crop(self, path: str, box: Sequence[float], padding: float, jitter: Any = None) -> Any:
+    def crop(
+        self,
+        path: str,
+        box: Sequence[float],
+        padding: float,
+        jitter: Any = None,
+        flip: bool = False,
+    ) -> Any:
         img = self.load(path)
         x0, y0, x1, y1 = box
         w, h = x1 - x0, y1 - y0
@@ -212,7 +273,11 @@ class ImageSource:
         top = min(max(int(math.floor(y0)), 0), img.size[1] - 1)
         right = max(min(int(math.ceil(x1)), img.size[0]), left + 1)
         bottom = max(min(int(math.ceil(y1)), img.size[1]), top + 1)
-        return self.uint8(img.crop((left, top, right, bottom)))
+        crop = img.crop((left, top, right, bottom))
+        return self.uint8(_mirror(crop) if flip else crop)
+
+    def size(self, path: str) -> tuple[int, int]:
+        return self.load(path).size
 
     def batch(self, tensors: list) -> Any:
         import torch
@@ -235,10 +300,20 @@ def info_nce(a: Any, b: Any, scale: Any) -> Any:
 
 def prompt_loss(feats: Any, prompts: Any, target: Any, scale: Any) -> Any:
     """Each image against the prompts of every candidate class: cross-entropy on its own one
-    (InfoNCE whose negatives are the other classes' prompts)."""
+    (InfoNCE whose negatives are the other classes' prompts). `prompts` [N, D] or [T, N, D]
+    (one set per template: the mean of the T losses). `target`: class indices, or
+    distributions over the N classes (soft cross-entropy)."""
     import torch.nn.functional as F
 
-    return F.cross_entropy(scale * feats @ prompts.T, target)
+    sets = prompts if prompts.ndim == 3 else prompts[None]
+    losses = []
+    for prompt_set in sets:
+        logits = scale * feats @ prompt_set.T
+        if target.ndim == 2:
+            losses.append(-(target * F.log_softmax(logits, dim=-1)).sum(-1).mean())
+        else:
+            losses.append(F.cross_entropy(logits, target))
+    return sum(losses) / len(losses)
 
 
 # ----------------------------------------------------------------------------- training
@@ -291,13 +366,25 @@ class Teacher:
         normalised, the templates averaged, the mean normalised (prompt ensembling)."""
         import torch.nn.functional as F
 
+        feats = self.template_prompts(names, kind)
+        if feats.shape[0] == 1:
+            return feats[0]
+        return F.normalize(feats.mean(0), dim=-1)
+
+    def template_prompts(self, names: Sequence[str], kind: str) -> Any:
+        """[templates, len(names), D]: each template's prompts, L2-normalised."""
         from pipeline.prompts import fill_templates
 
         templates = self.templates[kind]
         feats = self.encode_texts(fill_templates(names, templates, kind))
-        if len(templates) > 1:
-            feats = F.normalize(feats.view(len(names), len(templates), -1).mean(1), dim=-1)
-        return feats
+        return feats.view(len(names), len(templates), -1).transpose(0, 1)
+
+    def prompt_sets(self, names: Sequence[str], kind: str, mode: str) -> Any:
+        """What a prompt objective scores against: [1, N, D] (the ensemble) or [T, N, D]
+        (`each`: one loss per template, so that every template labels well on its own)."""
+        if mode == "each":
+            return self.template_prompts(names, kind)
+        return self.prompts(names, kind)[None]
 
 
 def _candidates(true: list[str], extra: list[str], k: int | None, rng_key: list[int]) -> list[str]:
@@ -313,6 +400,33 @@ def _batch_indices(n: int, batch: int, seed: int, step: int, stream: int) -> np.
     return rng.choice(n, size=min(batch, n), replace=False)
 
 
+def _augment(n: int, p: TeacherParams, step: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per item of a batch: mirror flags and four window draws (all False / zero when off)."""
+    rng = np.random.default_rng([p.seed, step, 40 + stream])
+    flips = rng.random(n) < 0.5 if p.flip else np.zeros(n, dtype=bool)
+    windows = rng.random((n, 4)) if p.crop_margin > 0 else np.zeros((n, 4))
+    return flips, windows
+
+
+def _whole_batch(
+    images: ImageSource,
+    data: TeacherData,
+    paths: list[str],
+    p: TeacherParams,
+    step: int,
+    stream: int,
+) -> Any:
+    """Whole images, each cut to a window that keeps its true boxes and maybe mirrored."""
+    flips, draws = _augment(len(paths), p, step, stream)
+    tensors = []
+    for path, flip, u in zip(paths, flips, draws, strict=True):
+        window = None
+        if p.crop_margin > 0 and path in data.boxes:
+            window = window_keeping_boxes(images.size(path), data.boxes[path], p.crop_margin, u)
+        tensors.append(images.whole(path, window, bool(flip)))
+    return images.batch(tensors)
+
+
 def training_loss(
     teacher: Teacher, images: ImageSource, data: TeacherData, p: TeacherParams, step: int
 ) -> tuple[Any, dict[str, float]]:
@@ -325,7 +439,7 @@ def training_loss(
     probe: dict[str, Any] = {}
     if p.weight_caption > 0 and len(data.captions) >= 2:
         idx = _batch_indices(len(data.captions), p.batch_size, p.seed, step, 0)
-        x = images.batch([images.whole(data.captions[i][0]) for i in idx])
+        x = _whole_batch(images, data, [data.captions[i][0] for i in idx], p, step, 0)
         texts = [data.captions[i][1] for i in idx]
         parts["caption"] = info_nce(teacher.encode_images(x), teacher.encode_texts(texts), scale)
     if p.weight_entity > 0 and data.crops:
@@ -333,36 +447,39 @@ def training_loss(
         jitter = (
             np.random.default_rng([p.seed, step, 11]).uniform(-1, 1, (len(idx), 4)) * p.box_jitter
         )
+        flips, _ = _augment(len(idx), p, step, 1)
         x = images.batch(
             [
-                images.crop(data.crops[i][0], data.crops[i][1], p.crop_padding, j)
-                for i, j in zip(idx, jitter, strict=True)
+                images.crop(data.crops[i][0], data.crops[i][1], p.crop_padding, j, bool(f))
+                for i, j, f in zip(idx, jitter, flips, strict=True)
             ]
         )
         target = torch.tensor([data.crops[i][2] for i in idx])
         names = _candidates(data.classes, data.extra_entities, p.negatives, [p.seed, step, 21])
         feats = teacher.encode_images(x)
-        parts["entity"] = prompt_loss(feats, teacher.prompts(names, "entity"), target, scale)
+        prompts = teacher.prompt_sets(names, "entity", p.template_loss)
+        parts["entity"] = prompt_loss(feats, prompts, target, scale)
         if p.weight_probe > 0:
             probe["entity"] = F.cross_entropy(teacher.probes["entity"](feats), target)
     if p.weight_scene > 0 and data.scenes:
         idx = _batch_indices(len(data.scenes), p.batch_size, p.seed, step, 3)
-        x = images.batch([images.whole(data.scenes[i][0]) for i in idx])
+        x = _whole_batch(images, data, [data.scenes[i][0] for i in idx], p, step, 3)
         names = _candidates(data.classes, data.extra_entities, p.negatives, [p.seed, step, 23])
         target = torch.zeros(len(idx), len(names))
         for row, i in enumerate(idx):
             target[row, data.scenes[i][1]] = 1.0 / len(data.scenes[i][1])
-        logits = scale * teacher.encode_images(x) @ teacher.prompts(names, "entity").T
-        parts["scene"] = -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        prompts = teacher.prompt_sets(names, "entity", p.template_loss)
+        parts["scene"] = prompt_loss(teacher.encode_images(x), prompts, target, scale)
     if p.weight_relation > 0 and data.relations:
         idx = _batch_indices(len(data.relations), p.batch_size, p.seed, step, 2)
-        x = images.batch([images.whole(data.relations[i][0]) for i in idx])
+        x = _whole_batch(images, data, [data.relations[i][0] for i in idx], p, step, 2)
         target = torch.tensor([data.relations[i][1] for i in idx])
         names = _candidates(
             data.relation_labels, data.extra_relations, p.negatives, [p.seed, step, 22]
         )
         feats = teacher.encode_images(x)
-        parts["relation"] = prompt_loss(feats, teacher.prompts(names, "relation"), target, scale)
+        prompts = teacher.prompt_sets(names, "relation", p.template_loss)
+        parts["relation"] = prompt_loss(feats, prompts, target, scale)
         if p.weight_probe > 0:
             probe["relation"] = F.cross_entropy(teacher.probes["relation"](feats), target)
     if not parts:
@@ -382,34 +499,89 @@ def training_loss(
 
 def held_out_accuracy(
     teacher: Teacher, images: ImageSource, data: TeacherData, p: TeacherParams, batch: int = 256
-) -> dict[str, float | None]:
+) -> dict[str, Any]:
     """Top-1 accuracy on the held-out annotated images against every candidate (true classes
-    and the whole vocabulary): what the argmax of q_ent / q_rel will be."""
+    and the whole vocabulary): what the argmax of q_ent / q_rel will be. `entity_top1` and
+    `relation_top1` use the templates ensembled (as embed-prompts with all of them);
+    `per_template` gives each template alone."""
     import torch
 
-    out: dict[str, float | None] = {"entity_top1": None, "relation_top1": None}
+    out: dict[str, Any] = {"entity_top1": None, "relation_top1": None, "per_template": {}}
     was_training = teacher.model.training
     teacher.model.eval()
     tasks = (
-        ("entity_top1", "entity", data.held_crops, data.classes, data.extra_entities,
+        ("entity", data.held_crops, data.classes, data.extra_entities,
          lambda it: images.crop(it[0], it[1], p.crop_padding)),
-        ("relation_top1", "relation", data.held_relations, data.relation_labels,
+        ("relation", data.held_relations, data.relation_labels,
          data.extra_relations, lambda it: images.whole(it[0])),
     )  # fmt: skip
     with torch.inference_mode():
-        for key, kind, items, true, extra, load in tasks:
+        for kind, items, true, extra, load in tasks:
             if not items or not true:
                 continue
-            prompts = teacher.prompts(_candidates(true, extra, None, []), kind)
-            right = 0
+            names = _candidates(true, extra, None, [])
+            sets = teacher.template_prompts(names, kind)
+            if len(sets) > 1:  # the ensemble first, then each template
+                ensemble = torch.nn.functional.normalize(sets.mean(0), dim=-1)
+                sets = torch.cat([ensemble[None], sets])
+            prompts = sets
+            right = torch.zeros(len(prompts), dtype=torch.long)
             for start in range(0, len(items), batch):
                 chunk = items[start : start + batch]
                 feats = teacher.encode_images(images.batch([load(it) for it in chunk]))
-                pred = (feats @ prompts.T).argmax(-1)
-                right += int((pred == torch.tensor([it[-1] for it in chunk])).sum())
-            out[key] = round(right / len(items), 4)
+                pred = torch.einsum("bd,snd->sbn", feats, prompts).argmax(-1)
+                truth = torch.tensor([it[-1] for it in chunk])
+                right += (pred == truth).sum(-1)
+            accuracy = [round(int(r) / len(items), 4) for r in right]
+            out[f"{kind}_top1"] = accuracy[0]
+            templates = teacher.templates[kind]
+            per = accuracy[1:] if len(templates) > 1 else accuracy
+            out["per_template"][kind] = {
+                template_name(t, kind): a for t, a in zip(templates, per, strict=True)
+            }
     teacher.model.train(was_training)
     return out
+
+
+def template_name(template: str, kind: str) -> str:
+    """A template's name in the paper's sets (1, 2, A, B, C), or the template itself."""
+    from pipeline.prompts import ENTITY_TEMPLATE_SET, RELATION_TEMPLATE_SET
+
+    table = ENTITY_TEMPLATE_SET if kind == "entity" else RELATION_TEMPLATE_SET
+    return next((name for name, t in table.items() if t == template), template)
+
+
+def score_teacher(
+    clip_path: str | os.PathLike,
+    annotations_path: str | os.PathLike,
+    preset: str = "small",
+    entity_templates: Sequence[str] | None = None,
+    relation_templates: Sequence[str] | None = None,
+    entities_path: str | os.PathLike | None = None,
+    relations_path: str | os.PathLike | None = None,
+    resize_mode: str = "letterbox",
+) -> dict[str, Any]:
+    """A teacher's top-1 on every annotated image of a truth file (e.g. the world's corpus):
+    crops of the true boxes against the entity prompts, whole images against the relation
+    prompts, with the vocabularies' other entries as candidates too. What the labels would
+    score with a perfect detector."""
+    from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES
+
+    data = collect_data(None, annotations_path, 0.0, 0, entities_path, relations_path)
+    data.held_crops, data.held_relations = data.crops, data.relations
+    teacher = Teacher(
+        preset,
+        str(clip_path),
+        tuple(entity_templates or ENTITY_TEMPLATES),
+        tuple(relation_templates or RELATION_TEMPLATES),
+    )
+    images = ImageSource(teacher.preprocess, resize_mode)
+    params = TeacherParams(resize_mode=resize_mode)
+    return {
+        **held_out_accuracy(teacher, images, data, params),
+        "crops": len(data.crops),
+        "relation_images": len(data.relations),
+    }
 
 
 def _fingerprint(p: TeacherParams, inputs: dict[str, Any], start: dict) -> str:

@@ -2,6 +2,7 @@
 resumed run ends with the same weights, and the result loads as `models.clip`."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,7 +13,14 @@ from pipeline.cli import app
 from pipeline.models import clip_identity, load_clip
 from pipeline.prepare import prepare
 from pipeline.readers.world import read_world
-from pipeline.teacher import TeacherParams, adapt_teacher, collect_data
+from pipeline.prompts import named_templates
+from pipeline.teacher import (
+    TeacherParams,
+    adapt_teacher,
+    collect_data,
+    score_teacher,
+    window_keeping_boxes,
+)
 from pipeline.world import build_world
 
 PARAMS = TeacherParams(steps=30, batch_size=16, lr=2e-3, warmup_steps=3, holdout=0.2)
@@ -32,11 +40,42 @@ def world(tmp_path_factory):
 
 def test_data_holds_captions_crops_relations_and_a_held_out_share(world):
     data = collect_data(world["pairs"], world["annotations"], 0.2, 0)
-    assert len(data.captions) >= 40  # matched pairs only
     assert len(data.classes) >= 8 and data.relation_labels
     assert len(data.held_relations) == 8 and len(data.relations) == 32  # 20% of 40 images
-    held = {it[0] for it in data.held_relations}
-    assert not held & {it[0] for it in data.crops}  # held-out images never train
+    held = {os.path.realpath(it[0]) for it in data.held_relations}
+    assert not held & {os.path.realpath(it[0]) for it in data.crops}  # never trained on
+    # nor are their captions (pairs.parquet holds every adapt image): matched pairs of the
+    # other 32 images only
+    assert len(data.captions) == 32
+    assert not held & {os.path.realpath(image) for image, _ in data.captions}
+    everything = collect_data(world["pairs"], world["annotations"], 0.0, 0)
+    assert len(everything.captions) == 40
+
+
+def test_windows_keep_every_box():
+    boxes = [[20.0, 30.0, 50.0, 60.0], [70.0, 10.0, 90.0, 40.0]]
+    for u in ([0, 0, 0, 0], [0.999] * 4, [0.5, 0.1, 0.7, 0.3]):
+        left, top, right, bottom = window_keeping_boxes((100, 80), boxes, 1.0, u)
+        assert left <= 20 and top <= 10 and right >= 90 and bottom >= 60
+    assert window_keeping_boxes((100, 80), boxes, 1.0, [0.999] * 4) == (19, 9, 91, 61)
+    assert window_keeping_boxes((100, 80), boxes, 0.0, [0.999] * 4) == (0, 0, 100, 80)
+    assert window_keeping_boxes((100, 80), [], 1.0, [0.5] * 4) == (0, 0, 100, 80)
+
+
+def test_each_template_is_trained_and_scored(world, tmp_path):
+    out = tmp_path / "teacher.safetensors"
+    entity, relation = named_templates("all", "entity"), named_templates("all", "relation")
+    params = TeacherParams(**{**PARAMS.__dict__, "steps": 4, "flip": True, "crop_margin": 1.0})
+    s = adapt_teacher(
+        out, world["pairs"], world["annotations"], params=params, progress=False,
+        entity_templates=entity, relation_templates=relation,
+    )  # fmt: skip
+    per = s["held_out"]["per_template"]
+    assert set(per["entity"]) == {"1", "2"} and set(per["relation"]) == {"A", "B", "C"}
+    scored = score_teacher(out, world["annotations"], "tiny", entity, relation)
+    assert scored["relation_images"] == 40 and set(scored["per_template"]["relation"]) == {
+        "A", "B", "C"
+    }  # fmt: skip
 
 
 def test_loss_falls_and_outputs_load_as_the_clip(world, tmp_path):
