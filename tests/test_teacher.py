@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.models import clip_identity, load_clip
 from pipeline.prepare import prepare
-from pipeline.readers.world import read_world
 from pipeline.prompts import named_templates
+from pipeline.readers.world import read_world
 from pipeline.teacher import (
     TeacherParams,
     adapt_teacher,
