@@ -616,7 +616,7 @@ def naive_label(paths: list[str], vocab: dict[str, Path], args: argparse.Namespa
             )
             prompt_seconds += time.perf_counter() - tp
             feats = F.normalize(clip.encode_image(clip_input(img)[None]), dim=-1)
-            rel_idx, rel_prob, _ = soft_labels(
+            rel_idx, rel_prob, _, _ = soft_labels(
                 feats, rel_prompts, scale, label_params.tau, label_params.k_rel
             )
             rel_top[path] = (rel_idx[0].numpy(), rel_prob[0].numpy())

@@ -64,6 +64,7 @@ class Scale:
     image_size: int = 160
     detector_epochs: int = 40
     teacher_steps: int = 1200
+    weak_teacher_steps: int = 150  # the weak teacher of the soft-against-hard table
     teacher_batch: int = 32
     pretrain_steps: int = 600
     pretrain_batch: int = 32
@@ -81,6 +82,7 @@ SCALES = {
         adapt=1000,
         detector_epochs=20,
         teacher_steps=400,
+        weak_teacher_steps=60,
         pretrain_steps=150,
         finetune_epochs=4,
         vision_init_steps=600,
@@ -93,6 +95,7 @@ SCALES = {
         mre=(40, 20, 40),
         detector_epochs=2,
         teacher_steps=20,
+        weak_teacher_steps=5,
         teacher_batch=16,
         pretrain_steps=10,
         pretrain_batch=8,
@@ -102,36 +105,98 @@ SCALES = {
     ),
 }
 
-# table 2: row -> (pretraining variant or None, fine-tune with images)
-ROWS = {
+
+@dataclass(frozen=True)
+class LabelSet:
+    """How one set of shards is labelled: the teacher, the prompt templates, the temperature."""
+
+    teacher: str = "adapted"  # adapted (the scale's steps) | weak (a short adaptation) | random
+    entity: str = "1"  # entity template (the paper's 1 or 2)
+    relation: str = "A"  # relation template (A, B or C)
+    tau: float = 1.0  # label.tau: q = softmax(s * cos / tau)
+
+    def describe(self) -> str:
+        tau = "" if self.tau == 1.0 else f", tau {self.tau:g}"
+        return f"{self.teacher} ({self.entity} + {self.relation}{tau})"
+
+
+TAUS = (1.0, 3.0, 10.0)  # label temperatures of the soft-against-hard table (tau 1: CLIP's own)
+LABEL_SETS: dict[str, LabelSet] = {
+    "A": LabelSet(),
+    "random": LabelSet("random"),
+    **{f"{e}{r}": LabelSet(entity=e, relation=r) for e in "12" for r in "ABC" if e + r != "1A"},
+    **{f"A-tau{t:g}": LabelSet(tau=t) for t in TAUS[1:]},
+    "weak": LabelSet("weak"),
+    **{f"weak-tau{t:g}": LabelSet("weak", tau=t) for t in TAUS[1:]},
+}
+# the paper's Table 3 names (entity template x relation template) -> label set
+PROMPT_SETS = {f"{'①②'[int(e) - 1]} + {r}": "A" if e + r == "1A" else f"{e}{r}"
+               for e in "12" for r in "ABC"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pretraining: on which labels, with which TrainConfig overrides."""
+
+    labels: str = "A"
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def _variants() -> dict[str, Variant]:
+    out = {
+        "full": Variant(),
+        "no_coe": Variant(overrides=(("lambda_coe", 0.0),)),
+        "no_cir": Variant(overrides=(("lambda_cir", 0.0),)),
+        "hard": Variant(overrides=(("hard_labels", True),)),
+        "full_matched": Variant(overrides=(("align_pairs", "matched"),)),
+        "hard_matched": Variant(overrides=(("hard_labels", True), ("align_pairs", "matched"))),
+        "weak": Variant("weak"),
+        "weak_hard": Variant("weak", (("hard_labels", True),)),
+    }
+    for name in LABEL_SETS:
+        if name not in ("A", "random", "weak") and name not in out:
+            out[name] = Variant(name)
+    return out
+
+
+VARIANTS = _variants()
+# row -> (pretraining variant or None, fine-tune with images), in report order
+ROWS: dict[str, tuple[str | None, bool]] = {
     "text-only": (None, False),
     "multimodal, no pretraining": (None, True),
     "full (ITM+CIT+COE+CIR)": ("full", True),
     "w/o COE": ("no_coe", True),
     "w/o CIR": ("no_cir", True),
     "hard labels": ("hard", True),
-    "relation template B": ("template_B", True),
-    "relation template C": ("template_C", True),
 }
-# pretraining variant -> (label set, TrainConfig overrides)
-VARIANTS = {
-    "full": ("A", {}),
-    "no_coe": ("A", {"lambda_coe": 0.0}),
-    "no_cir": ("A", {"lambda_cir": 0.0}),
-    "hard": ("A", {"hard_labels": True}),
-    "template_B": ("B", {}),
-    "template_C": ("C", {}),
-}
+for _prompt, _labels in PROMPT_SETS.items():
+    if _labels != "A":
+        ROWS[f"templates {_prompt}"] = (_labels, True)
+for _t in TAUS[1:]:
+    ROWS[f"full, tau {_t:g}"] = (f"A-tau{_t:g}", True)
+ROWS["full, matched pairs only"] = ("full_matched", True)
+ROWS["hard labels, matched pairs only"] = ("hard_matched", True)
+ROWS["weak teacher: full"] = ("weak", True)
+for _t in TAUS[1:]:
+    ROWS[f"weak teacher: full, tau {_t:g}"] = (f"weak-tau{_t:g}", True)
+ROWS["weak teacher: hard labels"] = ("weak_hard", True)
+# --table: which rows a run fine-tunes (docs/world.md: what each costs)
+TABLES = {
+    "main": [
+        "text-only", "multimodal, no pretraining", "full (ITM+CIT+COE+CIR)", "w/o COE",
+        "w/o CIR", "hard labels",
+    ],
+    "prompts": ["full (ITM+CIT+COE+CIR)"] + [r for r in ROWS if r.startswith("templates ")],
+    "soft-hard": [
+        "multimodal, no pretraining", "full (ITM+CIT+COE+CIR)", "hard labels",
+        *(f"full, tau {t:g}" for t in TAUS[1:]), "full, matched pairs only",
+        "hard labels, matched pairs only", *(r for r in ROWS if r.startswith("weak teacher")),
+    ],
+}  # fmt: skip
+TABLES["all"] = list(ROWS)
 # --align-on vision: COE / CIR on the ViT's own states and the ViT at a from-scratch lr
 # (docs/world.md: why); its pretrainings and fine-tunings are cached under `<variant>_vision`
 ALIGN_OVERRIDES = {"fused": {}, "vision": {"align_on": "vision", "lr_vision": 1e-3}}
-# label set -> (teacher, relation template name)
-LABEL_SETS = {
-    "A": ("adapted", "A"),
-    "random": ("random", "A"),
-    "B": ("adapted", "B"),
-    "C": ("adapted", "C"),
-}
 
 
 class Run:
@@ -232,29 +297,49 @@ def train_detector_step(run: Run, seed: int, s: Scale) -> dict:
     )
 
 
-def adapt_teacher_step(run: Run, seed: int, s: Scale) -> dict:
-    """The CLIP teacher, adapted on the adapt split: captions, crops, image relations."""
+TEACHER_AUGMENT = {"flip": True, "crop_margin": 1.0}  # docs/world.md: what it adds
+
+
+def adapt_teacher_step(run: Run, seed: int, s: Scale, name: str = "adapted") -> dict:
+    """A CLIP teacher, adapted on the adapt split (captions, crops, image relations) with every
+    prompt template; `weak`: the same, stopped early (its labels are worse)."""
+    from pipeline.prompts import named_templates
     from pipeline.teacher import TeacherParams, adapt_teacher
 
-    teacher = TeacherParams(steps=s.teacher_steps, batch_size=s.teacher_batch, lr=2e-3, seed=seed)
+    steps = s.teacher_steps if name == "adapted" else s.weak_teacher_steps
+    teacher = TeacherParams(
+        steps=steps,
+        batch_size=s.teacher_batch,
+        lr=2e-3,
+        seed=seed,
+        warmup_steps=min(50, max(1, steps // 3)),
+        **TEACHER_AUGMENT,
+    )
+    out = run.path("models", teacher_file(name))
     return run.step(
-        "adapt-teacher",
+        f"adapt-teacher-{name}",
         lambda: {
             k: v
             for k, v in adapt_teacher(
-                run.path("models", "teacher.safetensors"),
+                out,
                 run.path("prepared", "adapt", "pairs.parquet"),
                 run.path("world", "adapt", "truth.jsonl"),
                 preset="small",
                 params=teacher,
+                entity_templates=named_templates("all", "entity"),
+                relation_templates=named_templates("all", "relation"),
                 progress=False,
                 entities_path=run.path("vocab", "entities.json"),
                 relations_path=run.path("vocab", "relations.json"),
-                resume=True,  # continues from models/teacher.state/ after an interruption
+                resume=True,  # continues from its .state/ folder after an interruption
             ).items()
             if k != "history"
         },
     )
+
+
+def teacher_file(name: str) -> str:
+    return "teacher.safetensors" if name == "adapted" else f"teacher-{name}.safetensors"
 
 
 def detect_step(run: Run, s: Scale) -> dict:
@@ -275,17 +360,17 @@ def detect_step(run: Run, s: Scale) -> dict:
 
 
 def label_set(run: Run, name: str) -> dict:
-    """embed-prompts and label-objects for one label set (after detect_step); scores vs the
-    truth."""
+    """embed-prompts and label-objects for one label set (after detect_step); its scores
+    against the truth and its sharpness."""
     from pipeline.label import LabelParams, label_objects
     from pipeline.prompts import embed_prompts, named_templates
     from pipeline.score import score_labels
 
     pairs = run.path("prepared", "corpus", "pairs.parquet")
     boxes = run.path("objects", "boxes.parquet")
-    teacher, template = LABEL_SETS[name]
-    clip = run.path("models", "teacher.safetensors") if teacher == "adapted" else None
-    prompts = run.path("vocab", f"prompts-{name}.safetensors")
+    spec = LABEL_SETS[name]
+    clip = run.path("models", teacher_file(spec.teacher)) if spec.teacher != "random" else None
+    prompts = run.path("vocab", f"prompts-{spec.teacher}-{spec.entity}{spec.relation}.safetensors")
     shards = run.path("shards", name)
     vocab = run.path("vocab", "entities.json"), run.path("vocab", "relations.json")
 
@@ -295,11 +380,15 @@ def label_set(run: Run, name: str) -> dict:
             prompts,
             "small",
             clip,
-            named_templates("1", "entity"),
-            named_templates(template, "relation"),
+            named_templates(spec.entity, "entity"),
+            named_templates(spec.relation, "relation"),
         )
         params = LabelParams(
-            samples_per_shard=256, image_batch_size=32, crop_batch_size=64, num_workers=0
+            samples_per_shard=256,
+            image_batch_size=32,
+            crop_batch_size=64,
+            num_workers=0,
+            tau=spec.tau,
         )
         summary = label_objects(
             pairs,
@@ -313,12 +402,13 @@ def label_set(run: Run, name: str) -> dict:
             prepare_rejected_path=run.path("prepared", "corpus", "rejected.jsonl"),
             progress=False,
         )
-        return summary["counts"]
+        return {**summary["counts"], "label_sharpness": summary["label_sharpness"]}
 
-    run.step(f"label-{name}", label)
-    return run.step(
+    labelled = run.step(f"label-{name}", label)
+    scores = run.step(
         f"score-{name}", score_labels, shards, pairs, run.path("world", "corpus", "truth.jsonl")
     )
+    return {**scores, "label_sharpness": labelled["label_sharpness"]}
 
 
 # ----------------------------------------------------------------------------- training
@@ -378,8 +468,8 @@ def pretrain_dir(run: Run, variant: str, student: Student) -> str:
 def pretrain(run: Run, variant: str, s: Scale, student: Student, seed: int) -> str:
     from trainer.run import TrainConfig, train
 
-    label, overrides = VARIANTS[variant]
-    overrides = {**overrides, **ALIGN_OVERRIDES[student.align_on]}
+    spec = VARIANTS[variant]
+    label, overrides = spec.labels, {**dict(spec.overrides), **ALIGN_OVERRIDES[student.align_on]}
     encoder = student.text_encoder
     out = Path(pretrain_dir(run, variant, student))
     variant = student.tag(variant)
@@ -415,6 +505,14 @@ def pretrain(run: Run, variant: str, s: Scale, student: Student, seed: int) -> s
     return str(out)
 
 
+def row_slug(row: str) -> str:
+    """A row's cache name: its words up to a bracket, ASCII, no punctuation."""
+    slug = row.split(" (")[0].replace("①", "1").replace("②", "2").replace("+", "")
+    for ch in " ,/:":
+        slug = slug.replace(ch, "_")
+    return "_".join(part for part in slug.split("_") if part)
+
+
 def finetune_row(
     run: Run,
     row: str,
@@ -431,7 +529,7 @@ def finetune_row(
     variant, images = ROWS[row]
     d = run.path("world", task)
     files = {k: str(d / f"{k}.txt") for k in ("train", "dev", "test")}
-    slug = row.split(" (")[0].replace(" ", "_").replace(",", "").replace("/", "")
+    slug = row_slug(row)
     if images:  # rows that see images: their own cache per student setting
         slug = student.tag(slug) if variant else Student(None, vit=student.vit).tag(slug)
     encoder = student.text_encoder
@@ -463,22 +561,63 @@ def finetune_row(
         # the figures are cached in steps/; the resumable state (~0.4 GB a run, 48 runs a table)
         # is not needed again
         shutil.rmtree(out / "state", ignore_errors=True)
-        return {"test": m["test"]["overall"], "image_dependent": sub, "best_epoch": m["best_epoch"]}
+        per = m["test"].get("per_type") or m["test"].get("per_relation") or {}
+        return {
+            "test": m["test"]["overall"],
+            "dev": m["dev"]["overall"],
+            "image_dependent": sub,
+            "per_class": per,
+            "best_epoch": m["best_epoch"],
+        }
 
     return run.step(f"finetune-{slug}-{task}-{seed}", go)
 
 
-def label_tasks(run: Run, seed: int, s: Scale) -> dict[str, Task]:
-    """Detector and teacher adaptation, detection, then the four label sets (scored)."""
-    tasks = {
-        "adapt-teacher": Task(adapt_teacher_step, (run, seed, s)),  # the critical path: first
-        "train-detector": Task(train_detector_step, (run, seed, s)),
-        "detect-objects": Task(detect_step, (run, s), ("train-detector",)),
+def teacher_scores(run: Run, name: str) -> dict:
+    """A teacher's top-1 on the corpus's true boxes and whole images, every template (what
+    its labels would score with a perfect detector)."""
+    from pipeline.prompts import named_templates
+    from pipeline.teacher import score_teacher
+
+    return run.step(
+        f"score-teacher-{name}",
+        score_teacher,
+        run.path("models", teacher_file(name)),
+        run.path("world", "corpus", "truth.jsonl"),
+        "small",
+        named_templates("all", "entity"),
+        named_templates("all", "relation"),
+        run.path("vocab", "entities.json"),
+        run.path("vocab", "relations.json"),
+    )
+
+
+def label_tasks(run: Run, seed: int, s: Scale, sets: list[str]) -> dict[str, Task]:
+    """Detector and teacher adaptation, detection, then the label sets asked for (scored)."""
+    teachers = [t for t in dict.fromkeys(LABEL_SETS[n].teacher for n in sets) if t != "random"]
+    tasks = {  # the adapted teacher is the critical path: first
+        f"adapt-teacher-{t}": Task(adapt_teacher_step, (run, seed, s, t)) for t in teachers
     }
-    for name, (teacher, _) in LABEL_SETS.items():
-        after = ("detect-objects",) + (("adapt-teacher",) if teacher == "adapted" else ())
+    tasks["train-detector"] = Task(train_detector_step, (run, seed, s))
+    tasks["detect-objects"] = Task(detect_step, (run, s), ("train-detector",))
+    for t in teachers:
+        tasks[f"score-teacher-{t}"] = Task(teacher_scores, (run, t), (f"adapt-teacher-{t}",))
+    for name in sets:
+        teacher = LABEL_SETS[name].teacher
+        after = ("detect-objects",) + ((f"adapt-teacher-{teacher}",) if teacher != "random" else ())
         tasks[f"label-{name}"] = Task(label_set, (run, name), after)
     return tasks
+
+
+def label_sets_for(rows: list[str]) -> list[str]:
+    """The label sets a run scores: the paper's default and the random teacher's, then those
+    the rows' pretrainings read."""
+    wanted = ["A", "random"]
+    for row in rows:
+        variant = ROWS[row][0]
+        if variant:
+            wanted.append(VARIANTS[variant].labels)
+    return list(dict.fromkeys(wanted))
 
 
 def training_tasks(
@@ -497,7 +636,7 @@ def training_tasks(
     if student.vit:
         tasks["vision-init"] = Task(vision_init, (run, s, seed))
     for variant in dict.fromkeys(ROWS[row][0] for row in rows if ROWS[row][0]):
-        label = VARIANTS[variant][0]
+        label = VARIANTS[variant].labels
         tasks[f"pretrain {variant}"] = Task(
             pretrain, (run, variant, s, student, seed), (f"label-{label}",) + vit_done
         )
@@ -523,45 +662,214 @@ def pct(x: float | None) -> str:
 
 
 def label_table(scores: dict[str, dict]) -> str:
+    """Label quality and sharpness of each label set (mass beyond the top-1: what a hard label
+    drops)."""
     lines = [
-        "| teacher | detector recall@0.5 | q_ent top-1 | q_ent top-5 | q_rel top-1 |",
-        "|---|---|---|---|---|",
+        "| labels (teacher: templates, tau) | detector recall@0.5 | q_ent top-1 | q_ent top-5 "
+        "| q_rel top-1 | q_ent / q_rel top-1 mass | q_ent / q_rel mass beyond the top-1 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, sc in scores.items():
-        teacher, template = LABEL_SETS[name]
-        label = f"{teacher} (templates 1 + {template})"
+        sharp = sc.get("label_sharpness", {})
+
+        def figure(key: str, sharp: dict = sharp) -> str:
+            values = [sharp.get(k, {}).get(key) for k in ("q_ent", "q_rel")]
+            return " / ".join("-" if v is None else f"{v:.3f}" for v in values)
+
+        mass, beyond = figure("mean_top1_mass"), figure("mean_mass_beyond_top1")
         lines.append(
-            f"| {label} | {pct(sc['detector']['recall_iou50'])} | {pct(sc['q_ent']['top1'])} "
-            f"| {pct(sc['q_ent']['top5'])} | {pct(sc['q_rel']['top1'])} |"
+            f"| {LABEL_SETS[name].describe()} | {pct(sc['detector']['recall_iou50'])} "
+            f"| {pct(sc['q_ent']['top1'])} | {pct(sc['q_ent']['top5'])} "
+            f"| {pct(sc['q_rel']['top1'])} | {mass} | {beyond} |"
         )
     e, r = next(iter(scores.values()))["q_ent"], next(iter(scores.values()))["q_rel"]
     lines.append(
         f"| chance | | {pct(e['chance_top1'])} | {pct(e['chance_top5'])} "
-        f"| {pct(r['chance_top1'])} |"
+        f"| {pct(r['chance_top1'])} | | |"
     )
     return "\n".join(lines)
 
 
-def ablation_table(results: dict[str, dict[str, list[dict]]]) -> str:
+def teacher_table(teachers: dict[str, dict], steps: dict[str, int]) -> str:
+    """Each teacher on the corpus's true boxes and whole images, per template."""
+    lines = [
+        "| teacher | steps | entity top-1 (1 / 2) | relation top-1 (A / B / C) |",
+        "|---|---|---|---|",
+    ]
+    for name, sc in teachers.items():
+        per = sc["per_template"]
+        ent = " / ".join(pct(per["entity"][t]) for t in ("1", "2"))
+        rel = " / ".join(pct(per["relation"][t]) for t in ("A", "B", "C"))
+        lines.append(f"| {name} | {steps[name]} | {ent} | {rel} |")
+    return "\n".join(lines)
+
+
+def _cell(runs: list[dict], key: str) -> str:
     from trainer.finetune import mean_std
 
-    def cell(runs: list[dict], key: str) -> str:
-        if not runs:
-            return "–"
-        ms = mean_std([r[key]["f1"] for r in runs])
-        return f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
+    if not runs:
+        return "–"
+    ms = mean_std([r[key]["f1"] for r in runs])
+    return f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
 
-    lines = [
-        "| row | MNER F1 | MNER F1, image-dependent | MRE F1 | MRE F1, image-dependent |",
-        "|---|---|---|---|---|",
-    ]
+
+def ablation_table(results: dict[str, dict[str, list[dict]]], dev: bool = False) -> str:
+    """Test F1 mean ± std over the seeds, overall and on the image-dependent items (and the dev
+    F1 that picks the label temperature)."""
+    head = "| row | MNER F1 | MNER F1, image-dependent | MRE F1 | MRE F1, image-dependent |"
+    rule = "|---|---|---|---|---|"
+    if dev:
+        head, rule = head + " MNER / MRE dev F1 |", rule + "---|"
+    lines = [head, rule]
     for row, tasks in results.items():
         mner, mre = tasks.get("mner", []), tasks.get("mre", [])
-        lines.append(
-            f"| {row} | {cell(mner, 'test')} | {cell(mner, 'image_dependent')} "
-            f"| {cell(mre, 'test')} | {cell(mre, 'image_dependent')} |"
+        line = (
+            f"| {row} | {_cell(mner, 'test')} | {_cell(mner, 'image_dependent')} "
+            f"| {_cell(mre, 'test')} | {_cell(mre, 'image_dependent')} |"
         )
+        if dev:
+            line += f" {_cell(mner, 'dev')} / {_cell(mre, 'dev')} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def dev_choice(results: dict[str, dict[str, list[dict]]], prefix: str) -> str | None:
+    """Of the soft rows of one teacher (tau 1 and the `tau` rows), the one with the best mean
+    dev F1 over MNER and MRE and the seeds: the label temperature chosen without test."""
+    from trainer.finetune import mean_std
+
+    names = [
+        row for row in results
+        if row == f"{prefix}full" + (" (ITM+CIT+COE+CIR)" if not prefix else "")
+        or row.startswith(f"{prefix}full, tau ")
+    ]  # fmt: skip
+    scored = {
+        row: mean_std([r["dev"]["f1"] for t in results[row].values() for r in t])["mean"]
+        for row in names
+        if any(results[row].values())
+    }
+    return max(scored, key=scored.get) if scored else None
+
+
+def per_class_gains(
+    results: dict[str, dict[str, list[dict]]], base: str, other: str, task: str
+) -> dict[str, float]:
+    """Mean test F1 gain per entity type (MNER) or relation (MRE) of `other` over `base`."""
+    from trainer.finetune import mean_std
+
+    def means(row: str) -> dict[str, float]:
+        runs = results[row].get(task, [])
+        classes = sorted({c for r in runs for c in r["per_class"]})
+        return {
+            c: mean_std([r["per_class"].get(c, {}).get("f1", 0.0) for r in runs])["mean"]
+            for c in classes
+        }
+
+    a, b = means(base), means(other)
+    return {c: 100 * (b[c] - a.get(c, 0.0)) for c in b}
+
+
+def plot_gains(gains: dict[str, dict[str, float]], path: Path, title: str) -> None:
+    """The paper's Fig. 4: per-type and per-relation F1 gains, one bar chart per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(gains), figsize=(5.5 * len(gains), 3.6), dpi=110)
+    axes = [axes] if len(gains) == 1 else list(axes)
+    for ax, (task, by_class) in zip(axes, gains.items(), strict=True):
+        names = list(by_class)
+        values = [by_class[n] for n in names]
+        colours = ["#3b6ea8" if v >= 0 else "#a8553b" for v in values]
+        ax.bar(range(len(names)), values, color=colours)
+        ax.set_xticks(range(len(names)), [n.split("/")[-1] or n for n in names], rotation=30,
+                      ha="right", fontsize=8)  # fmt: skip
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("test F1 gain (points)")
+        ax.set_title(f"{task.upper()}: full pretraining over none")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def gains_table(gains: dict[str, dict[str, float]]) -> str:
+    lines = ["| task | class | F1 gain, full over no pretraining |", "|---|---|---|"]
+    for task, by_class in gains.items():
+        for name, value in sorted(by_class.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {task.upper()} | {name} | {value:+.1f} |")
+    return "\n".join(lines)
+
+
+def report(
+    args: argparse.Namespace,
+    run: Run,
+    s: Scale,
+    done: dict[str, Any],
+    sets: list[str],
+    rows: list[str],
+) -> list[str]:
+    """The markdown report: labels, teachers, then the fine-tuning tables asked for."""
+    scores = {name: done[f"label-{name}"] for name in sets}
+    teachers = {k[len("score-teacher-"):]: v for k, v in done.items()
+                if k.startswith("score-teacher-")}  # fmt: skip
+    detector = json.loads(run.path("models", "detector.json").read_text())
+    steps = {"adapted": s.teacher_steps, "weak": s.weak_teacher_steps}
+    out = [
+        f"## Labels (world seed {args.world_seed}, {s.corpus} corpus images held out from "
+        "adaptation)",
+        f"detector: {s.detector_epochs} epochs, val mAP50 {detector['val']['map50']:.3f}, "
+        f"recall {detector['val']['recall']:.3f}",
+        "",
+        label_table(scores),
+        "",
+        "Teachers on the corpus's true boxes (entity) and whole images (relation), each "
+        "template alone:",
+        "",
+        teacher_table(teachers, steps),
+    ]
+    if args.labels_only:
+        return out
+    results = {
+        row: {
+            task: [done[f"finetune {row} {task} {seed}"] for seed in args.seeds]
+            for task in args.tasks
+        }
+        for row in rows
+    }
+    header = (
+        f"test F1, mean ± std over seeds {args.seeds}; student text encoder {args.text_encoder}, "
+        f"small ViT from {args.student_vit} weights; COE / CIR on {args.align_on} states"
+    )
+    main_rows = {r: results[r] for r in TABLES["main"] if r in results}
+    out += ["", f"## Fine-tuning ({header})", "", ablation_table(main_rows)]
+    prompt_rows = {r: results[r] for r in TABLES["prompts"] if r in results}
+    if len(prompt_rows) > 1:
+        out += ["", "## Prompt templates (the paper's Table 3)", "", ablation_table(prompt_rows)]
+    soft_rows = {r: results[r] for r in TABLES["soft-hard"] if r in results}
+    if any(r.startswith("full, tau") or r.startswith("weak") for r in soft_rows):
+        chosen = [c for c in (dev_choice(results, ""), dev_choice(results, "weak teacher: "))
+                  if c]  # fmt: skip
+        out += [
+            "",
+            "## Soft against hard labels (teacher quality x label temperature x pairs)",
+            "",
+            ablation_table(soft_rows, dev=True),
+            "",
+            f"tau chosen on dev F1 (mean of MNER and MRE): {', '.join(chosen) or 'n/a'}",
+        ]
+    base, full = "multimodal, no pretraining", "full (ITM+CIT+COE+CIR)"
+    if base in results and full in results:
+        gains = {t: per_class_gains(results, base, full, t) for t in args.tasks}
+        plot = run.path("fig4-gains.png")
+        plot_gains(gains, plot, f"world seed {args.world_seed}, seeds {args.seeds}")
+        out += ["", f"## Per-class gains (the paper's Fig. 4; plot: {plot})", "",
+                gains_table(gains)]  # fmt: skip
+    return out
 
 
 def main() -> int:
@@ -573,7 +881,15 @@ def main() -> int:
     p.add_argument("--scale", choices=sorted(SCALES), default="default")
     p.add_argument("--text-encoder", choices=("minilm", "small"), default="minilm")
     p.add_argument("--tasks", nargs="+", choices=("mner", "mre"), default=["mner", "mre"])
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument(
+        "--table",
+        nargs="+",
+        choices=sorted(TABLES),
+        default=["main"],
+        help="main: the paper's ablation rows; prompts: Table 3 (the six template pairs); "
+        "soft-hard: teacher quality x label temperature x the pairs COE / CIR average over",
+    )
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="instead of --table")
     p.add_argument(
         "--jobs",
         type=int,
@@ -615,49 +931,25 @@ def main() -> int:
     t0 = time.perf_counter()
     print(f"work folder {work}; scale {args.scale}: {asdict(s)}")
 
+    rows = args.rows or list(dict.fromkeys(r for t in args.table for r in TABLES[t]))
+    sets = label_sets_for(rows) if not args.labels_only else ["A", "random", *PROMPT_SETS.values(),
+                                                              "weak"]  # fmt: skip
+    sets = list(dict.fromkeys(sets))
     build_inputs(run, args.world_seed, s)
-    tasks = label_tasks(run, args.world_seed, s)
+    tasks = label_tasks(run, args.world_seed, s, sets)
     if not args.labels_only:
         encoder = text_encoder(args.text_encoder)
         vit = str(run.path("models", "student-vit")) if args.student_vit == "adapted" else None
         student = Student(encoder, args.align_on, vit)
-        tasks |= training_tasks(run, args.world_seed, s, student, args.rows, args.tasks, args.seeds)
+        tasks |= training_tasks(run, args.world_seed, s, student, rows, args.tasks, args.seeds)
     done = run_tasks(tasks, args.jobs, threads)
 
-    scores = {name: done[f"label-{name}"] for name in LABEL_SETS}
-    teacher = json.loads(run.path("models", "teacher.json").read_text())
-    detector = json.loads(run.path("models", "detector.json").read_text())
-    report = [
-        f"## Labels (world seed {args.world_seed}, {s.corpus} corpus images held out from "
-        f"adaptation)",
-        f"detector: {s.detector_epochs} epochs, val mAP50 {detector['val']['map50']:.3f}, "
-        f"recall {detector['val']['recall']:.3f}; teacher: {s.teacher_steps} steps, held-out "
-        f"top-1 entity {teacher['held_out']['entity_top1']}, relation "
-        f"{teacher['held_out']['relation_top1']}",
-        "",
-        label_table(scores),
-    ]
-    if not args.labels_only:
-        results = {
-            row: {
-                task: [done[f"finetune {row} {task} {seed}"] for seed in args.seeds]
-                for task in args.tasks
-            }
-            for row in args.rows
-        }
-        report += [
-            "",
-            f"## Fine-tuning (test F1, mean ± std over seeds {args.seeds}; student text encoder "
-            f"{args.text_encoder}, small ViT from {args.student_vit} weights; COE / CIR on "
-            f"{args.align_on} states)",
-            "",
-            ablation_table(results),
-        ]
+    lines = report(args, run, s, done, sets, rows)
     if run.times_path.exists():  # the workers' steps too
         run.times = json.loads(run.times_path.read_text())
     wall = time.perf_counter() - t0
-    report += ["", f"wall time this run {wall:.0f} s; cached steps: {run.times}"]
-    text = "\n".join(report)
+    lines += ["", f"wall time this run {wall:.0f} s; cached steps: {run.times}"]
+    text = "\n".join(lines)
     print("\n" + text)
     (work / "report.md").write_text(text + "\n", encoding="utf-8")
     return 0

@@ -125,7 +125,8 @@ def inspect_cmd(
     typer.echo(
         f"  mean entropy q_ent {summary['mean_entropy_ent']} / q_rel {summary['mean_entropy_rel']} "
         f"nats; mean kept mass q_ent {summary['mean_kept_mass_ent']} / "
-        f"q_rel {summary['mean_kept_mass_rel']}"
+        f"q_rel {summary['mean_kept_mass_rel']}; mean top-1 mass q_ent "
+        f"{summary['mean_top1_mass_ent']} / q_rel {summary['mean_top1_mass_rel']}"
     )
     for warning in summary["warnings"]:
         typer.echo(f"  warning: {warning}")
@@ -559,7 +560,14 @@ def label_objects_cmd(
         from pipeline.shards import write_json_atomic
 
         Path(metrics).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(metrics, {**c, "rejected_by_reason": s["rejected_by_reason"]})
+        write_json_atomic(
+            metrics,
+            {
+                **c,
+                "rejected_by_reason": s["rejected_by_reason"],
+                "label_sharpness": s["label_sharpness"],
+            },
+        )
     typer.echo(
         f"label-objects: {c['samples']} samples in {c['shards']} shards ({t['shards_resumed']} "
         f"resumed), {c['objects']} objects, {c['images_without_objects']} images without "
@@ -568,6 +576,13 @@ def label_objects_cmd(
     )
     for reason, n in s["rejected_by_reason"].items():
         typer.echo(f"  rejected {n:>6}  {reason}")
+    for kind, fig in s["label_sharpness"].items():
+        if fig["labels"]:
+            typer.echo(
+                f"  {kind}: mean top-1 mass {fig['mean_top1_mass']:.3f}, beyond the top-1 "
+                f"{fig['mean_mass_beyond_top1']:.3f}, entropy {fig['mean_entropy_nats']:.3f} "
+                f"nats (uniform {fig['uniform_entropy_nats']:.3f}) over {fig['labels']} labels"
+            )
     typer.echo(
         f"  {t['images_labelled_this_run']} images in {t['seconds_loop']} s "
         f"({t['images_per_s']} img/s; CLIP {t.get('seconds_clip_encode', '-')} s) on "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -92,8 +93,9 @@ class LabelJob:
 
 def soft_labels(
     feats: Any, prompts: Any, logit_scale: float, tau: float, k: int
-) -> tuple[Any, Any, Any]:
-    """softmax(s * cos / tau) truncated to its top-k: (indices, probs, kept mass) on CPU.
+) -> tuple[Any, Any, Any, Any]:
+    """softmax(s * cos / tau) truncated to its top-k: (indices, probs, kept mass, sharpness)
+    on CPU; sharpness [N, 2] holds each full distribution's top-1 mass and entropy (nats).
 
     `feats` and `prompts` are L2-normalised; the sort is stable so ties order by index.
     """
@@ -101,9 +103,48 @@ def soft_labels(
 
     logits = (logit_scale / tau) * (feats.float() @ prompts.float().T)
     probs = torch.softmax(logits, dim=-1)
+    entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1)
     top, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    sharpness = torch.stack([top[..., 0], entropy], dim=-1).cpu()
     top, idx = top[..., :k], idx[..., :k]
-    return idx.to(torch.int32).cpu(), top.cpu(), top.sum(dim=-1).cpu()
+    return idx.to(torch.int32).cpu(), top.cpu(), top.sum(dim=-1).cpu(), sharpness
+
+
+def sharpness_sums(rows: Sequence[Any]) -> list[float]:
+    """[rows, sum of top-1 masses, sum of entropies] of sharpness tensors [N, 2] (float64)."""
+    import torch
+
+    if not rows:
+        return [0, 0.0, 0.0]
+    both = torch.cat(list(rows)).double()
+    return [int(both.shape[0]), float(both[:, 0].sum()), float(both[:, 1].sum())]
+
+
+def label_sharpness(done: dict[int, dict[str, Any]], sizes: dict[str, int]) -> dict[str, Any]:
+    """How soft the labels are, over every shard (exact: from the full distributions before
+    top-k truncation): per label kind the mean top-1 mass, the mean mass beyond the top-1 and
+    the mean entropy, with the entropy of a uniform distribution beside it."""
+    out: dict[str, Any] = {}
+    for kind, size_key in (("q_ent", "entities"), ("q_rel", "relations")):
+        n, top1, entropy = 0, 0.0, 0.0
+        missing = 0
+        for s in sorted(done):
+            sums = done[s].get("sharpness", {}).get(kind)
+            if sums is None:
+                missing += 1
+                continue
+            n, top1, entropy = n + sums[0], top1 + sums[1], entropy + sums[2]
+        out[kind] = {
+            "labels": n,
+            "mean_top1_mass": round(top1 / n, 6) if n else None,
+            "mean_mass_beyond_top1": round(1 - top1 / n, 6) if n else None,
+            "mean_entropy_nats": round(entropy / n, 6) if n else None,
+            "uniform_entropy_nats": round(math.log(sizes[size_key]), 6)
+            if sizes[size_key]
+            else None,
+            **({"shards_without_figures": missing} if missing else {}),
+        }
+    return out
 
 
 def _fingerprint(paths: list[Path], params: dict[str, Any], clip_id: dict) -> str:
@@ -424,9 +465,10 @@ class ShardLabeler:
             state.rejected.append({"id": pairs[i]["id"], "reason": reason, "detail": detail})
         if not batch["index"]:
             return
-        rel_idx, rel_prob, rel_mass = soft_labels(
+        rel_idx, rel_prob, rel_mass, rel_sharp = soft_labels(
             self._encode(batch["images"]), self.rel_prompts, self.logit_scale, p.tau, self.k_rel
         )
+        state.rel_sharpness.append(rel_sharp)
         if batch["crops"].shape[0]:
             state.crop_queue.append(batch["crops"])
             state.queued += int(batch["crops"].shape[0])
@@ -471,6 +513,10 @@ class ShardLabeler:
 
         self._flush_crops(state, final=True)
         results = state.crop_results
+        sharpness = {
+            "q_ent": sharpness_sums([r[3] for r in results]),
+            "q_rel": sharpness_sums(state.rel_sharpness),
+        }
         if results:
             ent_idx = torch.cat([r[0] for r in results]).numpy()
             ent_prob = torch.cat([r[1] for r in results]).numpy()
@@ -498,6 +544,7 @@ class ShardLabeler:
             "no_objects": sum(1 for x in samples if not x.meta["boxes"]),
             "rejected": state.rejected,
             "runtime": self.runtime,
+            "sharpness": sharpness,
         }
         return self._write_shard, state.shard, samples, marker
 
@@ -540,7 +587,8 @@ class _ShardState:
         self.rejected: list[dict[str, Any]] = []
         self.crop_queue: list[Any] = []
         self.queued = 0
-        self.crop_results: list[tuple[Any, Any, Any]] = []
+        self.crop_results: list[tuple[Any, Any, Any, Any]] = []
+        self.rel_sharpness: list[Any] = []
 
 
 def label_objects(
@@ -683,6 +731,11 @@ def _read_prepare_rejected(path: str | os.PathLike | None) -> list[dict[str, str
     return out
 
 
+def _vocab_size(path: Any) -> int:
+    info = json.loads(Path(path).read_text(encoding="utf-8"))
+    return len(info.get("entities", info.get("relations", [])))
+
+
 def _vocab_entry(path: Any, name: str) -> dict[str, Any]:
     info = json.loads(Path(path).read_text(encoding="utf-8"))
     return {
@@ -774,6 +827,9 @@ def finish_labeling(
             "relations": _vocab_entry(relations_path, shards.RELATIONS_FILE),
         },
         "counts": counts,
+        "label_sharpness": label_sharpness(
+            done, {"entities": _vocab_size(entities_path), "relations": _vocab_size(relations_path)}
+        ),
         "rejected": {
             "by_reason": dict(sorted(Counter(r["reason"] for r in all_rejected).items())),
             "samples": all_rejected,
@@ -786,6 +842,7 @@ def finish_labeling(
     return {
         "complete": True,
         "counts": counts,
+        "label_sharpness": manifest["label_sharpness"],
         "rejected_by_reason": manifest["rejected"]["by_reason"],
         "out": str(out),
     }

@@ -19,6 +19,7 @@ from trainer.finetune import (
     load_encoder,
     run_finetune,
 )
+from trainer.settings import UsageError
 
 SAMPLE = REPO_ROOT / "trainer" / "sample"
 
@@ -146,12 +147,50 @@ def test_images_missing_ones_run_text_only(tmp_path):
     for i, sent in enumerate(x for v in with_image.values() for x in v):
         Image.new("RGB", (40 + i, 30), (i * 7 % 255, 90, 160)).save(images / f"{sent.img_id}.jpg")
     (images / f"{sents['test'][2].img_id}.jpg").write_bytes(b"not a jpeg")  # unreadable
-    m = run_finetune(sample_config("mner", tmp_path, epochs=2, images=str(images)))
+    # half of every split's images are missing: a multimodal run refuses to go on quietly
+    with pytest.raises(UsageError, match=r"train: \d+ of \d+ images not found.*missing-images 1"):
+        run_finetune(sample_config("mner", tmp_path, epochs=1, images=str(images)))
+    cfg = sample_config("mner", tmp_path, epochs=2, images=str(images), max_missing_images=1.0)
+    m = run_finetune(cfg)
     expected = {s: len(v) - len(with_image[s]) for s, v in sents.items()}
+    assert m["text_only"]["missing_images"] == expected
     expected["test"] += 1
     assert m["text_only"]["samples"] == expected
     assert m["text_only"]["unreadable_images"] == {"train": 0, "dev": 0, "test": 1}
-    assert m["text_only"]["images"] == str(images)
+    assert m["text_only"]["images"] == {s: str(images) for s in ("train", "dev", "test")}
+
+
+def _split_images(root, sents, layout):
+    from PIL import Image
+
+    for split, folder in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i, sent in enumerate(sents[split]):
+            Image.new("RGB", (32, 24 + i), (i * 9 % 255, 40, 90)).save(
+                root / folder / f"{sent.img_id}.jpg"
+            )
+
+
+def test_per_split_image_folders(tmp_path):
+    sents = {s: ie_data.read_ner(SAMPLE / "mner" / f"{s}.txt") for s in ("train", "dev", "test")}
+    # MNRE's layout: one folder with train/ val/ test/ inside
+    release = tmp_path / "img_org"
+    _split_images(release, sents, {"train": "train", "dev": "val", "test": "test"})
+    assert ie_data.image_folders(release, "dev") == [release, release / "val"]
+    m = run_finetune(sample_config("mner", tmp_path / "a", epochs=1, images=str(release)))
+    assert m["text_only"]["samples"] == {"train": 0, "dev": 0, "test": 0}
+    # or a folder per split, each named by its flag
+    own = tmp_path / "own"
+    _split_images(own, sents, {"train": "tr", "dev": "de", "test": "te"})
+    folders = {f"images_{s}": str(own / f) for s, f in (("train", "tr"), ("dev", "de"),
+                                                      ("test", "te"))}  # fmt: skip
+    m = run_finetune(sample_config("mner", tmp_path / "b", epochs=1, **folders))
+    assert m["text_only"]["samples"] == {"train": 0, "dev": 0, "test": 0}
+    assert m["text_only"]["images"]["dev"] == str(own / "de")
+    # one folder for all splits finds only the top level's images: the split folders are
+    # where the rest are, and the run says so instead of training text-only
+    with pytest.raises(UsageError, match="images-train DIR"):
+        run_finetune(sample_config("mner", tmp_path / "c", epochs=1, images=str(own)))
 
 
 def test_mixed_batch_fuses_each_sample_like_alone():

@@ -62,6 +62,11 @@ def test_cards_show_the_known_samples_labels_with_probabilities(synthetic_shards
             assert f'{relation_names[idx]}</td><td class="num-cell">{prob:.3f}</td>' in card
         assert card.count('class="crop"') == len(sample["meta"]["boxes"])
     assert checked_objects > 0
+    # label sharpness: the stored top-1 masses (exact), and what a hard label drops
+    top1 = [float(s["ent_prob"][o, 0]) for s in truth.values() for o in range(len(s["ent_prob"]))]
+    assert summary["mean_top1_mass_ent"] == round(sum(top1) / len(top1), 4)
+    assert summary["mean_mass_beyond_top1_ent"] == round(1 - sum(top1) / len(top1), 4)
+    assert "mean mass beyond the top-1" in page
 
 
 def test_every_image_is_embedded_and_nothing_is_external(synthetic_shards, tmp_path):

@@ -1,6 +1,7 @@
 """label-objects: soft labels match an independent CLIP computation; resume is byte-identical."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,14 @@ from labeling_inputs import write_labeling_inputs
 from pipeline import shards
 from pipeline.clip_inputs import reference_clip_input
 from pipeline.images import decode_rgb
-from pipeline.label import PROGRESS_DIR, LabelParams, label_objects, soft_labels
+from pipeline.label import (
+    PROGRESS_DIR,
+    LabelParams,
+    label_objects,
+    label_sharpness,
+    sharpness_sums,
+    soft_labels,
+)
 from pipeline.labeling_data import padded_box, read_pairs, write_boxes
 from pipeline.models import load_clip
 from pipeline.prompts import embed_prompts, load_prompts
@@ -116,6 +124,15 @@ def test_shards_hold_soft_labels_of_the_crops_and_images(inputs, tmp_path):
     assert manifest["vocab"]["entities"]["size"] == 10 and not (out / PROGRESS_DIR).exists()
     assert "timing" not in json.dumps(manifest) and "seconds" not in json.dumps(manifest)
     assert (out / "entities.json").read_bytes() == inputs["entities"].read_bytes()
+    # one sharpness figure per object (q_ent) and per labelled image (q_rel), from the full q
+    sharp = manifest["label_sharpness"]
+    assert sharp == summary["label_sharpness"]
+    assert sharp["q_rel"]["labels"] == 9 and sharp["q_ent"]["labels"] == c["objects"]
+    for kind in ("q_ent", "q_rel"):
+        fig = sharp[kind]
+        assert 0 < fig["mean_top1_mass"] <= 1
+        assert fig["mean_mass_beyond_top1"] == pytest.approx(1 - fig["mean_top1_mass"], abs=2e-6)
+        assert 0 <= fig["mean_entropy_nats"] <= fig["uniform_entropy_nats"]
 
     # Independent computation for pair-0001 (one box) and pair-0002 (two boxes).
     model, preprocess, _ = load_clip("tiny")
@@ -230,12 +247,39 @@ def test_stale_prompts_are_refused(tmp_path):
 def test_soft_labels_are_a_truncated_softmax_with_stable_ties():
     feats = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), dim=-1)
     prompts = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]]), dim=-1)
-    idx, prob, mass = soft_labels(feats, prompts, logit_scale=10.0, tau=2.0, k=3)
+    idx, prob, mass, sharp = soft_labels(feats, prompts, logit_scale=10.0, tau=2.0, k=3)
     full = torch.softmax(5.0 * feats @ prompts.T, dim=-1)
     assert idx.dtype == torch.int32 and idx.tolist()[0] == [0, 2, 1]  # tie 0/2 keeps index order
     assert idx.tolist()[1] == [0, 1, 2]
     assert torch.allclose(prob, torch.gather(full, 1, idx.long()))
     assert torch.allclose(mass, prob.sum(-1)) and (mass < 1).all()
+    # sharpness of the full distributions: top-1 mass and entropy in nats
+    assert torch.allclose(sharp[:, 0], full.max(-1).values)
+    assert torch.allclose(sharp[:, 1], -(full * full.log()).sum(-1))
+
+
+def test_label_sharpness_on_a_hand_made_case():
+    """Two labels of 4 relations: one-hot and uniform; three objects over 2 entities."""
+    one_hot = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    uniform = torch.full((1, 4), 0.25)
+    rel = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.25, math.log(4)]])]
+    assert torch.allclose(rel[0], torch.stack([one_hot.max(-1).values, torch.zeros(1)], -1))
+    assert math.isclose(float(-(uniform * uniform.log()).sum()), math.log(4), rel_tol=1e-6)
+    ent = [torch.tensor([[0.5, math.log(2)], [1.0, 0.0]]), torch.tensor([[0.75, 0.5623]])]
+    done = {
+        0: {"sharpness": {"q_ent": sharpness_sums(ent[:1]), "q_rel": sharpness_sums(rel[:1])}},
+        1: {"sharpness": {"q_ent": sharpness_sums(ent[1:]), "q_rel": sharpness_sums(rel[1:])}},
+        2: {},  # a shard labelled by an older version: counted apart
+    }
+    figures = label_sharpness(done, {"entities": 2, "relations": 4})
+    rel_fig, ent_fig = figures["q_rel"], figures["q_ent"]
+    assert rel_fig["labels"] == 2 and rel_fig["mean_top1_mass"] == 0.625
+    assert rel_fig["mean_mass_beyond_top1"] == 0.375
+    assert rel_fig["mean_entropy_nats"] == pytest.approx(math.log(4) / 2, abs=1e-6)
+    assert rel_fig["uniform_entropy_nats"] == pytest.approx(math.log(4), abs=1e-6)
+    assert ent_fig["labels"] == 3 and ent_fig["mean_top1_mass"] == pytest.approx(0.75)
+    assert ent_fig["mean_entropy_nats"] == pytest.approx((math.log(2) + 0.5623) / 3, abs=1e-6)
+    assert rel_fig["shards_without_figures"] == 1
 
 
 def test_padded_box_grows_clamps_and_never_collapses():

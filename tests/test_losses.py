@@ -150,14 +150,27 @@ def test_pretrain_loss_weights_and_switches():
     total, parts = L.pretrain_loss(out, batch, lambdas)
     assert set(parts) == {"itm", "cit", "coe", "cir"}
     assert close(total, sum(lambdas[k] * parts[k] for k in parts))
-    # COE/CIR use only the matched row 0
-    q_rel = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.5]])
-    assert close(parts["cir"], L.soft_cross_entropy(out["rel_logits"][:1], q_rel))
+    # COE / CIR average over both pairs (eqs. 8, 10): the mismatched row's labels are its
+    # image's; with align_pairs="matched" over the matched row 0 only
+    q_rel = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.5], [0.9, 0.0, 0.1, 0.0, 0.0]])
+    assert close(parts["cir"], L.soft_cross_entropy(out["rel_logits"], q_rel))
     assert close(parts["cit"], 0.0)  # one matched pair: log(1) = 0
+    _, matched = L.pretrain_loss(out, batch, lambdas, align_pairs="matched")
+    assert close(matched["cir"], L.soft_cross_entropy(out["rel_logits"][:1], q_rel[:1]))
+    assert close(matched["itm"], parts["itm"]) and close(matched["cit"], parts["cit"])
+    q_ent = L.dense_soft_labels(batch["ent_idx"], batch["ent_prob"], 3)
+    assert close(parts["coe"], L.soft_cross_entropy(out["ent_logits"], q_ent))
+    assert close(matched["coe"], L.soft_cross_entropy(out["ent_logits"][:1], q_ent[:1]))
+    # the rows each loss averages over: pairs, matched pairs, aligned objects, aligned pairs
+    assert L.batch_totals(batch).tolist() == [2.0, 1.0, 2.0, 2.0]
+    assert L.batch_totals(batch, "matched").tolist() == [2.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="align_pairs"):
+        L.batch_totals(batch, "some")
     _, off = L.pretrain_loss(out, batch, {"itm": 1.0, "cit": 0.0, "coe": 0.0, "cir": 0.0})
     assert set(off) == {"itm"}
     _, hard = L.pretrain_loss(out, batch, {"cir": 1.0}, hard=True)
-    q_hard = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]])  # a tie goes to the first maximum
-    assert close(hard["cir"], L.soft_cross_entropy(out["rel_logits"][:1], q_hard))
+    # a tie goes to the first maximum
+    q_hard = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert close(hard["cir"], L.soft_cross_entropy(out["rel_logits"], q_hard))
     with pytest.raises(ValueError):
         L.pretrain_loss(out, batch, {"itm": 0.0})

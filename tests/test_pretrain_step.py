@@ -118,17 +118,20 @@ def test_two_ddp_ranks_equal_one_process_on_the_global_batch(tmp_path, synthetic
     assert float(single["text_proj.weight"].abs().sum()) > 0
 
 
-def test_accumulation_of_two_micro_batches_equals_one_batch_apart_from_cit(synthetic_shards):
+@pytest.mark.parametrize("align_pairs", ["all", "matched"])
+def test_accumulation_of_two_micro_batches_equals_one_batch_apart_from_cit(
+    synthetic_shards, align_pairs
+):
     batch = global_batch(synthetic_shards)
     halves = [rows(batch, 0, 4), rows(batch, 4, 8)]
-    no_cit = dict(lambda_cit=0.0)
+    no_cit = dict(lambda_cit=0.0, align_pairs=align_pairs)
     r1, loss1, parts1 = one_step(step_config(synthetic_shards, **no_cit), [batch])
     r2, loss2, parts2 = one_step(step_config(synthetic_shards, accum=2, **no_cit), halves)
     assert float(loss2) == pytest.approx(float(loss1), rel=1e-5)
     assert_same_grads(grads(r2), grads(r1))
 
     # CIT: each micro-batch's own InfoNCE, weighted by its matched pairs
-    _, _, parts = one_step(step_config(synthetic_shards, accum=2), halves)
+    _, _, parts = one_step(step_config(synthetic_shards, accum=2, align_pairs=align_pairs), halves)
     own, counts = [], []
     with torch.no_grad():
         r = run.setup(step_config(synthetic_shards))

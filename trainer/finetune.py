@@ -48,6 +48,7 @@ from trainer.finetune_cli import TASKS, FinetuneConfig, check_config
 from trainer.heads import CRFTagger, RelationHead
 from trainer.metrics import majority_baseline_ner, majority_baseline_re, ner_scores, re_scores
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.settings import UsageError
 
 __all__ = ["FinetuneConfig", "TASKS", "run_finetune", "run_seeds"]
 log = logging.getLogger("finetune")
@@ -193,6 +194,7 @@ class Split:
     truncated: int = 0  # words (MNER) or samples (MRE) cut by max_len
     text_only: int = 0  # samples without a usable image file
     unreadable_images: int = 0  # image files present but not decodable
+    missing_images: list[str] = field(default_factory=list)  # img_ids not found
 
 
 class IEDataset(torch.utils.data.Dataset):
@@ -266,6 +268,7 @@ def read_split(
     if name == "train" and cfg.max_train_samples:
         samples = samples[: cfg.max_train_samples]
     split = Split(name, path, samples, [])
+    folders = ie_data.image_folders(cfg.split_images(name), name)
     for s in samples:
         if cfg.task == "mner":
             feat, cut = ie_data.encode_ner(s, tokenizer, labels, cfg.max_len)
@@ -273,10 +276,28 @@ def read_split(
         else:
             feat = ie_data.encode_rel(s, tokenizer, labels, cfg.max_len, markers)
             split.truncated += int(feat.truncated)
-        feat.image = ie_data.find_image(cfg.images, s.img_id)
+        feat.image = ie_data.find_image(folders, s.img_id)
         split.text_only += feat.image is None
+        if folders and s.img_id and feat.image is None:
+            split.missing_images.append(s.img_id)
         split.features.append(feat)
     return split
+
+
+def check_images_found(cfg: FinetuneConfig, splits: dict[str, Split]) -> None:
+    """A run given images must see them: a split that misses more than
+    `max_missing_images` of its images stops the run (it would quietly train text-only)."""
+    for name, sp in splits.items():
+        wanted = sum(1 for s in sp.samples if s.img_id)
+        missing = len(sp.missing_images)
+        if wanted and missing / wanted > cfg.max_missing_images:
+            folders = ", ".join(str(f) for f in ie_data.image_folders(cfg.split_images(name), name))
+            raise UsageError(
+                f"{name}: {missing} of {wanted} images not found in {folders} (e.g. "
+                f"{sp.missing_images[0]!r}); pass the split's folder (--images-{name} DIR, or "
+                f"--images DIR with {'/'.join(ie_data.SPLIT_FOLDERS[name])}/ inside), or "
+                "--max-missing-images 1 to run those samples text-only"
+            )
 
 
 # ----------------------------------------------------------------------------- loop
@@ -469,10 +490,12 @@ def prepare(cfg: FinetuneConfig) -> Finetune:
                 f"labels {sorted(seen - set(labels))} in dev/test do not occur in --train"
             )
     text_only = {name: sp.text_only for name, sp in splits.items()}
-    if cfg.images is None:
+    if not cfg.multimodal:
         log.info("no --images: running text-only (%s samples)", sum(text_only.values()))
-    elif any(text_only.values()):
-        log.info("images missing for %s samples: those run text-only", text_only)
+    else:
+        check_images_found(cfg, splits)
+        if any(text_only.values()):
+            log.info("images missing for %s samples: those run text-only", text_only)
 
     torch.manual_seed(cfg.seed)
     if cfg.task == "mner":
@@ -481,7 +504,7 @@ def prepare(cfg: FinetuneConfig) -> Finetune:
         head = RelationHead(encoder.hidden_size, len(id2label), cfg.dropout)
     model = FinetuneModel(encoder, head).to(device)
 
-    image_size = mcfg.image_size if cfg.images else None
+    image_size = mcfg.image_size if cfg.multimodal else None
     datasets = {name: IEDataset(sp, image_size) for name, sp in splits.items()}
 
     def loader(split: Split, train: bool, epoch: int = 0):
@@ -661,11 +684,12 @@ def finish(ft: Finetune, progress: Progress, resumed_after: int, wall: float) ->
         "task": cfg.task,
         "encoder": ft.desc,
         "text_only": {
-            "images": cfg.images,
+            "images": {name: cfg.split_images(name) for name in splits},
             "samples": {name: sp.text_only for name, sp in splits.items()},
+            "missing_images": {name: len(sp.missing_images) for name, sp in splits.items()},
             "unreadable_images": {name: sp.unreadable_images for name, sp in splits.items()},
             "note": "no --images: all samples text-only"
-            if cfg.images is None
+            if not cfg.multimodal
             else "samples whose image file is missing or unreadable ran text-only",
         },
         "data": {

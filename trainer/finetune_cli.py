@@ -36,7 +36,17 @@ from trainer.settings import (
 TASKS = ("mner", "mre")
 PARAMS_GROUP = "finetune"
 SOURCE = "`finetune:` with `finetune: TASK:` over it"
-PATH_FIELDS = ("train", "dev", "test", "rel2id", "images", "init")  # project-relative in params
+PATH_FIELDS = (
+    "train",
+    "dev",
+    "test",
+    "rel2id",
+    "images",
+    "images_train",
+    "images_dev",
+    "images_test",
+    "init",
+)  # fmt: skip  (project-relative in params.yaml)
 
 
 def required(help: str) -> Any:  # noqa: A002
@@ -51,7 +61,17 @@ class FinetuneConfig:
     test: str = required("test file: evaluated once with the best epoch")
     rel2id: str | None = opt(None, "MRE label map JSON", "rel2id.json beside --train")
     none_label: str = opt("None", "MRE: the no-relation label, excluded from P/R/F1")
-    images: str | None = opt(None, "folder of images named by IMGID / img_id ('' = text-only)")
+    images: str | None = opt(
+        None,
+        "folder of images named by IMGID / img_id, or holding train/ val|dev/ test/ subfolders "
+        "('' = text-only)",
+    )
+    images_train: str | None = opt(None, "the train split's image folder", "--images")
+    images_dev: str | None = opt(None, "the dev split's image folder", "--images")
+    images_test: str | None = opt(None, "the test split's image folder", "--images")
+    max_missing_images: float = opt(
+        0.05, "stop when a split misses more than this share of its images (1 = go on)"
+    )
     init: str = opt("tiny", "pretraining checkpoint folder, preset (tiny|base) or HF model folder")
     preset: str = opt("tiny", "vision encoder preset when --init is an HF text model")
     vision_encoder: str | None = opt(None, "local HF folder / hub name for the ViT")
@@ -83,6 +103,14 @@ class FinetuneConfig:
     stop_after_epoch: int | None = opt(None, "stop once this epoch is saved (then --resume)")
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def split_images(self, split: str) -> str | None:
+        """The image folder of a split: its own (--images-SPLIT), else --images."""
+        return getattr(self, f"images_{split}") or self.images
+
+    @property
+    def multimodal(self) -> bool:
+        return any(self.split_images(s) for s in ("train", "dev", "test"))
+
     def output_paths(self) -> dict[str, Path | None]:
         """Where this run writes: out, metrics, report, predictions, plot (None = off)."""
         out = Path(self.out or f"runs/finetune-{self.task}")
@@ -112,7 +140,16 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.task == "mre":
         rel2id = cfg.rel2id or str(Path(cfg.train).with_name("rel2id.json"))
         need(Path(rel2id).is_file(), f"--rel2id {rel2id}: no such file (the MRE label map)")
-    need(not cfg.images or Path(cfg.images).is_dir(), f"--images {cfg.images}: no such folder")
+    for flag in ("images", "images_train", "images_dev", "images_test"):
+        folder = getattr(cfg, flag)
+        need(
+            not folder or Path(folder).is_dir(),
+            f"--{flag.replace('_', '-')} {folder}: no such folder",
+        )
+    need(
+        0 <= cfg.max_missing_images <= 1,
+        f"--max-missing-images {cfg.max_missing_images}: a share in [0, 1]",
+    )
     from pipeline.models import PRESETS  # a plain dict module: no torch import
 
     need(
@@ -184,7 +221,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, list[int]
             f"{', '.join(missing)} required (no params.yaml with `{PARAMS_GROUP}: "
             f"{args.task}:` paths here or above)"
         )
-    for name in ("images", "rel2id", "vision_encoder", "metrics", "predictions", "report"):
+    for name in (
+        "images", "images_train", "images_dev", "images_test", "rel2id", "vision_encoder",
+        "metrics", "predictions", "report",
+    ):  # fmt: skip
         values[name] = values.get(name) or None  # "" (e.g. from params.yaml) means unset
     cfg = FinetuneConfig(**values)
     args.params_file = params

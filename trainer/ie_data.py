@@ -196,15 +196,36 @@ def ner_label_list(sentences: Sequence[NerSentence]) -> list[str]:
 # ----------------------------------------------------------------------------- images
 
 
-def find_image(images_dir: str | os.PathLike | None, img_id: str | None) -> Path | None:
-    """The image file for an IMGID / img_id in `images_dir`, or None when there is none."""
+# A split's own image folder inside --images, as releases lay them out (MNRE: img_org/train,
+# img_org/val, img_org/test); looked in when the image is not at the top level.
+SPLIT_FOLDERS = {"train": ("train",), "dev": ("dev", "val", "valid"), "test": ("test",)}
+
+
+def image_folders(images_dir: str | os.PathLike | None, split: str) -> list[Path]:
+    """Where a split's images may be: the folder itself, then its split subfolder if any."""
+    if images_dir is None:
+        return []
+    base = Path(images_dir)
+    sub = [base / name for name in SPLIT_FOLDERS.get(split, ()) if (base / name).is_dir()]
+    return [base, *sub[:1]]
+
+
+def find_image(
+    images_dir: str | os.PathLike | Sequence[Path] | None, img_id: str | None
+) -> Path | None:
+    """The image file for an IMGID / img_id in `images_dir` (or the first of several folders
+    that has it), or None when there is none."""
     if images_dir is None or not img_id:
         return None
-    base = Path(images_dir)
+    folders = [Path(images_dir)] if isinstance(images_dir, (str, os.PathLike)) else images_dir
     name = Path(img_id).name  # ids are file names; never follow a path out of the folder
-    candidates = [base / name] if Path(name).suffix.lower() in IMAGE_SUFFIXES else []
-    candidates += [base / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES]
-    return next((c for c in candidates if c.is_file()), None)
+    for base in folders:
+        candidates = [base / name] if Path(name).suffix.lower() in IMAGE_SUFFIXES else []
+        candidates += [base / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is not None:
+            return found
+    return None
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -1,11 +1,12 @@
 """Pretraining losses (ITM, CIT, COE, CIR) as pure functions of tensors, plus the two
 distributed helpers that feed them (open_clip keeps its gather beside its loss the same way).
 
-Every loss is a mean over rows (pairs, matched pairs or objects). `total` makes the mean a
-share of a larger one: the sum over this batch's valid rows divided by `total`, the number of
-valid rows in the whole global batch (all ranks, all accumulation micro-batches). The shares of
-every rank and micro-batch then add up to the global mean exactly (`batch_totals`,
-`global_totals`). Without `total` a loss is the plain mean over its own valid rows.
+Every loss is a mean over rows (pairs, matched pairs or objects; `ALIGN_PAIRS`). `total`
+makes the mean a share of a larger one: the sum over this batch's valid rows divided by
+`total`, the number of valid rows in the whole global batch (all ranks, all accumulation
+micro-batches). The shares of every rank and micro-batch then add up to the global mean
+exactly (`batch_totals`, `global_totals`). Without `total` a loss is the plain mean over its
+own valid rows.
 
 Every loss returns a scalar that stays connected to its inputs even when no row is valid (it is
 then 0), so DDP always sees gradients for every head. Nothing here reads a value back to the
@@ -23,6 +24,9 @@ from torch import Tensor
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5  # CIT temperature clamp (ALBEF's range)
 LOSS_NAMES = ("itm", "cit", "coe", "cir")
+# The pairs COE and CIR average over: every pair (eqs. 8 and 10: the whole batch B; the labels
+# depend on the image alone) or the matched ones only (this project's first choice).
+ALIGN_PAIRS = ("all", "matched")
 
 
 def _mean(values: Tensor, valid: Tensor | None = None, total: Tensor | float | None = None):
@@ -175,21 +179,32 @@ def cir_loss(
     return soft_cross_entropy(rel_logits, q_rel, valid, total)
 
 
-def batch_totals(batch: Mapping[str, Tensor]) -> Tensor:
-    """Rows each loss averages over in this batch, [4] in LOSS_NAMES order: every pair (ITM),
-    matched pairs (CIT, CIR), objects of matched pairs (COE)."""
+def aligned_rows(batch: Mapping[str, Tensor], align_pairs: str = "all") -> Tensor:
+    """bool [B]: the pairs COE and CIR average over (ALIGN_PAIRS)."""
+    if align_pairs not in ALIGN_PAIRS:
+        raise ValueError(f"align_pairs must be one of {ALIGN_PAIRS}, got {align_pairs!r}")
     matched = batch["itm"] == 1
-    objects = batch["box_mask"] & matched[:, None]
-    n_matched = matched.sum()
+    return torch.ones_like(matched) if align_pairs == "all" else matched
+
+
+def batch_totals(batch: Mapping[str, Tensor], align_pairs: str = "all") -> Tensor:
+    """Rows each loss averages over in this batch, [4] in LOSS_NAMES order: every pair (ITM),
+    matched pairs (CIT), the aligned pairs' objects (COE) and the aligned pairs (CIR)."""
+    matched = batch["itm"] == 1
+    aligned = aligned_rows(batch, align_pairs)
+    objects = batch["box_mask"] & aligned[:, None]
     return torch.stack(
-        [torch.ones_like(n_matched) * matched.numel(), n_matched, objects.sum(), n_matched]
-    ).float()
+        [torch.ones_like(matched.sum()) * matched.numel(), matched.sum(), objects.sum(),
+         aligned.sum()]
+    ).float()  # fmt: skip
 
 
-def global_totals(batches: Sequence[Mapping[str, Tensor]], world: int = 1) -> dict[str, Tensor]:
+def global_totals(
+    batches: Sequence[Mapping[str, Tensor]], world: int = 1, align_pairs: str = "all"
+) -> dict[str, Tensor]:
     """batch_totals summed over an optimiser step's micro-batches and over the ranks (one
     all_reduce; no host sync)."""
-    totals = torch.stack([batch_totals(b) for b in batches]).sum(0)
+    totals = torch.stack([batch_totals(b, align_pairs) for b in batches]).sum(0)
     if world > 1:
         import torch.distributed as dist
 
@@ -244,6 +259,7 @@ def pretrain_loss(
     hard: bool = False,
     label_mass: str = "spread",
     *,
+    align_pairs: str = "all",
     totals: Mapping[str, Tensor] | None = None,
     pairs: Pairs | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -252,15 +268,17 @@ def pretrain_loss(
     `out` is PretrainModel.forward's output (with boxes given, for COE); `batch` the collated
     batch on the same device; n_entities / n_relations come from the label rows' sizes.
     `label_mass`: how truncated top-k labels become full distributions (dense_soft_labels).
-    `totals` (global_totals): each loss becomes this batch's share of the global-batch mean.
-    `pairs` (gather_pairs): CIT over every rank's pairs; default this batch's own.
-
-    COE and CIR use matched pairs only (a mismatched caption says nothing about the image's
-    objects, and the fused states then mix in the wrong text); ITM uses every pair.
+    `align_pairs`: the pairs COE and CIR average over: `all` (eqs. 8 and 10; the labels are
+    the image's, right for a mismatched caption too) or `matched` only. ITM uses every pair,
+    CIT the matched ones.
+    `totals` (global_totals, with the same `align_pairs`): each loss becomes this batch's share
+    of the global-batch mean. `pairs` (gather_pairs): CIT over every rank's pairs; default this
+    batch's own.
     """
     totals = totals or {}
     parts: dict[str, Tensor] = {}
     matched = batch["itm"] == 1
+    aligned = aligned_rows(batch, align_pairs)
     if lambdas.get("itm", 0) > 0:
         parts["itm"] = itm_loss(out["itm_logits"], batch["itm"], totals.get("itm"))
     if lambdas.get("cit", 0) > 0:
@@ -273,14 +291,14 @@ def pretrain_loss(
         q_ent = dense_soft_labels(batch["ent_idx"], batch["ent_prob"], n_ent, label_mass)
         if hard:
             q_ent = hard_labels(q_ent)
-        valid = batch["box_mask"] & matched[:, None]
+        valid = batch["box_mask"] & aligned[:, None]
         parts["coe"] = coe_loss(out["ent_logits"], q_ent, valid, totals.get("coe"))
     if lambdas.get("cir", 0) > 0:
         n_rel = out["rel_logits"].shape[-1]
         q_rel = dense_soft_labels(batch["rel_idx"], batch["rel_prob"], n_rel, label_mass)
         if hard:
             q_rel = hard_labels(q_rel)
-        parts["cir"] = cir_loss(out["rel_logits"], q_rel, matched, totals.get("cir"))
+        parts["cir"] = cir_loss(out["rel_logits"], q_rel, aligned, totals.get("cir"))
     if not parts:
         raise ValueError("every loss weight is 0: nothing to train")
     total = sum(lambdas[k] * v for k, v in parts.items())

@@ -33,6 +33,7 @@ from trainer.settings import (
 LOSSES = ("itm", "cit", "coe", "cir")  # trainer.losses.LOSS_NAMES (kept light here)
 LABEL_MASS_MODES = ("spread", "renormalise")  # trainer.losses.LABEL_MASS_MODES
 ALIGN_ON = ("fused", "vision")  # trainer.model.ALIGN_ON
+ALIGN_PAIRS = ("all", "matched")  # trainer.losses.ALIGN_PAIRS
 PARAMS_GROUP = "pretrain"
 
 
@@ -62,6 +63,9 @@ class TrainConfig:
     min_cover: float = opt(0.5, "COE: fraction of a patch a box must cover to pool it")
     align_on: str = opt(
         "fused", "COE / CIR read: fused states (paper) | vision (ViT states, before fusion)"
+    )
+    align_pairs: str = opt(
+        "all", "pairs COE / CIR average over: all (eqs. 8, 10) | matched (captions that fit)"
     )
     # optimisation (paper: AdamW, lr 1e-4, weight decay 1e-3)
     steps: int = opt(1000, "optimiser steps")
@@ -138,6 +142,10 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.lr > 0, f"--lr {cfg.lr}: must be > 0")
     need(cfg.lr_vision is None or cfg.lr_vision > 0, f"--lr-vision {cfg.lr_vision}: must be > 0")
     need(cfg.align_on in ALIGN_ON, f"--align-on {cfg.align_on!r}: choose one of {list(ALIGN_ON)}")
+    need(
+        cfg.align_pairs in ALIGN_PAIRS,
+        f"--align-pairs {cfg.align_pairs!r}: choose one of {list(ALIGN_PAIRS)}",
+    )
     need(cfg.weight_decay >= 0, "--weight-decay must be >= 0")
     need(cfg.warmup_steps >= 0, "--warmup-steps must be >= 0")
     need(cfg.grad_clip >= 0, "--grad-clip must be >= 0 (0 = off)")

@@ -278,7 +278,7 @@ def forward_backward(
     Returns (loss, parts): this rank's shares, detached (they add up over ranks).
     """
     cfg, world = run.cfg, run.world
-    totals = losses.global_totals(micro_batches, world)
+    totals = losses.global_totals(micro_batches, world, cfg.align_pairs)
     loss_sum, parts_sum = torch.zeros((), device=run.device), {}
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -303,6 +303,7 @@ def forward_backward(
                 cfg.lambdas,
                 hard=cfg.hard_labels,
                 label_mass=cfg.label_mass,
+                align_pairs=cfg.align_pairs,
                 totals=totals,
                 pairs=pairs,
             )
@@ -431,6 +432,7 @@ def finish(run: Run, step: int, log: TrainLog) -> dict[str, Any]:
         "hard_labels": cfg.hard_labels,
         "label_mass": cfg.label_mass,
         "align_on": cfg.align_on,
+        "align_pairs": cfg.align_pairs,
         "lr_vision": cfg.lr_vision,
         "compile": cfg.compile,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -120,6 +121,40 @@ def make_card(
     return card
 
 
+def _mean(h: Any) -> float | None:
+    return round(h.mean, 4) if h.n else None
+
+
+def _beyond(h: Any) -> float | None:
+    return round(1 - h.mean, 4) if h.n else None
+
+
+def sharpness_rows(stats: LabelStats, manifest: dict[str, Any]) -> list[list[str]]:
+    """Per label kind: mean top-1 mass, mass beyond it, entropy (exact from the manifest, which
+    label-objects computed on the full distributions; else the shards' lower bound)."""
+    exact = manifest.get("label_sharpness") if isinstance(manifest, dict) else None
+    rows = []
+    for kind, top1, entropy, size in (
+        ("q_ent", stats.ent_top1_mass, stats.ent_entropy, stats.n_entities),
+        ("q_rel", stats.rel_top1_mass, stats.rel_entropy, stats.n_relations),
+    ):
+        fig = (exact or {}).get(kind) or {}
+        if fig.get("mean_entropy_nats") is not None:
+            ent = f"{fig['mean_entropy_nats']:.3f}"
+        else:
+            ent = f">= {entropy.mean:.3f}" if entropy.n else "-"
+        rows.append(
+            [
+                kind,
+                f"{top1.mean:.3f}" if top1.n else "-",
+                f"{1 - top1.mean:.3f}" if top1.n else "-",
+                ent,
+                f"{math.log(size):.3f}" if size > 1 else "-",
+            ]
+        )
+    return rows
+
+
 def _summary(
     stats: LabelStats,
     out: Path,
@@ -144,6 +179,10 @@ def _summary(
         "mean_entropy_rel": round(stats.rel_entropy.mean, 4) if stats.rel_entropy.n else None,
         "mean_kept_mass_ent": round(stats.ent_mass.mean, 4) if stats.ent_mass.n else None,
         "mean_kept_mass_rel": round(stats.rel_mass.mean, 4) if stats.rel_mass.n else None,
+        "mean_top1_mass_ent": _mean(stats.ent_top1_mass),
+        "mean_top1_mass_rel": _mean(stats.rel_top1_mass),
+        "mean_mass_beyond_top1_ent": _beyond(stats.ent_top1_mass),
+        "mean_mass_beyond_top1_rel": _beyond(stats.rel_top1_mass),
         "warnings": warnings,
     }
 
@@ -218,6 +257,7 @@ def build_report(
         n_objects=stats.objects,
         n_images=stats.samples,
         manifest_extra=extra,
+        sharpness=sharpness_rows(stats, manifest),
         cards=cards,
     )
     out.parent.mkdir(parents=True, exist_ok=True)

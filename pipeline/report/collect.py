@@ -77,6 +77,8 @@ class LabelStats:
     rel_entropy: Histogram = field(init=False)
     ent_mass: Histogram = field(default_factory=lambda: Histogram(0.0, 1.0))
     rel_mass: Histogram = field(default_factory=lambda: Histogram(0.0, 1.0))
+    ent_top1_mass: Histogram = field(default_factory=lambda: Histogram(0.0, 1.0))
+    rel_top1_mass: Histogram = field(default_factory=lambda: Histogram(0.0, 1.0))
 
     def __post_init__(self) -> None:
         self.ent_entropy = Histogram(0.0, math.log(max(self.n_entities, 2)))
@@ -104,11 +106,13 @@ class LabelStats:
         for o in range(ent_idx.shape[0] if ent_idx.size else 0):
             if ent_idx.shape[1]:
                 self.top1_entity[int(ent_idx[o, 0])] += 1
+                self.ent_top1_mass.add(float(ent_prob[o, 0]))
             self.ent_entropy.add(entropy_lower_bound(ent_prob[o]))
             self.ent_mass.add(float(np.clip(ent_prob[o].astype(np.float64).sum(), 0.0, 1.0)))
         rel_idx, rel_prob = np.ravel(sample["rel_idx"]), np.ravel(sample["rel_prob"])
         if rel_idx.size:
             self.top1_relation[int(rel_idx[0])] += 1
+            self.rel_top1_mass.add(float(rel_prob[0]))
             self.rel_entropy.add(entropy_lower_bound(rel_prob))
             self.rel_mass.add(float(np.clip(rel_prob.astype(np.float64).sum(), 0.0, 1.0)))
 

@@ -173,6 +173,18 @@ def _frequency_table(title: str, counter: Counter, names: Sequence[str] | None, 
     )
 
 
+def _sharpness_table(rows: Sequence[Sequence[str]]) -> str:
+    """How soft the labels are: 1 - top-1 mass is what a hard label would throw away."""
+    head = (
+        "<tr><th>labels</th><th>mean top-1 mass</th><th>mean mass beyond the top-1</th>"
+        "<th>mean entropy (nats)</th><th>uniform entropy (nats)</th></tr>"
+    )
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f'<table class="freq">{head}{body}</table>'
+
+
 def label_name(index: int, names: Sequence[str]) -> str:
     return names[index] if 0 <= index < len(names) else f"[index {index} out of range]"
 
@@ -197,6 +209,7 @@ def render_page(
     n_objects: int,
     n_images: int,
     manifest_extra: dict[str, Any],
+    sharpness: Sequence[Sequence[str]],
     cards: Sequence[CardView],
 ) -> str:
     """The whole page as one string."""
@@ -247,7 +260,9 @@ def render_page(
         f"<h3>Images without detections ({len(no_detection_ids)} listed)</h3><p>{no_det}</p>"
         f"{unreadable_html}"
         "<h3>Label distributions</h3>"
-        f'<img class="plot" src="{histogram_uri}" alt="histograms of label entropy and kept mass">'
+        + _sharpness_table(sharpness)
+        + f'<img class="plot" src="{histogram_uri}" '
+        'alt="histograms of label entropy and kept mass">'
         '<div class="tops">'
         + _frequency_table(
             "Most frequent top-1 entities (per object)", top1_entity, entity_names, n_objects
