@@ -33,4 +33,6 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline trainer tests benchmarks
+	$(VENV)/bin/ruff check pmu pipeline trainer tests benchmarks
+	$(VENV)/bin/ruff format --check pmu pipeline trainer tests benchmarks
+	$(VENV)/bin/lint-imports

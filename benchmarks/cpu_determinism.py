@@ -5,7 +5,7 @@
 
 Each workload runs in a fresh subprocess per mode (torch and MKL read the kernel settings when
 they first compute): `machine` = the kernels this CPU picks (AVX-512 / AVX2 ATen kernels, MKL's
-own dispatch, oneDNN convolutions and GELU), `reproducible` = pipeline.runtime's pinned kernels
+own dispatch, oneDNN convolutions and GELU), `reproducible` = pmu.runtime's pinned kernels
 (ATen `default`, MKL_CBWR=COMPATIBLE, no oneDNN); `aten-default`, `mkl-compatible` and
 `no-onednn` apply one of those pins alone (what each costs), and `aten-avx2` is reproducible mode
 with ATen's AVX2 kernels instead (same bytes on AVX2 CPUs only: the cost of choosing `default`).
@@ -75,7 +75,7 @@ def build(name: str):
 
 
 def child(name: str, repeat: int, threads: int) -> dict:
-    from pipeline import runtime
+    from pmu import runtime
 
     runtime.configure_process()
     import torch

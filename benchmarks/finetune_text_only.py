@@ -23,7 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.finetune import FinetuneConfig, run_seeds  # noqa: E402
+from trainer.finetune_config import FinetuneConfig  # noqa: E402
+from trainer.finetune_loop import run_seeds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = {"mner": ("BERT-CRF", 83.44), "mre": ("MTB", 60.86)}

@@ -113,7 +113,7 @@ def write_images(folder: Path, n: int) -> list[tuple[str, str]]:
 def build_workspace(root: Path, n: int) -> dict[str, Path]:
     """images/ and prepared/pairs.parquet (pipeline.prepare, no generated negatives)."""
     from pipeline.prepare import prepare
-    from pipeline.readers import RawRecord
+    from pipeline.readers.records import RawRecord
 
     records = [
         RawRecord(id=f"bench-{i:07d}", source="bench", image_path=path, caption=caption)
@@ -134,7 +134,7 @@ def build_vocab(ws: dict[str, Path], m: int, l: int, device: str = "cpu") -> dic
     from pipeline.nouns import mine_nouns
     from pipeline.prompts import embed_prompts
     from pipeline.relations import fetch_relations, read_snapshot
-    from pipeline.shards import write_json_atomic
+    from pmu.io import write_json_atomic
 
     vocab = ws["root"] / "vocab"
     ent, rel = vocab / "entities.json", vocab / "relations.json"
@@ -407,7 +407,7 @@ def _best_seconds(fn: Any, dev: Any, warm: int, reps: int, tries: int = 3) -> fl
     """Fastest of `tries` timings of `reps` calls, after `warm` calls (inference, autocast)."""
     import torch
 
-    from pipeline.runtime import autocast
+    from pmu.runtime import autocast
 
     best = float("inf")
     with torch.inference_mode(), autocast(dev):
@@ -431,7 +431,7 @@ def model_limits(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from pipeline.models import load_clip, load_detector
-    from pipeline.runtime import select_device, set_threads
+    from pmu.runtime import select_device, set_threads
 
     dev = select_device(args.device)
     cuda = dev.type == "cuda"
@@ -579,7 +579,7 @@ def naive_label(paths: list[str], vocab: dict[str, Path], args: argparse.Namespa
         read_entity_names,
         read_relation_labels,
     )
-    from pipeline.runtime import set_threads
+    from pmu.runtime import set_threads
 
     detect_params, label_params = bench_params(args)
     detector = load_detector(BENCH_PRESET)
@@ -650,7 +650,7 @@ def compare_with_shards(rel_top: dict, shard_dir: Path, pairs: dict) -> float:
     """Largest |q_rel| difference between the naive loop and the shards (same image, same CLIP)."""
     import numpy as np
 
-    from pipeline import shards
+    from pmu import shards
 
     by_id = {}
     for tar in shards.shard_paths(shard_dir):
@@ -696,7 +696,7 @@ def matmul_peak(n: int = 2048, seconds: float = 3.0) -> float:
     """Best fp32 matmul rate (FLOP/s) over repeated n x n products, with the stages' threads."""
     import torch
 
-    from pipeline.runtime import set_threads
+    from pmu.runtime import set_threads
 
     set_threads()
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -855,7 +855,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from pipeline.runtime import set_threads
+    from pmu.runtime import set_threads
 
     threads = set_threads()
     tmp = None
@@ -936,7 +936,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def cpu_figures(ws, vocab, args, detect, label, root) -> dict[str, Any]:
     """The first release's CPU ratios: naive loop, FLOP rate, RSS 1x / Fx."""
     from pipeline.labeling_data import read_pairs
-    from pipeline.runtime import set_threads
+    from pmu.runtime import set_threads
 
     pairs = read_pairs(ws["pairs"])
     naive = naive_label(pairs["image_path"][: args.naive_images], vocab, args)

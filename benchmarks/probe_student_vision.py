@@ -26,7 +26,7 @@ def features(model, vit, paths: list[Path], size: int):
     import numpy as np
     import torch
 
-    from trainer.finetune import load_pixels
+    from trainer.finetune_data import load_pixels
 
     out = []
     with torch.no_grad():

@@ -213,7 +213,7 @@ class Run:
 
     def step(self, name: str, fn, *args, **kwargs) -> Any:
         """Run fn once: its result is cached in steps/<name>.json (JSON-able results)."""
-        from pipeline.shards import write_json_atomic
+        from pmu.io import write_json_atomic
 
         done = self.path("steps", f"{name}.json")
         if done.exists():
@@ -466,7 +466,7 @@ def pretrain_dir(run: Run, variant: str, student: Student) -> str:
 
 
 def pretrain(run: Run, variant: str, s: Scale, student: Student, seed: int) -> str:
-    from trainer.run import TrainConfig, train
+    from trainer.pretrain import TrainConfig, train
 
     spec = VARIANTS[variant]
     label, overrides = spec.labels, {**dict(spec.overrides), **ALIGN_OVERRIDES[student.align_on]}
@@ -523,7 +523,8 @@ def finetune_row(
     init: str,
 ) -> dict:
     """One fine-tuning run; its test F1 overall and on the image-dependent items."""
-    from trainer.finetune import FinetuneConfig, run_finetune
+    from trainer.finetune_config import FinetuneConfig
+    from trainer.finetune_loop import run_finetune
     from trainer.subset_metrics import ner_subset_scores, re_subset_scores
 
     variant, images = ROWS[row]
@@ -705,7 +706,7 @@ def teacher_table(teachers: dict[str, dict], steps: dict[str, int]) -> str:
 
 
 def _cell(runs: list[dict], key: str) -> str:
-    from trainer.finetune import mean_std
+    from trainer.finetune_loop import mean_std
 
     if not runs:
         return "–"
@@ -736,7 +737,7 @@ def ablation_table(results: dict[str, dict[str, list[dict]]], dev: bool = False)
 def dev_choice(results: dict[str, dict[str, list[dict]]], prefix: str) -> str | None:
     """Of the soft rows of one teacher (tau 1 and the `tau` rows), the one with the best mean
     dev F1 over MNER and MRE and the seeds: the label temperature chosen without test."""
-    from trainer.finetune import mean_std
+    from trainer.finetune_loop import mean_std
 
     names = [
         row for row in results
@@ -755,7 +756,7 @@ def per_class_gains(
     results: dict[str, dict[str, list[dict]]], base: str, other: str, task: str
 ) -> dict[str, float]:
     """Mean test F1 gain per entity type (MNER) or relation (MRE) of `other` over `base`."""
-    from trainer.finetune import mean_std
+    from trainer.finetune_loop import mean_std
 
     def means(row: str) -> dict[str, float]:
         runs = results[row].get(task, [])
@@ -919,7 +920,7 @@ def main() -> int:
     )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.runtime import set_threads, usable_cores
+    from pmu.runtime import set_threads, usable_cores
 
     if args.jobs < 1:
         p.error("--jobs must be at least 1")

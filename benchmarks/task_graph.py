@@ -48,7 +48,7 @@ def _init_worker(next_slot: Any, threads: int) -> None:
 def _call(
     fn: Callable[..., Any], args: tuple, threads: int, start_method: str | None = None
 ) -> Any:
-    from pipeline.runtime import set_threads
+    from pmu.runtime import set_threads
 
     if start_method:  # a spawned worker: its DataLoaders start workers as the parent's would
         multiprocessing.set_start_method(start_method, force=True)

@@ -40,8 +40,8 @@ def main() -> int:
     args = p.parse_args()
 
     from pipeline.prompts import named_templates
-    from pipeline.runtime import set_threads
     from pipeline.teacher import TeacherParams, adapt_teacher, score_teacher
+    from pmu.runtime import set_threads
 
     set_threads(args.threads)
     s = SCALES[args.scale]

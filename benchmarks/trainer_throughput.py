@@ -4,7 +4,7 @@
     python benchmarks/trainer_throughput.py --device cuda --arch both --batch-size 128 \\
         --workers 15 --compile both --json trainer_gpu.json    # the GPU check, one command
 
-Everything is the trainer's own code: `trainer.run.setup` builds the model, optimizer and data
+Everything is the trainer's own code: `trainer.pretrain.setup` builds the model, optimizer and data
 config from a TrainConfig (base = bert-base-uncased + ViT-B/16 shapes with random weights, no
 download) over synthetic contract-true shards (JPEGs of --image-wh); the step is
 `forward_backward` + `optimizer_step` (bf16 autocast on CUDA, fp32 on CPU). FLOPs are counted
@@ -32,10 +32,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from pipeline import runtime
 from pipeline.synthetic import write_synthetic_shards
-from trainer import data, run
-from trainer.pretrain_cli import TrainConfig
+from pmu import runtime
+from trainer import data, pretrain
+from trainer.pretrain_config import TrainConfig
 
 LOADER_TARGET = 2.0  # loader samples/s over step samples/s
 
@@ -84,7 +84,7 @@ def matmul_rate(device: torch.device, seconds: float = 2.0) -> tuple[float, str]
     return 2 * n**3 * reps / (time.perf_counter() - start), str(dtype).replace("torch.", "")
 
 
-def loader_rate(r: run.Run, batches: int) -> float:
+def loader_rate(r: pretrain.Run, batches: int) -> float:
     """Samples/s of the trainer's DataLoader, batches copied to the device as in training."""
     pin = r.device.type == "cuda"
     it = iter(data.make_loader(r.data_cfg, r.tokenizer, pin_memory=pin))
@@ -98,7 +98,7 @@ def loader_rate(r: run.Run, batches: int) -> float:
     return batches * r.cfg.batch_size / (time.perf_counter() - start)
 
 
-def host_syncs(r: run.Run, micro: list) -> int | None:
+def host_syncs(r: pretrain.Run, micro: list) -> int | None:
     """Device-to-host syncs in one step (CUDA's sync debug mode; None on CPU)."""
     if r.device.type != "cuda":
         return None
@@ -108,32 +108,32 @@ def host_syncs(r: run.Run, micro: list) -> int | None:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            run.forward_backward(r, micro)
-            run.optimizer_step(r)
+            pretrain.forward_backward(r, micro)
+            pretrain.optimizer_step(r)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def step_figures(r: run.Run, steps: int) -> dict[str, float]:
+def step_figures(r: pretrain.Run, steps: int) -> dict[str, float]:
     """FLOPs of one step (counted), then samples/s over `steps` timed steps."""
     in_process = dataclasses.replace(r.data_cfg, num_workers=0)  # no workers left running
     batch = next(iter(data.make_loader(in_process, r.tokenizer)))
     batch.pop("bad")
     micro = [data.to_device(batch, r.device) for _ in range(r.cfg.accum)]
     for _ in range(2):  # warm-up: allocations, autotuning, torch.compile
-        run.forward_backward(r, micro)
-        run.optimizer_step(r)
+        pretrain.forward_backward(r, micro)
+        pretrain.optimizer_step(r)
     syncs = host_syncs(r, micro)
     with flop_counter() as counter:  # eager: compiled kernels would bypass the counter
-        run.forward_backward(dataclasses.replace(r, model=r.core), micro)
+        pretrain.forward_backward(dataclasses.replace(r, model=r.core), micro)
     flops = counter.get_total_flops()
-    run.optimizer_step(r)
+    pretrain.optimizer_step(r)
     sync(r.device)
     start = time.perf_counter()
     for _ in range(steps):
-        run.forward_backward(r, micro)
-        run.optimizer_step(r)
+        pretrain.forward_backward(r, micro)
+        pretrain.optimizer_step(r)
     sync(r.device)
     elapsed = time.perf_counter() - start
     samples = r.cfg.batch_size * r.cfg.accum
@@ -202,7 +202,7 @@ def main() -> None:
                 compile=compiled,
                 threads=threads,
             )
-            r = run.setup(cfg)
+            r = pretrain.setup(cfg)
             n_params = sum(q.numel() for q in r.core.parameters())
             steps = args.steps or (3 if arch == "base" and device.type == "cpu" else 20)
             # the machine's matmul rate just before and after the timed steps (the higher one:

@@ -1,10 +1,10 @@
 """Prompt Me Up labeling pipeline: image-caption pairs -> soft-labelled WebDataset shards.
 
 Importing the package is light: the Typer app (`pipeline.app`, for `typer pipeline run ...`)
-is loaded on first access, so `import trainer` or `import pipeline.shards` pulls in no CLI.
+is loaded on first access, so `import trainer` or `import pipeline.label` pulls in no CLI.
 """
 
-__version__ = "0.1.0"
+from pmu import __version__
 
 __all__ = ["app", "__version__"]
 

@@ -1,8 +1,8 @@
-"""Up-front input checks of the CLI commands: each raises a `UserError` saying what to do.
+"""Up-front input checks of the CLI commands: each raises a `InputError` saying what to do.
 
 A command calls these before it loads a model or creates an output, so a missing file, an empty
 input, stale prompts or a bad parameter stops it at once with one or two readable lines (see
-`pipeline.errors`). Only light imports here (pyarrow, json); torch only for CUDA device names.
+`pmu.errors`). Only light imports here (pyarrow, json); torch only for CUDA device names.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError, require_dir, require_file
+from pmu.errors import InputError, require_dir, require_file
 
 RUN_PREPARE = "run `pipeline prepare` first (or pass --pairs PATH)"
 
@@ -26,14 +26,14 @@ def pairs_table(path: str | os.PathLike, columns: tuple[str, ...] = ("id",)) -> 
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 (pyarrow raises several types for a bad file)
-        raise UserError(f"{path} is not a readable parquet file ({exc})", RUN_PREPARE) from exc
+        raise InputError(f"{path} is not a readable parquet file ({exc})", RUN_PREPARE) from exc
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
-        raise UserError(f"{path} lacks the columns {missing}", "re-run `pipeline prepare`")
+        raise InputError(f"{path} lacks the columns {missing}", "re-run `pipeline prepare`")
     n = pf.metadata.num_rows
     if n == 0:
         rejected = path.parent / "rejected.jsonl"
-        raise UserError(
+        raise InputError(
             f"{path} holds no pairs: prepare accepted none of its input",
             f"see why in {rejected}, fix the input and re-run `pipeline prepare`",
         )
@@ -44,7 +44,7 @@ def _json(path: Path, hint: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({exc})", hint) from exc
+        raise InputError(f"{path} is not readable JSON ({exc})", hint) from exc
 
 
 VOCAB_HINTS = {
@@ -60,20 +60,20 @@ def vocabulary(path: str | os.PathLike, kind: str) -> int:
     doc = _json(path, hint)
     items = doc.get(kind) if isinstance(doc, dict) else None
     if not isinstance(items, list):
-        raise UserError(f"{path} has no {kind!r} list", hint)
+        raise InputError(f"{path} has no {kind!r} list", hint)
     if not items:
         why = ""
         if kind == "entities" and isinstance(doc.get("n_captions"), int):
             why = f" (mine-nouns found no nouns in {doc['n_captions']} captions)"
-        raise UserError(f"empty vocabulary: {path} lists no {kind}{why}", hint)
+        raise InputError(f"empty vocabulary: {path} lists no {kind}{why}", hint)
     return len(items)
 
 
 def preset(name: str) -> None:
-    from pipeline.models import PRESETS
+    from pmu.presets import PRESETS
 
     if name not in PRESETS:
-        raise UserError(
+        raise InputError(
             f"unknown preset {name!r}", f"use --preset with one of: {', '.join(sorted(PRESETS))}"
         )
 
@@ -94,13 +94,13 @@ def device(name: str) -> None:
         dev = torch.device(name)
     except (RuntimeError, ValueError) as exc:
         hint = "use auto, cpu, cuda or cuda:N"
-        raise UserError(f"--device {name!r} is not a device", hint) from exc
+        raise InputError(f"--device {name!r} is not a device", hint) from exc
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise UserError(f"--device {name}: no CUDA GPU is available here", "use --device cpu")
+            raise InputError(f"--device {name}: no CUDA GPU is available here", "use --device cpu")
         if dev.index is not None and dev.index >= count:
-            raise UserError(f"--device {name}: only {count} CUDA GPU(s) here", "use cuda:0 ...")
+            raise InputError(f"--device {name}: only {count} CUDA GPU(s) here", "use cuda:0 ...")
 
 
 def prompts_current(
@@ -121,12 +121,12 @@ def prompts_current(
     try:
         meta = load_prompt_metadata(path)
     except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
-        raise UserError(f"{path} is not a readable safetensors file ({exc})", hint) from exc
+        raise InputError(f"{path} is not a readable safetensors file ({exc})", hint) from exc
     try:
         _check_prompts(meta, clip_identity(preset_name, clip_path), entities_path, relations_path)
     except ValueError as exc:
         message, _, fix = str(exc).partition(": re-run ")
-        raise UserError(f"stale prompts: {message}", f"re-run {fix}" if fix else hint) from exc
+        raise InputError(f"stale prompts: {message}", f"re-run {fix}" if fix else hint) from exc
 
 
 def _ids(path: Path):
@@ -153,7 +153,7 @@ def boxes_cover_pairs(boxes_path: str | os.PathLike, pairs_path: str | os.PathLi
             return
         box_ids = set(_ids(boxes_path))
     except Exception as exc:  # noqa: BLE001 (pyarrow raises several types for a bad file)
-        raise UserError(f"{boxes_path} is not a readable boxes.parquet ({exc})", hint) from exc
+        raise InputError(f"{boxes_path} is not a readable boxes.parquet ({exc})", hint) from exc
     n_pairs, missing, first = 0, 0, None
     for pair_id in _ids(Path(pairs_path)):
         n_pairs += 1
@@ -161,7 +161,7 @@ def boxes_cover_pairs(boxes_path: str | os.PathLike, pairs_path: str | os.PathLi
             missing += 1
             first = pair_id if first is None else first
     if missing:
-        raise UserError(
+        raise InputError(
             f"{boxes_path} lacks {missing} of the {n_pairs} prepared pairs "
             f"(e.g. {first!r}): it was made from other pairs",
             hint,
@@ -170,22 +170,22 @@ def boxes_cover_pairs(boxes_path: str | os.PathLike, pairs_path: str | os.PathLi
 
 def shard_folder(path: str | os.PathLike) -> Path:
     """A folder that holds shards (or at least their sizes.json) from label-objects."""
-    from pipeline import shards
+    from pmu import shards
 
     hint = "run `pipeline label-objects` first, or pass the folder it wrote (--out)"
     root = require_dir(path, "shard folder", hint)
     if not shards.shard_paths(root) and not (root / shards.SIZES_FILE).exists():
-        raise UserError(f"no shards in {root} (no shard-*.tar, no sizes.json)", hint)
+        raise InputError(f"no shards in {root} (no shard-*.tar, no sizes.json)", hint)
     return root
 
 
 def readable_shard_folder(path: str | os.PathLike) -> Path:
     """For reading the shards (inspect): the vocabularies must be there as well."""
-    from pipeline import shards
+    from pmu import shards
 
     root = shard_folder(path)
     if not shards.shard_paths(root):
-        raise UserError(
+        raise InputError(
             f"no shard-*.tar in {root} (sizes.json lists {len(_sizes(root))})",
             "re-run `pipeline label-objects`; `pipeline verify` lists what is missing",
         )

@@ -1,6 +1,6 @@
 """Typer app: one thin command per stage. Heavy imports stay inside the commands.
 
-Expected failures raise `pipeline.errors.UserError` (from the up-front checks in
+Expected failures raise `pmu.errors.InputError` (from the up-front checks in
 `pipeline.checks` or from a stage); `PipelineGroup` prints them in one or two lines and exits 2.
 `pipeline --debug` shows their traceback instead; other exceptions are bugs and always do.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
-from pipeline.errors import UserError
+from pmu.errors import InputError
 
 # `pipeline --help` lists the commands in the order they run; commands not named here follow
 # in definition order.
@@ -55,7 +55,7 @@ class PipelineGroup(TyperGroup):
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except UserError as exc:
+        except InputError as exc:
             if ctx.params.get("debug"):
                 raise
             typer.echo(exc.render(), err=True)
@@ -88,7 +88,7 @@ def main(
 
     Every stage is also a DVC stage (see dvc.yaml); run them in the order listed.
     """
-    from pipeline.runtime import configure_process
+    from pmu.runtime import configure_process
 
     configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
 
@@ -96,7 +96,7 @@ def main(
 @app.command("presets")
 def presets_cmd() -> None:
     """List the model presets and what each component loads."""
-    from pipeline.models import PRESETS
+    from pmu.presets import PRESETS
 
     for preset in PRESETS.values():
         typer.echo(f"{preset.name}: {preset.to_dict()}")
@@ -138,14 +138,14 @@ def _parse_params(spec: str | None) -> dict | None:
         return None
     import yaml
 
-    from pipeline.errors import require_file
+    from pmu.errors import require_file
 
     path = require_file(spec, "--stage-params file", "pass params.yaml, or leave it out")
     try:
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not readable YAML ({exc})", "fix the file") from exc
+        raise InputError(f"{path} is not readable YAML ({exc})", "fix the file") from exc
 
 
 ENGINE_OPTION = typer.Option("local", help="local (this process) | ray (Ray Data actor pool).")
@@ -199,7 +199,7 @@ def train_detector_cmd(
     try:
         s = train_detector(data, out, preset, detector or None, params, device, resume)
     except (OSError, ValueError) as exc:
-        raise UserError(str(exc)) from exc
+        raise InputError(str(exc)) from exc
     typer.echo(format_summary(s))
 
 
@@ -369,7 +369,7 @@ def adapt_teacher_cmd(
             relations_path=relations or None,
         )
     except (OSError, ValueError) as exc:
-        raise UserError(str(exc)) from exc
+        raise InputError(str(exc)) from exc
     first, last, held = s["loss_first"], s["loss_last"], s["held_out"]
     typer.echo(
         f"adapt-teacher: {s['steps']} steps in {s['seconds']} s -> {s['out']} (+ .json, .png)\n"
@@ -422,7 +422,7 @@ def embed_prompts_cmd(
     for field, templates in (("entity", entity_template), ("relation", relation_template)):
         for template in templates:
             if "{" + field + "}" not in template:
-                raise UserError(
+                raise InputError(
                     f"--{field}-template {template!r} has no {{{field}}} placeholder",
                     f"write the {field} as {{{field}}}, e.g. 'This is an image of {{{field}}}.'",
                 )
@@ -557,7 +557,7 @@ def label_objects_cmd(
     )
     c, t = s["counts"], s["timing"]
     if metrics:
-        from pipeline.shards import write_json_atomic
+        from pmu.io import write_json_atomic
 
         Path(metrics).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
@@ -601,12 +601,12 @@ def score_labels_cmd(
 ) -> None:
     """Score labels against ground truth: detector recall, q_ent top-1/top-5, q_rel top-1."""
     from pipeline.score import format_scores, score_labels
-    from pipeline.shards import write_json_atomic
+    from pmu.io import write_json_atomic
 
     try:
         scores = score_labels(shard_dir, pairs, truth, iou)
     except (OSError, ValueError) as exc:
-        raise UserError(str(exc)) from exc
+        raise InputError(str(exc)) from exc
     typer.echo(format_scores(scores))
     if out:
         from pathlib import Path
@@ -833,7 +833,7 @@ def fetch_relations_cmd(
             from_file=from_file or None,
         )
     except (OSError, ValueError) as exc:
-        raise UserError(str(exc)) from exc
+        raise InputError(str(exc)) from exc
     where = doc.get("endpoint", doc.get("snapshot", doc.get("file")))
     cached = " (cached)" if doc.get("cached") else ""
     cov = doc["mnre_coverage"]

@@ -56,7 +56,7 @@ class ImageDetector:
         threads: int | None = None,
     ) -> None:
         from pipeline.models import load_detector
-        from pipeline.runtime import auto_workers, select_device, set_threads
+        from pmu.runtime import auto_workers, select_device, set_threads
 
         params.check()
         self.params = params
@@ -94,7 +94,7 @@ class ImageDetector:
         import torch
 
         from pipeline import yolo_batch
-        from pipeline.runtime import autocast
+        from pmu.runtime import autocast
 
         p = self.params
         loader = torch.utils.data.DataLoader(

@@ -116,8 +116,8 @@ def train_detector(
 ) -> dict[str, Any]:
     """Train, copy the best weights to `out_path`, write `{out}.json` (mAP50, recall, ...)."""
     from pipeline.models import detector_identity, load_detector
-    from pipeline.runtime import select_device, set_threads
-    from pipeline.shards import write_json_atomic
+    from pmu.io import write_json_atomic
+    from pmu.runtime import select_device, set_threads
 
     data_yaml = Path(data_yaml).resolve()
     if not data_yaml.is_file():

@@ -53,7 +53,7 @@ def _tar_index(tar_path: str, mtime_ns: int, size: int) -> dict[str, tuple[int, 
 
     One scan per tar (cached on path, mtime and size) so reading N members costs O(N), not O(N^2).
     """
-    from pipeline.shards import unsafe_member_reason
+    from pmu.shards import unsafe_member_reason
 
     index: dict[str, tuple[int, int] | str] = {}
     with tarfile.open(tar_path, "r:") as tar:

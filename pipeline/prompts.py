@@ -69,7 +69,7 @@ def encode_prompts(
     import torch
     import torch.nn.functional as F
 
-    from pipeline.runtime import autocast
+    from pmu.runtime import autocast
 
     texts = fill_templates(names, templates, field)
     chunks = []
@@ -96,8 +96,8 @@ def embed_prompts(
 ) -> dict[str, Any]:
     """Write prompts.safetensors: `entity` [M, D] and `relation` [L, D] plus provenance metadata."""
     from pipeline.models import clip_identity, load_clip
-    from pipeline.runtime import select_device, set_threads
-    from pipeline.shards import file_sha256
+    from pmu.io import file_sha256, safetensors_bytes, write_bytes_atomic
+    from pmu.runtime import select_device, set_threads
 
     set_threads()
     entities = read_entity_names(entities_path)
@@ -131,10 +131,7 @@ def embed_prompts(
         "relations_sha256": file_sha256(relations_path),
     }
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(safetensors_bytes(tensors, metadata))
-    os.replace(tmp, out_path)
+    write_bytes_atomic(out_path, safetensors_bytes(tensors, metadata))
     return {
         "entities": len(entities),
         "relations": len(relations),
@@ -144,18 +141,6 @@ def embed_prompts(
         "seconds": round(time.perf_counter() - t0, 2),
         "out": str(out_path),
     }
-
-
-def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
-    """safetensors serialisation with a key-sorted header (the library's header order varies)."""
-    from safetensors.torch import save
-
-    raw = save(tensors, metadata=metadata)
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
-    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
 
 
 def load_prompts(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:

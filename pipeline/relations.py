@@ -336,7 +336,7 @@ def fetch_relations(
 
     Wikidata properties are ranked by `order` (relevance tiers, or numeric pid); a relation
     file (`from_file`) is kept in its own order. The first `l` are kept."""
-    from pipeline.shards import file_sha256, write_json_atomic
+    from pmu.io import file_sha256, write_json_atomic
 
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")

@@ -11,12 +11,13 @@ Each image is scored once (mismatched pairs repeat an image with another caption
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pmu.truth import truth_by_image
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -47,24 +48,6 @@ def match_boxes(
             used_t.add(j)
             pairs.append((i, j))
     return sorted(pairs)
-
-
-def read_truth(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Resolved image path -> truth row (`image` is relative to the truth file's folder)."""
-    path = Path(path)
-    rows = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            for key in ("image", "boxes", "classes"):
-                if key not in row:
-                    raise ValueError(f"{path}:{n}: truth row without {key!r}")
-            if len(row["boxes"]) != len(row["classes"]):
-                raise ValueError(f"{path}:{n}: {len(row['boxes'])} boxes but classes differ")
-            rows[os.path.realpath(path.parent / row["image"])] = row
-    return rows
 
 
 class Tally:
@@ -135,7 +118,7 @@ def score_labels(
     """Score the labels of a shard folder against truth.jsonl (joined through pairs.parquet)."""
     import pyarrow.parquet as pq
 
-    from pipeline import shards
+    from pmu import shards
 
     shard_dir = Path(shard_dir)
     if not shards.shard_paths(shard_dir):
@@ -144,7 +127,7 @@ def score_labels(
     table = pq.read_table(pairs_path, columns=["id", "image_path"])
     ids, paths = table.column("id").to_pylist(), table.column("image_path").to_pylist()
     image_of = dict(zip(ids, paths, strict=True))
-    truth = read_truth(truth_path)
+    truth = truth_by_image(truth_path)
     tally = Tally()
     seen: set[str] = set()
     missing_truth = 0

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import shards
+from pmu import shards
+from pmu.io import write_json_atomic
 
 
 def _jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
@@ -82,15 +83,15 @@ def write_synthetic_shards(
     for s, start in enumerate(range(0, n_samples, samples_per_shard)):
         name = shards.SHARD_PATTERN.format(s)
         sizes[name] = shards.write_shard(out / name, samples[start : start + samples_per_shard])
-    shards.write_json_atomic(out / shards.SIZES_FILE, sizes)
-    shards.write_json_atomic(
+    write_json_atomic(out / shards.SIZES_FILE, sizes)
+    write_json_atomic(
         out / shards.ENTITIES_FILE,
         {
             "source": "synthetic",
             "entities": [{"name": f"entity{i}", "count": 1} for i in range(n_entities)],
         },
     )
-    shards.write_json_atomic(
+    write_json_atomic(
         out / shards.RELATIONS_FILE,
         {
             "source": "synthetic",
@@ -99,7 +100,7 @@ def write_synthetic_shards(
             ],
         },
     )
-    shards.write_json_atomic(
+    write_json_atomic(
         out / shards.MANIFEST_FILE,
         {
             "contract_version": shards.CONTRACT_VERSION,

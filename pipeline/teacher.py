@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from pmu.truth import read_truth
+
 TEMPLATE_LOSSES = ("each", "ensemble")
 
 
@@ -102,24 +104,6 @@ class TeacherData:
     boxes: dict[str, list[list[float]]] = field(default_factory=dict)  # annotated image -> boxes
 
 
-def read_annotations(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """truth.jsonl rows (image relative to the file's folder, boxes, classes, relation)."""
-    path = Path(path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "image" not in row or len(row.get("boxes", [])) != len(row.get("classes", [])):
-                raise ValueError(f"{path}:{n}: needs image, and as many boxes as classes")
-            row["image"] = str(path.parent / row["image"])
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no annotations")
-    return rows
-
-
 def collect_data(
     pairs_path: str | os.PathLike | None,
     annotations_path: str | os.PathLike | None,
@@ -139,7 +123,7 @@ def collect_data(
     held_images: set[str] = set()  # realpaths: a held-out image trains no objective
     annotated_captions: list[tuple[str, str]] = []
     if annotations_path:
-        rows = read_annotations(annotations_path)
+        rows = read_truth(annotations_path)
         data.classes = sorted({c for r in rows for c in r["classes"]})
         data.relation_labels = sorted({r["relation"] for r in rows if r.get("relation")})
         cls = {c: i for i, c in enumerate(data.classes)}
@@ -587,51 +571,11 @@ def score_teacher(
 def _fingerprint(p: TeacherParams, inputs: dict[str, Any], start: dict) -> str:
     import hashlib
 
-    from pipeline.shards import file_sha256
+    from pmu.io import file_sha256
 
     files = {k: file_sha256(v) if v else None for k, v in inputs.items()}
     blob = json.dumps([asdict(p), files, start], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _save_state(state_dir: Path, model: Any, optimizer: Any, scheduler: Any, info: dict) -> None:
-    """model + optimizer (safetensors) + JSON, assembled in a temp folder and renamed."""
-    from safetensors.torch import save_file
-
-    from trainer.checkpoint import optimizer_to_flat
-
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-        str(tmp / "model.safetensors"),
-    )
-    tensors, meta = optimizer_to_flat(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {**info, "optimizer": meta, "scheduler": scheduler.state_dict()}
-    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-    old = state_dir.with_name(state_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if state_dir.exists():
-        os.replace(state_dir, old)
-    os.replace(tmp, state_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_state(state_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
-    from safetensors.torch import load_file
-
-    from trainer.checkpoint import optimizer_from_flat
-
-    state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
-    model.load_state_dict(load_file(str(state_dir / "model.safetensors")), strict=True)
-    opt = optimizer_from_flat(
-        load_file(str(state_dir / "optimizer.safetensors")), state["optimizer"]
-    )
-    optimizer.load_state_dict(opt)
-    scheduler.load_state_dict(state["scheduler"])
-    return state
 
 
 def plot_losses(history: list[dict[str, float]], path: str | os.PathLike) -> None:
@@ -685,8 +629,10 @@ def adapt_teacher(
 
     from pipeline.models import clip_identity
     from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES
-    from pipeline.runtime import set_threads
-    from pipeline.shards import write_json_atomic
+    from pmu.io import write_json_atomic
+    from pmu.optim import build_optimizer, build_scheduler
+    from pmu.runtime import set_threads
+    from pmu.train_state import load_training_state, save_training_state
 
     params.check()
     if not pairs_path and not annotations_path:
@@ -719,26 +665,10 @@ def adapt_teacher(
     model = teacher.model.train()
     trainable = torch.nn.ModuleDict({"clip": model, "probes": teacher.probes})  # resume state
     images = ImageSource(teacher.preprocess, params.resize_mode)
-    named = [*model.named_parameters(), *teacher.probes.named_parameters(prefix="probe")]
-    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": params.weight_decay},
-            {"params": rest, "weight_decay": 0.0},
-        ],
-        lr=params.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
+    optimizer = build_optimizer(
+        [(trainable, params.lr)], params.weight_decay, betas=(0.9, 0.98), eps=1e-6
     )
-
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine to 0
-        if step < params.warmup_steps:
-            return (step + 1) / params.warmup_steps
-        t = (step - params.warmup_steps) / max(1, params.steps - params.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = build_scheduler(optimizer, params.warmup_steps, params.steps, decay="cosine")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     state_dir = out.with_name(out.stem + ".state")
@@ -748,7 +678,7 @@ def adapt_teacher(
     )
     step, history, window = 0, [], []
     if resume and (state_dir / "state.json").is_file():
-        state = _load_state(state_dir, trainable, optimizer, scheduler)
+        state = load_training_state(state_dir, trainable, optimizer, scheduler)
         if state["fingerprint"] != fingerprint:
             raise ValueError(
                 f"--resume refused: {state_dir} was made from other inputs or parameters "
@@ -776,7 +706,7 @@ def adapt_teacher(
         bar.update(1)
         if step % ckpt_every == 0 or step == params.steps:
             info = {"step": step, "history": history, "fingerprint": fingerprint}
-            _save_state(state_dir, trainable, optimizer, scheduler, info)
+            save_training_state(state_dir, trainable, optimizer, scheduler, info)
             if stop_after_steps is not None and step >= stop_after_steps < params.steps:
                 bar.close()
                 return {"interrupted_after_step": step, "state": str(state_dir)}

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shards
+from pmu import shards
+from pmu.io import file_sha256
 
 TOLERANCE = 1e-4  # float32 sums of up to thousands of probabilities
 
@@ -140,7 +141,7 @@ def _check_file_hashes(
         elif entry.get("bytes") is not None and path.stat().st_size != entry["bytes"]:
             size = path.stat().st_size
             report.add(name, f"{size} bytes but manifest.json records {entry['bytes']}")
-        elif shards.file_sha256(path) != entry.get("sha256"):
+        elif file_sha256(path) != entry.get("sha256"):
             report.add(name, "content changed after labeling: sha256 differs from manifest.json")
 
 
@@ -154,7 +155,7 @@ def _check_manifest_vocab(root: Path, manifest: Any, report: VerifyReport) -> No
         )
     for entry in (manifest.get("vocab") or {}).values():
         path = root / str(entry.get("file", ""))
-        if path.is_file() and entry.get("sha256") and shards.file_sha256(path) != entry["sha256"]:
+        if path.is_file() and entry.get("sha256") and file_sha256(path) != entry["sha256"]:
             report.add(path.name, "sha256 differs from manifest.json")
 
 

@@ -13,7 +13,7 @@ os.environ.setdefault("PMU_THREADS", str(len(os.sched_getaffinity(0))))
 
 import pytest  # noqa: E402
 
-from pipeline.runtime import configure_process  # noqa: E402
+from pmu.runtime import configure_process  # noqa: E402
 
 configure_process()  # before any test imports torch
 

@@ -27,15 +27,16 @@ def tracked(path: str) -> bool:
 
 
 def main(inputs: Path, out: Path) -> dict:
-    from pipeline import runtime
+    from pmu import runtime
 
     runtime.configure_process()
 
     from pipeline.detect import DetectParams, detect_objects
     from pipeline.label import LabelParams, label_objects
     from pipeline.prompts import embed_prompts
-    from trainer import run
-    from trainer.finetune import FinetuneConfig, run_finetune
+    from trainer import pretrain
+    from trainer.finetune_config import FinetuneConfig
+    from trainer.finetune_loop import run_finetune
 
     vocab = {k: inputs / "vocab" / f"{k}.json" for k in ("entities", "relations")}
     pairs = inputs / "prepared" / "pairs.parquet"
@@ -46,8 +47,8 @@ def main(inputs: Path, out: Path) -> dict:
     label = LabelParams(samples_per_shard=4, image_batch_size=4, crop_batch_size=8, num_workers=0)
     label_objects(pairs, boxes, prompts, vocab["entities"], vocab["relations"], shards,
                   params=label, device="cpu", progress=False)  # fmt: skip
-    run.train(
-        run.TrainConfig(
+    pretrain.train(
+        pretrain.TrainConfig(
             shards=str(shards),
             preset="tiny",
             out=str(out / "pretrain"),

@@ -14,8 +14,8 @@ from labeling_inputs import write_labeling_inputs
 from typer.testing import CliRunner
 
 from pipeline.cli import COMMAND_ORDER, app
-from pipeline.errors import UserError
 from pipeline.pairs import write_pairs_parquet
+from pmu.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,8 +183,8 @@ def test_label_objects_with_boxes_of_other_pairs(labeling_inputs, tmp_path):
 
 
 def test_label_objects_records_file_hashes_that_verify_checks(labeling_inputs, tmp_path):
-    from pipeline import shards
     from pipeline.verify import verify_shards
+    from pmu.io import file_sha256
 
     out = tmp_path / "shards"
     result = run("label-objects", *_label_args(labeling_inputs, out))
@@ -193,7 +193,7 @@ def test_label_objects_records_file_hashes_that_verify_checks(labeling_inputs, t
     assert set(files) == {"sizes.json", *json.loads((out / "sizes.json").read_text())}
     for name, entry in files.items():
         assert entry == {
-            "sha256": shards.file_sha256(out / name),
+            "sha256": file_sha256(out / name),
             "bytes": (out / name).stat().st_size,
         }
     assert verify_shards(out).ok and not verify_shards(out).notes
@@ -276,7 +276,7 @@ def test_verify_and_inspect_in_a_subprocess_print_no_noise(synthetic_shards):
 
 def test_debug_shows_the_traceback_of_an_expected_error(tmp_path):
     result = run("--debug", "prepare", "--source", "table", "--input", "/nonexistent.csv")
-    assert isinstance(result.exception, UserError) and result.exit_code == 1
+    assert isinstance(result.exception, InputError) and result.exit_code == 1
     assert "does not exist" in str(result.exception)
 
 
@@ -337,7 +337,7 @@ def test_help_lists_commands_in_pipeline_order_and_is_fast():
 
 def test_package_imports_stay_light():
     code = (
-        "import sys, pipeline, pipeline.shards, trainer; "
+        "import sys, pipeline, pmu.shards, trainer; "
         "print(sorted(m for m in ('typer', 'click', 'torch', 'pipeline.cli') if m in sys.modules))"
     )
     proc = subprocess.run(
@@ -373,6 +373,6 @@ def test_boxes_in_another_order_are_accepted(labeling_inputs, tmp_path):
     reordered = tmp_path / "reordered.parquet"
     pq.write_table(table.take([3, 2, 1, 0]), reordered)
     boxes_cover_pairs(reordered, p["pairs"])  # every pair has a row: no error
-    with pytest.raises(UserError, match="lacks 1 of the 4 prepared pairs"):
+    with pytest.raises(InputError, match="lacks 1 of the 4 prepared pairs"):
         pq.write_table(table.take([3, 2, 1]), reordered)
         boxes_cover_pairs(reordered, p["pairs"])

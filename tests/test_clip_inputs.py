@@ -19,7 +19,6 @@ from labeling_inputs import write_labeling_inputs
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline import shards
 from pipeline.clip_inputs import (
     ClipInputSpec,
     Normaliser,
@@ -39,6 +38,7 @@ from pipeline.labeling_data import (
 )
 from pipeline.models import load_clip
 from pipeline.prompts import embed_prompts, load_prompts
+from pmu import shards
 
 PARAMS = dict(samples_per_shard=4, image_batch_size=3, crop_batch_size=5, num_workers=0, k_ent=4)
 

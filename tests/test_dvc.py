@@ -41,7 +41,8 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("dvc") / "repo"
     root.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=ignore)
+    for package in ("pmu", "pipeline"):
+        shutil.copytree(REPO / package, root / package, ignore=ignore)
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy2(REPO / name, root / name)
     venv_bin = str(Path(sys.executable).parent)

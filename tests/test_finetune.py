@@ -10,16 +10,12 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
+from pmu.errors import InputError
 from trainer import ie_data
-from trainer.finetune import (
-    FinetuneConfig,
-    ensure_vocab,
-    fused_text_states,
-    length_grouped_batches,
-    load_encoder,
-    run_finetune,
-)
-from trainer.settings import UsageError
+from trainer.finetune_config import FinetuneConfig
+from trainer.finetune_data import length_grouped_batches
+from trainer.finetune_loop import run_finetune
+from trainer.finetune_model import ensure_vocab, fused_text_states, load_encoder
 
 SAMPLE = REPO_ROOT / "trainer" / "sample"
 
@@ -148,7 +144,7 @@ def test_images_missing_ones_run_text_only(tmp_path):
         Image.new("RGB", (40 + i, 30), (i * 7 % 255, 90, 160)).save(images / f"{sent.img_id}.jpg")
     (images / f"{sents['test'][2].img_id}.jpg").write_bytes(b"not a jpeg")  # unreadable
     # half of every split's images are missing: a multimodal run refuses to go on quietly
-    with pytest.raises(UsageError, match=r"train: \d+ of \d+ images not found.*missing-images 1"):
+    with pytest.raises(InputError, match=r"train: \d+ of \d+ images not found.*missing-images 1"):
         run_finetune(sample_config("mner", tmp_path, epochs=1, images=str(images)))
     cfg = sample_config("mner", tmp_path, epochs=2, images=str(images), max_missing_images=1.0)
     m = run_finetune(cfg)
@@ -189,7 +185,7 @@ def test_per_split_image_folders(tmp_path):
     assert m["text_only"]["images"]["dev"] == str(own / "de")
     # one folder for all splits finds only the top level's images: the split folders are
     # where the rest are, and the run says so instead of training text-only
-    with pytest.raises(UsageError, match="images-train DIR"):
+    with pytest.raises(InputError, match="images-train DIR"):
         run_finetune(sample_config("mner", tmp_path / "c", epochs=1, images=str(own)))
 
 
@@ -356,7 +352,7 @@ def test_rel2id_without_the_none_label_is_refused(tmp_path):
 
 
 def test_seeds_report_each_run_and_mean_std(tmp_path):
-    from trainer.finetune import run_seeds
+    from trainer.finetune_loop import run_seeds
 
     cfg = sample_config("mre", tmp_path, epochs=2)
     summary = run_seeds(cfg, [1, 2])

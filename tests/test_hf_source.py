@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from pipeline import prepare as prep
 from pipeline.cli import app
-from pipeline.errors import UserError
 from pipeline.images import TRUNCATED, UNKNOWN_FORMAT
-from pipeline.readers import IMAGE_OUTSIDE_ROOT, read_source
+from pipeline.readers import read_source
+from pipeline.readers.records import IMAGE_OUTSIDE_ROOT
 from pipeline.readers.tabular import Columns
+from pmu.errors import InputError
 
 datasets = pytest.importorskip("datasets")  # a pinned dependency (pyproject.toml)
 
@@ -136,14 +137,14 @@ def test_splits_columns_and_hub_names_are_checked(image_dataset, tmp_path):
     kw = dict(columns=COLUMNS, image_store=tmp_path / "s")
     assert len(list(read_source("hf", str(both), **kw))) == 6  # train by default
     assert len(list(read_source("hf", str(both), split="test", **kw))) == 1
-    with pytest.raises(UserError, match="has no split 'dev'"):
+    with pytest.raises(InputError, match="has no split 'dev'"):
         read_source("hf", str(both), split="dev", **kw)
-    with pytest.raises(UserError, match="has no column 'image_path'") as err:
+    with pytest.raises(InputError, match="has no column 'image_path'") as err:
         read_source("hf", str(image_dataset), image_store=tmp_path / "s")
     assert "Image features: ['img']" in err.value.hint
-    with pytest.raises(UserError, match="not a folder saved with save_to_disk"):
+    with pytest.raises(InputError, match="not a folder saved with save_to_disk"):
         read_source("hf", str(tmp_path), image_store=tmp_path / "s")
-    with pytest.raises(UserError, match="the hub cannot be used .the offline switches are set"):
+    with pytest.raises(InputError, match="the hub cannot be used .the offline switches are set"):
         read_source("hf", "someone/some-captions", image_store=tmp_path / "s")
 
 

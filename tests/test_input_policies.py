@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 from pipeline import prepare as prep
 from pipeline.cli import app
-from pipeline.readers import IMAGE_OUTSIDE_ROOT, image_under_root, read_source
+from pipeline.readers import read_source
+from pipeline.readers.records import IMAGE_OUTSIDE_ROOT, image_under_root
 from pipeline.readers.rows import parse_itm
 from pipeline.readers.tabular import read_table
-from pipeline.shards import sample_key
+from pmu.shards import sample_key
 
 
 def _jpeg(path, color=(10, 120, 200)):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import shards
 from pipeline.report import build_report
 from pipeline.report.build import rejected_from_manifest
 from pipeline.report.collect import entropy_lower_bound, scan_shards
 from pipeline.synthetic import write_synthetic_shards
+from pmu import shards
+from pmu.io import write_json_atomic
 
 
 def _cards(page: str) -> dict[str, str]:
@@ -136,13 +137,13 @@ def test_hostile_strings_are_escaped(tmp_path):
         rel_prob=np.array([0.9], np.float32),
     )
     shards.write_shard(shard_dir / "shard-000000.tar", [sample])
-    shards.write_json_atomic(
+    write_json_atomic(
         shard_dir / "entities.json", {"entities": [{"name": "plain"}, {"name": f"ent {evil}"}]}
     )
-    shards.write_json_atomic(
+    write_json_atomic(
         shard_dir / "relations.json", {"relations": [{"pid": "P1", "label": "<u>rel</u>"}]}
     )
-    shards.write_json_atomic(
+    write_json_atomic(
         shard_dir / "manifest.json",
         {
             "counts": {"samples": 1},
@@ -176,7 +177,7 @@ def test_rejected_samples_by_reason_come_from_the_manifest(synthetic_shards, tmp
         ],
     }
     manifest["counts"]["rejected"] = 3
-    shards.write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     out = tmp_path / "r.html"
     summary = build_report(synthetic_shards, out, samples=2, seed=0, progress=False)
     page = out.read_text()

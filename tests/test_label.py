@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from labeling_inputs import write_labeling_inputs
 
-from pipeline import shards
 from pipeline.clip_inputs import reference_clip_input
 from pipeline.images import decode_rgb
 from pipeline.label import (
@@ -31,6 +30,7 @@ from pipeline.labeling_data import padded_box, read_pairs, write_boxes
 from pipeline.models import load_clip
 from pipeline.prompts import embed_prompts, load_prompts
 from pipeline.verify import verify_shards
+from pmu import shards
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = dict(
@@ -195,7 +195,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(inputs, tmp_path):
 
 CHILD = """
 import sys, time
-import pipeline.shards as shards
+import pmu.shards as shards
 from pipeline.label import LabelParams, label_objects
 
 write = shards.write_shard

@@ -204,7 +204,8 @@ def test_normalisation_comes_from_the_vision_encoders_processor_config(tmp_path)
     import json
 
     from pipeline.models import load_vision_encoder
-    from trainer.finetune import FinetuneConfig, load_encoder
+    from trainer.finetune_config import FinetuneConfig
+    from trainer.finetune_model import load_encoder
 
     vit_dir = tmp_path / "vit"
     load_vision_encoder("tiny").save_pretrained(vit_dir)

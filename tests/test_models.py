@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline import models
+from pmu.errors import InputError
 
 
 @pytest.fixture(autouse=True)
@@ -112,5 +113,5 @@ def test_missing_local_paths_raise_weights_unavailable(tmp_path):
         models.load_clip("tiny", path=tmp_path / "nope.safetensors")
     with pytest.raises(models.WeightsUnavailable, match="not found"):
         models.load_text_encoder("tiny", path=tmp_path / "nope")
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(InputError, match="unknown preset"):
         models.get_preset("huge")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from pmu.optim import build_optimizer, decayed_parameters, param_groups, warmup_linear
 from trainer.heads import CRFTagger
 from trainer.model import ModelConfig, build_model
-from trainer.optim import build_optimizer, decayed_parameters, param_groups, warmup_linear
 
 
 def test_only_linear_and_conv_weights_decay():

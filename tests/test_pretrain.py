@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import data, run
+from pmu.optim import build_optimizer
+from trainer import data, pretrain
 from trainer.losses import pretrain_loss
 from trainer.model import ModelConfig, build_model, build_tokenizer, load_pretrained
-from trainer.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = {"itm": 1.0, "cit": 1.0, "coe": 1.0, "cir": 1.0}
@@ -74,7 +74,7 @@ def small_config(tmp_path, shards, **kw):
         lr=1e-3,
     )
     values.update(kw)
-    return run.TrainConfig(**values)
+    return pretrain.TrainConfig(**values)
 
 
 class Interrupt(Exception):
@@ -84,7 +84,7 @@ class Interrupt(Exception):
 def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path, synthetic_shards):
     """Tolerance: exact equality (CPU, fp32, deterministic data order and restored RNG)."""
     full = small_config(tmp_path / "a", synthetic_shards)
-    metrics_full = run.train(full)
+    metrics_full = pretrain.train(full)
     ref, _, _ = load_pretrained(full.out)
 
     cut = small_config(tmp_path / "b", synthetic_shards)
@@ -94,9 +94,9 @@ def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path, sy
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run.train(cut, on_step=crash)
+        pretrain.train(cut, on_step=crash)
     assert json.loads((cut.state_dir / "latest.json").read_text())["step"] == 3
-    resumed_metrics = run.train(dataclass_replace(cut, resume=True))
+    resumed_metrics = pretrain.train(dataclass_replace(cut, resume=True))
     got, _, _ = load_pretrained(cut.out)
     assert resumed_metrics["steps"] == metrics_full["steps"] == 6
     ref_state, got_state = ref.state_dict(), got.state_dict()
@@ -114,7 +114,7 @@ def dataclass_replace(cfg, **kw):
 
 def test_zero_lambda_removes_loss_and_head(tmp_path, synthetic_shards):
     cfg = small_config(tmp_path, synthetic_shards, steps=2, lambda_coe=0.0, hard_labels=True)
-    metrics = run.train(cfg)
+    metrics = pretrain.train(cfg)
     assert set(metrics["train"]) == {"step", "loss", "itm", "cit", "cir"}
     model, mcfg, _ = load_pretrained(cfg.out)
     assert model.fc_ent is None and mcfg.n_entities == 0 and mcfg.n_relations == 10
@@ -122,13 +122,13 @@ def test_zero_lambda_removes_loss_and_head(tmp_path, synthetic_shards):
 
 def test_vision_lr_and_align_on_reach_the_optimizer_and_the_saved_model(tmp_path, synthetic_shards):
     cfg = small_config(tmp_path, synthetic_shards, steps=2, lr_vision=5e-3, align_on="vision")
-    r = run.setup(cfg)
+    r = pretrain.setup(cfg)
     lr_of = {id(p): g["initial_lr"] for g in r.optimizer.param_groups for p in g["params"]}
     vision = {id(p) for p in r.core.vision_modules().parameters()}
     assert len(lr_of) == sum(1 for _ in r.core.parameters())  # every parameter, once
     assert {lr_of[i] for i in vision} == {5e-3}
     assert {v for i, v in lr_of.items() if i not in vision} == {1e-3}
-    run.train(cfg)
+    pretrain.train(cfg)
     _, mcfg, _ = load_pretrained(cfg.out)
     assert mcfg.align_on == "vision"
 
@@ -243,14 +243,14 @@ def test_loss_plots_also_in_a_git_repo_without_commits(tmp_path, synthetic_shard
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     monkeypatch.chdir(tmp_path)
     cfg = small_config(tmp_path, synthetic_shards, steps=2, live_dir="dvclive/pretrain")
-    run.train(cfg)
+    pretrain.train(cfg)
     rows = (tmp_path / "dvclive/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert rows[0] == "step\tloss" and [r.split("\t")[0] for r in rows[1:]] == ["1", "2"]
 
 
 def test_a_folder_smaller_than_one_batch_trains_with_a_smaller_batch(tmp_path, synthetic_shards):
     """The README's `--steps 50` on the 27-sample bundled shards must not fail on batch 32."""
-    metrics = run.train(small_config(tmp_path, synthetic_shards, batch_size=32, steps=2))
+    metrics = pretrain.train(small_config(tmp_path, synthetic_shards, batch_size=32, steps=2))
     assert metrics["steps"] == 2
     assert metrics["batch_size"] == 16  # the synthetic folder holds 16 samples
     assert metrics["steps_per_epoch"] == 1
@@ -262,9 +262,9 @@ def test_compiled_model_follows_the_same_loss_trajectory(tmp_path, synthetic_sha
     C++ compilation takes minutes on a 2-core CPU; CUDA users get inductor by default."""
     from torch._dynamo.utils import counters
 
-    plain = run.train(small_config(tmp_path / "plain", synthetic_shards, steps=2))
+    plain = pretrain.train(small_config(tmp_path / "plain", synthetic_shards, steps=2))
     counters.clear()
-    compiled = run.train(
+    compiled = pretrain.train(
         small_config(
             tmp_path / "compiled", synthetic_shards, steps=2, compile=True,
             compile_backend="aot_eager",
@@ -280,7 +280,8 @@ def test_compiled_model_follows_the_same_loss_trajectory(tmp_path, synthetic_sha
 
 def test_bad_samples_are_reported_when_they_happen(tmp_path, synthetic_shards, capsys):
     """The first bad sample is reported at once with its reason, later ones periodically."""
-    from pipeline import shards as contract
+    from pmu import shards as contract
+    from pmu.io import write_json_atomic
 
     folder = tmp_path / "with_bad"
     folder.mkdir()
@@ -306,8 +307,8 @@ def test_bad_samples_are_reported_when_they_happen(tmp_path, synthetic_shards, c
             )
         )
     contract.write_shard(folder / "shard-000000.tar", written)
-    contract.write_json_atomic(folder / "sizes.json", {"shard-000000.tar": len(written)})
-    report = run.train(
+    write_json_atomic(folder / "sizes.json", {"shard-000000.tar": len(written)})
+    report = pretrain.train(
         small_config(tmp_path, folder, steps=4, batch_size=2, shuffle_buffer=0,
                      bad_warn_every_s=0.0)
     )  # fmt: skip

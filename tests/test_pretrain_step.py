@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from trainer import data, losses, run
+from trainer import data, losses, pretrain
 
 TENSOR_KEYS = (
     "input_ids", "attention_mask", "pixel_values", "itm", "boxes", "box_mask", "ent_idx",
@@ -22,7 +22,7 @@ TENSOR_KEYS = (
 )  # fmt: skip
 
 
-def step_config(shards, **kw) -> run.TrainConfig:
+def step_config(shards, **kw) -> pretrain.TrainConfig:
     values = dict(
         shards=str(shards),
         batch_size=8,
@@ -33,7 +33,7 @@ def step_config(shards, **kw) -> run.TrainConfig:
         live_dir="",
         plot="",
     )
-    return run.TrainConfig(**{**values, **kw})
+    return pretrain.TrainConfig(**{**values, **kw})
 
 
 def global_batch(shards) -> dict[str, torch.Tensor]:
@@ -53,14 +53,14 @@ def rows(batch, lo, hi):
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
-def grads(r: run.Run) -> dict[str, torch.Tensor]:
+def grads(r: pretrain.Run) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in r.core.named_parameters() if p.grad is not None}
 
 
 def one_step(cfg, micro_batches):
-    r = run.setup(cfg)
+    r = pretrain.setup(cfg)
     r.core.eval()  # no dropout: one process and two ranks must compute the same function
-    loss, parts = run.forward_backward(r, micro_batches)
+    loss, parts = pretrain.forward_backward(r, micro_batches)
     return r, loss, parts
 
 
@@ -134,7 +134,7 @@ def test_accumulation_of_two_micro_batches_equals_one_batch_apart_from_cit(
     _, _, parts = one_step(step_config(synthetic_shards, accum=2, align_pairs=align_pairs), halves)
     own, counts = [], []
     with torch.no_grad():
-        r = run.setup(step_config(synthetic_shards))
+        r = pretrain.setup(step_config(synthetic_shards))
         r.core.eval()
         for half in halves:
             out = r.core(half["input_ids"], half["attention_mask"], half["pixel_values"])
@@ -146,14 +146,14 @@ def test_accumulation_of_two_micro_batches_equals_one_batch_apart_from_cit(
 
 
 def test_machine_defaults_fill_batch_and_workers_per_rank(monkeypatch):
-    cfg = run.TrainConfig()
+    cfg = pretrain.TrainConfig()
     assert cfg.batch_size is None and cfg.num_workers is None  # "fit the machine"
-    monkeypatch.setattr(run, "cpu_cores", lambda: 16)
-    filled = run.machine_defaults(cfg, world=2, device=torch.device("cpu"))
+    monkeypatch.setattr(pretrain, "cpu_cores", lambda: 16)
+    filled = pretrain.machine_defaults(cfg, world=2, device=torch.device("cpu"))
     assert (filled.batch_size, filled.num_workers) == (8, 7)  # 16 cores / 2 ranks, minus the rank
-    filled = run.machine_defaults(cfg, world=1, device=torch.device("cpu"))
+    filled = pretrain.machine_defaults(cfg, world=1, device=torch.device("cpu"))
     assert filled.num_workers == 15
-    monkeypatch.setattr(run, "cpu_cores", lambda: 2)
-    assert run.machine_defaults(cfg, world=2, device=torch.device("cpu")).num_workers == 1
-    given = run.TrainConfig(batch_size=3, num_workers=0)
-    assert run.machine_defaults(given, 1, torch.device("cpu")) == given
+    monkeypatch.setattr(pretrain, "cpu_cores", lambda: 2)
+    assert pretrain.machine_defaults(cfg, world=2, device=torch.device("cpu")).num_workers == 1
+    given = pretrain.TrainConfig(batch_size=3, num_workers=0)
+    assert pretrain.machine_defaults(given, 1, torch.device("cpu")) == given

@@ -16,7 +16,7 @@ from pipeline.prompts import (
     load_prompts,
     named_templates,
 )
-from pipeline.shards import file_sha256
+from pmu.io import file_sha256
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ from PIL import Image
 
 from pipeline import images
 from pipeline import prepare as prep
-from pipeline.errors import UserError
 from pipeline.images import decode_rgb, read_image_bytes
 from pipeline.readers import read_source
 from pipeline.readers.newsclippings import read_newsclippings
 from pipeline.readers.sample import read_sample
 from pipeline.readers.tabular import Columns, read_table
 from pipeline.readers.webdataset_tars import read_wds
+from pmu.errors import InputError
 
 
 def _jpeg(color=(200, 30, 30)) -> bytes:
@@ -125,7 +125,7 @@ def test_table_without_id_column_and_bad_rows(tmp_path):
     assert recs[1].problem.startswith("table: invalid JSON line")
     assert recs[2].problem == "table: JSON line is not an object"
     assert recs[3].problem.startswith("table: itm must be 0 or 1")
-    with pytest.raises(UserError, match="unknown table format '.xlsx'"):  # was a ValueError
+    with pytest.raises(InputError, match="unknown table format '.xlsx'"):  # was a ValueError
         list(read_table(tmp_path / "t.xlsx"))
 
 

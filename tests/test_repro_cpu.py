@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO_ROOT
 from labeling_inputs import write_labeling_inputs
 
-from pipeline import runtime
-from pipeline.errors import UserError
+from pmu import runtime
+from pmu.errors import InputError
 
 PROBE = REPO_ROOT / "tests" / "repro_probe.py"
 KERNEL_VARS = (
@@ -119,7 +119,7 @@ def test_mode_switch_and_settings(monkeypatch):
     monkeypatch.setenv("PMU_REPRODUCIBLE", "on")
     assert runtime.reproducible()
     monkeypatch.setenv("PMU_REPRODUCIBLE", "maybe")
-    with pytest.raises(UserError, match="PMU_REPRODUCIBLE"):
+    with pytest.raises(InputError, match="PMU_REPRODUCIBLE"):
         runtime.reproducible()
     monkeypatch.setenv("PMU_REPRODUCIBLE", "1")
     monkeypatch.setenv("PMU_THREADS", "3")
@@ -127,7 +127,7 @@ def test_mode_switch_and_settings(monkeypatch):
     assert os.environ["ATEN_CPU_CAPABILITY"] == "default" and os.environ["MKL_CBWR"] == "COMPATIBLE"
     assert os.environ["OMP_NUM_THREADS"] == "3" == os.environ["OPENBLAS_NUM_THREADS"]
     monkeypatch.setenv("PMU_THREADS", "0")
-    with pytest.raises(UserError, match="PMU_THREADS"):
+    with pytest.raises(InputError, match="PMU_THREADS"):
         runtime.reproducible_threads()
 
 

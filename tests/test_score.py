@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import shards
 from pipeline.cli import app
 from pipeline.prepare import Pair, write_pairs_parquet
 from pipeline.score import format_scores, iou, match_boxes, score_labels
+from pmu import shards
+from pmu.io import write_json_atomic
 
 ENTITIES = ["person", "dog", "car", "trophy", "flag", "tree"]
 RELATIONS = ["award received", "owner of", "sport"]
@@ -81,11 +82,11 @@ def _write_case(tmp_path):
     out.mkdir()
     shards.write_shard(out / shards.SHARD_PATTERN.format(0), samples[:2])
     shards.write_shard(out / shards.SHARD_PATTERN.format(1), samples[2:])
-    shards.write_json_atomic(
+    write_json_atomic(
         out / shards.ENTITIES_FILE, {"entities": [{"name": n, "count": 1} for n in ENTITIES]}
     )
     relations = [{"pid": f"P{i}", "label": n} for i, n in enumerate(RELATIONS)]
-    shards.write_json_atomic(out / shards.RELATIONS_FILE, {"relations": relations})
+    write_json_atomic(out / shards.RELATIONS_FILE, {"relations": relations})
     return out
 
 

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer import finetune_cli, pretrain_cli
-from trainer.settings import UsageError, refuse_dvc_outputs
+from pmu.errors import InputError
+from pmu.settings import refuse_dvc_outputs
+from trainer import finetune, run
+from trainer.finetune_config import FinetuneConfig
+from trainer.pretrain_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"run": REPO / "trainer" / "run.py", "finetune": REPO / "trainer" / "finetune.py"}
@@ -32,8 +35,8 @@ def imported(stderr: str) -> set[str]:
     return {n.split(".")[0] for n in names}
 
 
-@pytest.mark.parametrize(("name", "cls"), [("run", pretrain_cli.TrainConfig),
-                                           ("finetune", finetune_cli.FinetuneConfig)])  # fmt: skip
+@pytest.mark.parametrize(("name", "cls"), [("run", TrainConfig),
+                                           ("finetune", FinetuneConfig)])  # fmt: skip
 def test_help_lists_every_option_with_its_default_before_torch_loads(tmp_path, name, cls):
     start = time.perf_counter()
     proc = script(name, "--help", cwd=tmp_path)
@@ -65,22 +68,22 @@ def test_pretrain_defaults_come_from_the_projects_params_yaml(tmp_path, monkeypa
     project = write_project(tmp_path / "p", {"steps": 7, "batch_size": 3, "lr": 1})
     (project / "sub").mkdir()
     monkeypatch.chdir(project / "sub")  # found in a parent folder too
-    cfg, args = pretrain_cli.parse_args(["--shards", "s", "--steps", "9"])
+    cfg, args = run.parse_args(["--shards", "s", "--steps", "9"])
     assert (cfg.steps, cfg.batch_size, cfg.lr) == (9, 3, 1.0)  # flag > params > code
     assert args.params_file == project / "params.yaml"
-    cfg, _ = pretrain_cli.parse_args(["--params", "none"])
+    cfg, _ = run.parse_args(["--params", "none"])
     assert (cfg.steps, cfg.batch_size) == (1000, None)
     (project / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"stpes": 1}}))
-    with pytest.raises(UsageError, match=r"unknown `pretrain` parameters \['stpes'\]"):
-        pretrain_cli.parse_args([])
+    with pytest.raises(InputError, match=r"unknown `pretrain` parameters \['stpes'\]"):
+        run.parse_args([])
     (project / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"steps": "many"}}))
-    with pytest.raises(UsageError, match="steps = 'many' is not a int"):
-        pretrain_cli.parse_args([])
+    with pytest.raises(InputError, match="steps = 'many' is not a int"):
+        run.parse_args([])
 
 
 def test_in_the_repo_the_pretrain_command_equals_the_dvc_stage(monkeypatch):
     monkeypatch.chdir(REPO)
-    cfg, _ = pretrain_cli.parse_args(["--shards", "shards"])
+    cfg, _ = run.parse_args(["--shards", "shards"])
     params = yaml.safe_load((REPO / "params.yaml").read_text())["pretrain"]
     assert {k: getattr(cfg, k) for k in params} == params
 
@@ -110,7 +113,7 @@ def stage_paths(stage: str) -> set[str]:
 def test_dvc_stages_parse_and_write_only_their_declared_outputs(monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("DVC_STAGE", "pretrain")
-    cfg, _ = pretrain_cli.parse_args(dvc_stage_argv("pretrain"))
+    cfg, _ = run.parse_args(dvc_stage_argv("pretrain"))
     assert cfg.max_len == 80 and cfg.preset == "tiny"
     tracked = stage_paths("pretrain")
     untracked = {"--out (resume states)", "--report"}  # the report's timings differ every run
@@ -120,7 +123,7 @@ def test_dvc_stages_parse_and_write_only_their_declared_outputs(monkeypatch):
     assert cfg.report.startswith("runs/"), cfg.report  # untracked by git as well
     refuse_dvc_outputs(cfg.outputs(), force=False)  # allowed: DVC runs the stage
     for task in ("mner", "mre"):
-        cfg, _, _ = finetune_cli.parse_args(dvc_stage_argv(f"finetune-{task}"))
+        cfg, _, _ = finetune.parse_args(dvc_stage_argv(f"finetune-{task}"))
         params = yaml.safe_load((REPO / "params.yaml").read_text())["finetune"]
         assert cfg.train == params[task]["train"] and cfg.epochs == params["epochs"]
         paths = cfg.output_paths()
@@ -138,14 +141,14 @@ def test_writing_a_dvc_output_by_hand_is_refused_unless_forced(tmp_path, monkeyp
     monkeypatch.chdir(project)
     monkeypatch.delenv("DVC_STAGE", raising=False)
     shards = make_shards(tmp_path)
-    code = pretrain_cli.main(["--shards", str(shards), "--out", "checkpoints/pretrain"])
+    code = run.main(["--shards", str(shards), "--out", "checkpoints/pretrain"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 2, err
     assert "would overwrite checkpoints/pretrain, an output of the DVC stage `pretrain`" in err
     outputs = {"--metrics": "metrics/pretrain.json"}
-    with pytest.raises(UsageError, match="metrics/pretrain.json"):
+    with pytest.raises(InputError, match="metrics/pretrain.json"):
         refuse_dvc_outputs(outputs, force=False)
-    with pytest.raises(UsageError):  # a folder that holds a tracked output counts too
+    with pytest.raises(InputError):  # a folder that holds a tracked output counts too
         refuse_dvc_outputs({"--live-dir": "metrics"}, force=False)
     refuse_dvc_outputs(outputs, force=True)
     refuse_dvc_outputs({"--out": "runs/pretrain/model"}, force=False)  # the default: fine
@@ -189,7 +192,7 @@ def broken(tmp_path: Path, case: str) -> Path:
 )
 def test_pretrain_input_errors_are_one_or_two_lines_and_exit_2(tmp_path, capsys, case, message):
     folder = broken(tmp_path, case)
-    code = pretrain_cli.main(["--params", "none", "--shards", str(folder), "--out", "o"])
+    code = run.main(["--params", "none", "--shards", str(folder), "--out", "o"])
     err = capsys.readouterr().err
     assert code == 2
     assert message.format(dir=folder) in err, err
@@ -210,7 +213,7 @@ def test_pretrain_input_errors_are_one_or_two_lines_and_exit_2(tmp_path, capsys,
     ],
 )  # fmt: skip
 def test_pretrain_bad_values_are_refused_before_anything_runs(tmp_path, capsys, flags, message):
-    code = pretrain_cli.main(["--params", "none", "--shards", str(tmp_path), *flags])
+    code = run.main(["--params", "none", "--shards", str(tmp_path), *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -231,7 +234,7 @@ def test_the_script_exits_2_on_an_empty_folder_and_debug_shows_the_traceback(tmp
 def test_finetune_defaults_and_paths_come_from_params_yaml(monkeypatch):
     params = yaml.safe_load((REPO / "params.yaml").read_text())["finetune"]
     monkeypatch.chdir(REPO / "trainer")  # params.yaml in the parent: its paths are the project's
-    cfg, seeds, _ = finetune_cli.parse_args(["--task", "mre", "--epochs", "2"])
+    cfg, seeds, _ = finetune.parse_args(["--task", "mre", "--epochs", "2"])
     assert seeds is None and cfg.epochs == 2 and cfg.batch_size == params["batch_size"]
     assert Path(cfg.train).resolve() == (REPO / params["mre"]["train"]).resolve()
     assert Path(cfg.train).is_file() and not Path(cfg.train).is_absolute()
@@ -256,7 +259,7 @@ def test_finetune_defaults_and_paths_come_from_params_yaml(monkeypatch):
 def test_finetune_bad_arguments_exit_2_with_one_line(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.chdir(tmp_path)  # outside the project: code defaults
     sample = str(REPO / "trainer" / "sample" / "mner")
-    code = finetune_cli.main([f.format(s=sample) for f in flags])
+    code = finetune.main([f.format(s=sample) for f in flags])
     captured = capsys.readouterr()
     assert code == 2 and message in captured.err, captured.err
     assert len(captured.err.strip().splitlines()) == 1

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import shards
+from pmu import shards
+from pmu.io import write_json_atomic
 from trainer import data
 from trainer.model import ModelConfig, build_tokenizer
 
@@ -142,7 +143,7 @@ def _write_folder(tmp_path, samples, extra_members=()):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    shards.write_json_atomic(folder / "sizes.json", {"shard-000000.tar": len(samples)})
+    write_json_atomic(folder / "sizes.json", {"shard-000000.tar": len(samples)})
     return folder
 
 

@@ -11,7 +11,6 @@ import yaml
 from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
-from pipeline.errors import UserError
 from pipeline.world import build_world
 from pipeline.world.ontology import (
     CLASS_NAMES,
@@ -21,6 +20,7 @@ from pipeline.world.ontology import (
     RULES,
     matching_rules,
 )
+from pmu.errors import InputError
 from trainer.ie_data import find_image, load_rel2id, read_mnre, read_ner
 
 # MNER train: 48 image-dependent sentences = 4 types x 12 ambiguous names, so each name must
@@ -162,7 +162,7 @@ def test_prepare_accepts_the_world_corpus_and_adapt_split(world, tmp_path):
     assert Path(result.pairs[0].image_path).is_file()
     adapt = prepare(read_source("world", str(world / "adapt")), tmp_path / "a", progress=False)
     assert adapt.rejected == [] and adapt.n_input == ARGS["n_adapt"]
-    with pytest.raises(UserError, match="world folder"):
+    with pytest.raises(InputError, match="world folder"):
         read_source("world", str(tmp_path))
 
 

@@ -23,8 +23,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline import shards as contract
 from pipeline.images import pil_open
+from pmu import shards as contract
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs in shards
 

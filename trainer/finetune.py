@@ -4,826 +4,135 @@
     python trainer/finetune.py --task mner --train T --dev D --test E [--images DIR]
         [--init checkpoints/pretrain | tiny | base | HF_MODEL_DIR] [--out DIR]
 
-Trains, keeps the epoch with the best dev F1 (early stopping), evaluates it on test, and writes
-the headline metrics JSON (test / dev P/R/F1), a full report (per type / per relation, history,
-text-only counts), the predictions and a PNG of the dev scores per epoch. Samples without an
-image (no --images, or a missing / unreadable file) run text-only. Every epoch ends with a
-resumable state in OUT/state/; `--resume` continues from it. The command line (flags,
-params.yaml, input checks) is trainer/finetune_cli.py; here `prepare` builds the run,
-`run_finetune` is the epoch loop and `finish` evaluates and writes.
+The command line: flags, params.yaml defaults and input checks answer before torch is imported;
+the run is `trainer/finetune_loop.py`, the settings `trainer/finetune_config.py`.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as `python trainer/finetune.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-if __name__ == "__main__":  # parse flags and check inputs before torch is imported
-    from trainer.finetune_cli import main
+from pmu.errors import InputError  # noqa: E402
+from pmu.runtime import configure_process  # noqa: E402
+from pmu.settings import (  # noqa: E402
+    check_types,
+    config_values,
+    describe_source,
+    find_params,
+    load_group,
+    refuse_dvc_outputs,
+    relative_to_cwd,
+)
+from trainer.finetune_config import (  # noqa: E402
+    PARAMS_GROUP,
+    PATH_FIELDS,
+    SOURCE,
+    TASKS,
+    FinetuneConfig,
+    check_config,
+)
+from trainer.settings import add_config_flags, run_main  # noqa: E402
 
+
+def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, list[int] | None, Any]:
+    """(config, seeds, extra flags): code defaults < params.yaml < flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--params")
+    pre.add_argument("--task", choices=TASKS)
+    known, _ = pre.parse_known_args(argv)
+    params = find_params(known.params)
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    defaults: dict[str, Any] = {}
+    if params is not None:
+        defaults = load_group(params, PARAMS_GROUP, names, subgroup=known.task)
+        defaults = check_types(FinetuneConfig, defaults, f"{params} `{PARAMS_GROUP}:`")
+        for name in PATH_FIELDS:
+            if name in defaults:
+                defaults[name] = relative_to_cwd(defaults[name], params.parent)
+
+    parser = argparse.ArgumentParser(
+        prog="trainer/finetune.py",
+        description="Fine-tune and evaluate MNER (CRF) or MRE (entity markers) on the fusion "
+        "encoder: best dev epoch, evaluated on test.",
+        epilog=describe_source(params, SOURCE),
+    )
+    parser.add_argument(
+        "--params",
+        metavar="FILE",
+        help=f"YAML whose `{PARAMS_GROUP}:` group (and its `mner:` / `mre:` subgroup) sets the "
+        f"defaults; `none` for the code defaults (found: {params or 'none'})",
+    )
+    parser.add_argument("--task", choices=TASKS, help="mner | mre (required)")
+    add_config_flags(parser, FinetuneConfig, defaults, skip=("task",))
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="run once per seed (OUT/seed-N/) and report each run plus mean +- std",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="allow writing DVC-tracked outputs outside dvc repro"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors too")
+    args = parser.parse_args(argv)
+    if args.task is None:
+        raise InputError("--task is required: mner or mre")
+    values = {**defaults, **config_values(vars(args), FinetuneConfig)}
+    missing = [f"--{n}" for n in ("train", "dev", "test") if not values.get(n)]
+    if missing:
+        raise InputError(
+            f"{', '.join(missing)} required (no params.yaml with `{PARAMS_GROUP}: "
+            f"{args.task}:` paths here or above)"
+        )
+    for name in (
+        "images", "images_train", "images_dev", "images_test", "rel2id", "vision_encoder",
+        "metrics", "predictions", "report",
+    ):  # fmt: skip
+        values[name] = values.get(name) or None  # "" (e.g. from params.yaml) means unset
+    cfg = FinetuneConfig(**values)
+    args.params_file = params
+    return cfg, args.seeds, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python trainer/finetune.py ...`: parse, check, run; exit 2 with a message on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # offline-first: no hub retries
+        os.environ.setdefault(var, "1")
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+
+    def body() -> Any:
+        configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
+        cfg, seeds, args = parse_args(argv)
+        print(describe_source(args.params_file, SOURCE), flush=True)
+        check_config(cfg)
+        cfg = dataclasses.replace(cfg, out=str(cfg.output_paths()["out"]))
+        paths = cfg.output_paths()
+        refuse_dvc_outputs({f"--{k}": str(v) for k, v in paths.items() if v}, args.force)
+        from trainer.finetune_loop import run_finetune, run_seeds
+
+        return run_seeds(cfg, seeds) if seeds else run_finetune(cfg)
+
+    from pipeline.models import WeightsUnavailable
+    from trainer.ie_data import DataFormatError
+
+    # bad data files, refused resumes and unavailable weights are the user's to fix
+    return run_main(
+        body,
+        debug,
+        (DataFormatError, FileNotFoundError, ValueError, WeightsUnavailable, InputError),
+    )
+
+
+if __name__ == "__main__":
     sys.exit(main())
-
-import copy
-import json
-import logging
-import math
-import os
-import random
-import shutil
-import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
-
-from pipeline.shards import write_json_atomic
-from trainer import finetune_state, ie_data, plots
-from trainer.finetune_cli import TASKS, FinetuneConfig, check_config
-from trainer.heads import CRFTagger, RelationHead
-from trainer.metrics import majority_baseline_ner, majority_baseline_re, ner_scores, re_scores
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.settings import UsageError
-
-__all__ = ["FinetuneConfig", "TASKS", "run_finetune", "run_seeds"]
-log = logging.getLogger("finetune")
-
-
-# ----------------------------------------------------------------------------- encoder
-
-
-def load_encoder(cfg: FinetuneConfig):
-    """(model, tokenizer, model config, description) for --init: checkpoint, preset or HF dir."""
-    from pipeline.models import PRESETS, WeightsUnavailable
-    from trainer.model import ModelConfig, build_model, build_tokenizer, load_pretrained
-
-    init = Path(cfg.init)
-    config_file = init / "config.json"
-    if config_file.is_file() and "model_config" in json.loads(config_file.read_text("utf-8")):
-        model, mcfg, tokenizer = load_pretrained(init)
-        kind = "pretrain-checkpoint"
-        if tokenizer is None:
-            tokenizer = build_tokenizer(mcfg)
-    else:
-        if cfg.init in PRESETS:
-            mcfg = ModelConfig(preset=cfg.init, vision_encoder=cfg.vision_encoder)
-            kind = "preset"
-        elif init.is_dir():
-            mcfg = ModelConfig(
-                preset=cfg.preset, text_encoder=str(init), vision_encoder=cfg.vision_encoder
-            )
-            kind = "hf-dir"
-        else:
-            raise WeightsUnavailable(
-                f"--init {cfg.init!r} is neither a pretraining checkpoint folder, a preset "
-                f"({', '.join(PRESETS)}) nor a local Hugging Face model folder"
-            )
-        # fine-tuning needs none of the pretraining heads
-        mcfg.itm_head, mcfg.proj_dim, mcfg.n_entities, mcfg.n_relations = False, 0, 0, 0
-        mcfg.n_fusion_layers = cfg.n_fusion_layers
-        model = build_model(mcfg)
-        tokenizer = build_tokenizer(mcfg)
-    desc = {
-        "init": cfg.init,
-        "kind": kind,
-        "text_encoder": mcfg.text_encoder or f"preset:{mcfg.preset}",
-        "hidden_size": model.hidden_size,
-        "n_layers": len(model.bert.encoder.layer),
-        "n_fusion_layers": mcfg.n_fusion_layers,
-        "image_size": mcfg.image_size,
-    }
-    return model, tokenizer, mcfg, desc
-
-
-def ensure_vocab(model, tokenizer) -> bool:
-    """Grow the word embeddings to the tokenizer once (after adding markers); True if resized."""
-    n_rows = model.bert.get_input_embeddings().num_embeddings
-    if len(tokenizer) > n_rows:
-        model.resize_token_embeddings(len(tokenizer))
-        return True
-    return False
-
-
-def fused_text_states(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    pixels: torch.Tensor | None,
-    has_image: torch.Tensor,
-) -> torch.Tensor:
-    """Fused states at the text positions [B, T, H]; samples without an image fuse text-only."""
-    text = model.encode_text(input_ids, attention_mask)
-    if pixels is None or not bool(has_image.any()):
-        return model.fuse(text, attention_mask)
-    img_idx = has_image.nonzero().squeeze(1)
-    txt_idx = (~has_image).nonzero().squeeze(1)
-    t = text.shape[1]
-    parts = [
-        model.fuse(text[img_idx], attention_mask[img_idx], model.encode_image(pixels[img_idx]))[
-            :, :t
-        ]
-    ]
-    if len(txt_idx):
-        parts.append(model.fuse(text[txt_idx], attention_mask[txt_idx]))
-    order = torch.cat([img_idx, txt_idx])
-    return torch.cat(parts)[torch.argsort(order)]
-
-
-class FinetuneModel(nn.Module):
-    """Encoder + task head; the forward returns the fused text states for the head."""
-
-    def __init__(self, encoder, head: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-
-    def states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return fused_text_states(
-            self.encoder,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("pixel_values"),
-            batch["has_image"],
-        )
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def load_pixels(path: Path, image_size: int) -> torch.Tensor:
-    """Image file -> [3, S, S] uint8, preprocessed exactly as in pretraining (the model
-    normalises with its own encoder's mean and std)."""
-    from pipeline.images import decode_rgb, read_image_bytes
-    from trainer.data import vit_pixels
-
-    return torch.from_numpy(vit_pixels(decode_rgb(read_image_bytes(str(path))), image_size))
-
-
-def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, seed: int | None, group: int = 50
-) -> list[list[int]]:
-    """Batches of similar length (less padding, same samples per epoch).
-
-    seed None: sorted by length (evaluation). Otherwise a seeded shuffle, sorted by length
-    within windows of `group` batches, and the batches shuffled again.
-    """
-    if seed is None:
-        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(lengths), generator=gen).tolist()
-    window = batch_size * group
-    batches = []
-    for w in range(0, len(perm), window):
-        chunk = sorted(perm[w : w + window], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-
-
-@dataclass
-class Split:
-    name: str
-    path: str
-    samples: list  # NerSentence | RelSample
-    features: list
-    truncated: int = 0  # words (MNER) or samples (MRE) cut by max_len
-    text_only: int = 0  # samples without a usable image file
-    unreadable_images: int = 0  # image files present but not decodable
-    missing_images: list[str] = field(default_factory=list)  # img_ids not found
-
-
-class IEDataset(torch.utils.data.Dataset):
-    """A split's features; images are read lazily. An unreadable image makes its sample
-    text-only from then on (logged once, counted in the split). Runs in-process (no workers),
-    so the split's counters see every failure."""
-
-    def __init__(self, split: Split, image_size: int | None):
-        self.split = split
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.split.features)
-
-    def __getitem__(self, i: int):
-        feat = self.split.features[i]
-        pixels = None
-        if feat.image is not None and self.image_size:
-            try:
-                pixels = load_pixels(feat.image, self.image_size)
-            except (OSError, ValueError) as e:
-                log.warning("image %s unreadable (%s): sample runs text-only", feat.image, e)
-                feat.image = None
-                self.split.text_only += 1
-                self.split.unreadable_images += 1
-        return i, feat, pixels
-
-
-def collate(items, pad_id: int, task: str, image_size: int | None) -> dict[str, Any]:
-    n = len(items)
-    width = max(len(f.input_ids) for _, f, _ in items)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    has_image = torch.tensor([p is not None for *_, p in items], dtype=torch.bool)
-    batch: dict[str, Any] = {"index": [i for i, *_ in items], "has_image": has_image}
-    for row, (_, f, _) in enumerate(items):
-        input_ids[row, : len(f.input_ids)] = torch.tensor(f.input_ids)
-        attention_mask[row, : len(f.input_ids)] = 1
-    batch.update(input_ids=input_ids, attention_mask=attention_mask)
-    if bool(has_image.any()):
-        pix = torch.zeros((n, 3, image_size, image_size), dtype=torch.uint8)
-        for row, (*_, p) in enumerate(items):
-            if p is not None:
-                pix[row] = p
-        batch["pixel_values"] = pix
-    if task == "mner":
-        n_words = max(1, max(len(f.word_index) for _, f, _ in items))
-        word_index = torch.zeros((n, n_words), dtype=torch.long)
-        word_mask = torch.zeros((n, n_words), dtype=torch.bool)
-        labels = torch.zeros((n, n_words), dtype=torch.long)
-        for row, (_, f, _) in enumerate(items):
-            k = len(f.word_index)
-            word_index[row, :k] = torch.tensor(f.word_index, dtype=torch.long)
-            word_mask[row, :k] = True
-            labels[row, :k] = torch.tensor(f.label_ids, dtype=torch.long)
-        batch.update(word_index=word_index, word_mask=word_mask, labels=labels)
-    else:
-        batch["head_pos"] = torch.tensor([f.head_pos for _, f, _ in items])
-        batch["tail_pos"] = torch.tensor([f.tail_pos for _, f, _ in items])
-        batch["labels"] = torch.tensor([f.label_id for _, f, _ in items])
-    return batch
-
-
-def read_split(
-    cfg: FinetuneConfig, name: str, path: str, tokenizer, labels: dict[str, int], markers
-) -> Split:
-    if cfg.task == "mner":
-        samples = ie_data.read_ner(path)
-    else:
-        samples = ie_data.read_mnre(path, labels)
-    if name == "train" and cfg.max_train_samples:
-        samples = samples[: cfg.max_train_samples]
-    split = Split(name, path, samples, [])
-    folders = ie_data.image_folders(cfg.split_images(name), name)
-    for s in samples:
-        if cfg.task == "mner":
-            feat, cut = ie_data.encode_ner(s, tokenizer, labels, cfg.max_len)
-            split.truncated += cut
-        else:
-            feat = ie_data.encode_rel(s, tokenizer, labels, cfg.max_len, markers)
-            split.truncated += int(feat.truncated)
-        feat.image = ie_data.find_image(folders, s.img_id)
-        split.text_only += feat.image is None
-        if folders and s.img_id and feat.image is None:
-            split.missing_images.append(s.img_id)
-        split.features.append(feat)
-    return split
-
-
-def check_images_found(cfg: FinetuneConfig, splits: dict[str, Split]) -> None:
-    """A run given images must see them: a split that misses more than
-    `max_missing_images` of its images stops the run (it would quietly train text-only)."""
-    for name, sp in splits.items():
-        wanted = sum(1 for s in sp.samples if s.img_id)
-        missing = len(sp.missing_images)
-        if wanted and missing / wanted > cfg.max_missing_images:
-            folders = ", ".join(str(f) for f in ie_data.image_folders(cfg.split_images(name), name))
-            raise UsageError(
-                f"{name}: {missing} of {wanted} images not found in {folders} (e.g. "
-                f"{sp.missing_images[0]!r}); pass the split's folder (--images-{name} DIR, or "
-                f"--images DIR with {'/'.join(ie_data.SPLIT_FOLDERS[name])}/ inside), or "
-                "--max-missing-images 1 to run those samples text-only"
-            )
-
-
-# ----------------------------------------------------------------------------- loop
-
-
-def loss_fn(task: str, model: FinetuneModel, batch: dict[str, Any]) -> torch.Tensor:
-    states = model.states(batch)
-    if task == "mner":
-        return model.head.loss(states, batch["word_index"], batch["word_mask"], batch["labels"])
-    logits = model.head(states, batch["head_pos"], batch["tail_pos"])
-    return nn.functional.cross_entropy(logits, batch["labels"])
-
-
-def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def predict(task: str, model: FinetuneModel, loader, device, n: int) -> list:
-    """Predicted label ids per sample (MNER: one per kept word)."""
-    model.eval()
-    out: list = [None] * n
-    for batch in loader:
-        batch = to_device(batch, device)
-        states = model.states(batch)
-        if task == "mner":
-            preds = model.head.decode(states, batch["word_index"], batch["word_mask"])
-        else:
-            preds = model.head(states, batch["head_pos"], batch["tail_pos"]).argmax(-1).tolist()
-        for i, p in zip(batch["index"], preds, strict=True):
-            out[i] = p
-    return out
-
-
-def score(
-    task: str, split: Split, pred_ids: list, id2label: list[str], none_label: str = "None"
-) -> tuple[dict, list]:
-    """Metrics and the predicted label strings (MNER: cut words predicted O)."""
-    if task == "mner":
-        gold = [s.labels for s in split.samples]
-        pred = [
-            [id2label[t] for t in p] + ["O"] * (len(s.tokens) - len(p))
-            for s, p in zip(split.samples, pred_ids, strict=True)
-        ]
-        return ner_scores(gold, pred), pred
-    gold = [s.relation for s in split.samples]
-    pred = [id2label[p] for p in pred_ids]
-    return re_scores(gold, pred, none_label), pred
-
-
-def write_predictions(task: str, split: Split, pred: list, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        if task == "mner":
-            # CoNLL style: IMGID line, token TAB gold TAB predicted, blank line
-            for s, p in zip(split.samples, pred, strict=True):
-                if s.img_id is not None:
-                    f.write(f"IMGID:{s.img_id}\n")
-                for tok, g, q in zip(s.tokens, s.labels, p, strict=True):
-                    f.write(f"{tok}\t{g}\t{q}\n")
-                f.write("\n")
-        else:
-            for s, feat, q in zip(split.samples, split.features, pred, strict=True):
-                row = {
-                    "line": s.line,
-                    "img_id": s.img_id,
-                    "text_only": feat.image is None,
-                    "tokens": s.tokens,
-                    "h": asdict(s.head),
-                    "t": asdict(s.tail),
-                    "gold": s.relation,
-                    "pred": q,
-                }
-                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-@dataclass
-class Finetune:
-    """Everything the epoch loop uses, built once by `prepare`."""
-
-    cfg: FinetuneConfig
-    device: torch.device
-    paths: dict[str, Path | None]  # out, metrics, report, predictions, plot
-    model: FinetuneModel
-    tokenizer: Any
-    mcfg: Any  # trainer.model.ModelConfig
-    desc: dict[str, Any]  # what the encoder is (for the report)
-    id2label: list[str]
-    splits: dict[str, Split]
-    loader: Any  # loader(split, train, epoch) -> DataLoader
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    state_dir: Path
-    fingerprint: dict[str, Any]
-
-
-@dataclass
-class Progress:
-    """The epoch loop's state; saved with every epoch, restored by --resume."""
-
-    epoch: int = 0  # last finished epoch
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_key: float = -math.inf
-    best_epoch: int = 0
-    best_dev: dict | None = None
-    best_file: str | None = None
-    stale: int = 0  # epochs without dev improvement
-    stopped: bool = False
-    best_state: dict | None = None  # weights of the best epoch (not in the JSON)
-    trained_now: int = 0  # epochs trained by this process
-
-    def record(self, epoch: int, train_loss: float, dev: dict, model: nn.Module, cfg) -> bool:
-        """Add an epoch's figures; keep its weights when dev F1 improved; True if it did."""
-        o = dev["overall"]
-        self.epoch = epoch
-        self.trained_now += 1
-        self.history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "dev_precision": o["precision"],
-                "dev_recall": o["recall"],
-                "dev_f1": o["f1"],
-            }
-        )
-        improved = o["f1"] > self.best_key
-        if improved:
-            self.best_key, self.best_epoch, self.best_dev, self.stale = o["f1"], epoch, dev, 0
-            self.best_state = copy.deepcopy(model.state_dict())
-        else:
-            self.stale += 1
-        self.stopped = bool(cfg.patience and self.stale >= cfg.patience and epoch < cfg.epochs)
-        return improved
-
-    def saved(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
-        keys = ("epoch", "history", "best_key", "best_epoch", "best_dev", "best_file", "stale")
-        return {**{k: getattr(self, k) for k in keys}, "stopped": self.stopped,
-                "fingerprint": fingerprint}  # fmt: skip
-
-
-def read_labels(cfg: FinetuneConfig, tokenizer, encoder, desc) -> tuple[dict, list, Any, Any]:
-    """(label -> id, id -> label, MRE marker ids, rel2id path); MRE grows the vocabulary."""
-    if cfg.task == "mner":
-        id2label = ie_data.ner_label_list(ie_data.read_ner(cfg.train))
-        return {lab: i for i, lab in enumerate(id2label)}, id2label, None, None
-    rel2id_path = cfg.rel2id or str(Path(cfg.train).with_name("rel2id.json"))
-    labels = ie_data.load_rel2id(rel2id_path)
-    if cfg.none_label not in labels:
-        raise ValueError(
-            f"{rel2id_path} has no {cfg.none_label!r} label (the no-relation class that "
-            f"P/R/F1 exclude): add it, or name yours with --none-label"
-        )
-    id2label = [r for r, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-    markers = ie_data.add_markers(tokenizer)
-    desc["embeddings_resized"] = ensure_vocab(encoder, tokenizer)
-    desc["rel2id"] = rel2id_path
-    return labels, id2label, markers, rel2id_path
-
-
-def prepare(cfg: FinetuneConfig) -> Finetune:
-    """Encoder, labels, the three splits, head, loaders, optimizer and schedule."""
-    from pipeline.runtime import select_device, set_threads
-
-    check_config(cfg)
-    set_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)  # nothing draws from these, but resumable states save them: seeded
-    np.random.seed(cfg.seed)
-    device = select_device(cfg.device)
-    paths = cfg.output_paths()
-    paths["out"].mkdir(parents=True, exist_ok=True)
-
-    encoder, tokenizer, mcfg, desc = load_encoder(cfg)
-    max_pos = encoder.bert.config.max_position_embeddings
-    if cfg.max_len > max_pos:
-        raise ValueError(f"--max-len {cfg.max_len} exceeds the encoder's {max_pos} positions")
-    labels, id2label, markers, rel2id_path = read_labels(cfg, tokenizer, encoder, desc)
-    splits = {
-        name: read_split(cfg, name, path, tokenizer, labels, markers)
-        for name, path in (("train", cfg.train), ("dev", cfg.dev), ("test", cfg.test))
-    }
-    if cfg.task == "mner":  # a dev/test type unseen in train cannot be predicted; say so
-        seen = {lab for sp in splits.values() for s in sp.samples for lab in s.labels}
-        if seen - set(labels):
-            raise ValueError(
-                f"labels {sorted(seen - set(labels))} in dev/test do not occur in --train"
-            )
-    text_only = {name: sp.text_only for name, sp in splits.items()}
-    if not cfg.multimodal:
-        log.info("no --images: running text-only (%s samples)", sum(text_only.values()))
-    else:
-        check_images_found(cfg, splits)
-        if any(text_only.values()):
-            log.info("images missing for %s samples: those run text-only", text_only)
-
-    torch.manual_seed(cfg.seed)
-    if cfg.task == "mner":
-        head: nn.Module = CRFTagger(encoder.hidden_size, len(id2label), cfg.dropout)
-    else:
-        head = RelationHead(encoder.hidden_size, len(id2label), cfg.dropout)
-    model = FinetuneModel(encoder, head).to(device)
-
-    image_size = mcfg.image_size if cfg.multimodal else None
-    datasets = {name: IEDataset(sp, image_size) for name, sp in splits.items()}
-
-    def loader(split: Split, train: bool, epoch: int = 0):
-        lengths = [len(f.input_ids) for f in split.features]
-        size = cfg.batch_size if train else cfg.eval_batch_size
-        seed = cfg.seed + epoch if train else None
-        return torch.utils.data.DataLoader(
-            datasets[split.name],
-            batch_sampler=length_grouped_batches(lengths, size, seed),
-            collate_fn=lambda items: collate(items, tokenizer.pad_token_id, cfg.task, image_size),
-        )
-
-    steps = max(1, cfg.epochs * len(loader(splits["train"], True)))
-    crf = list(model.head.crf.parameters()) if cfg.task == "mner" else []
-    parts = [(model.encoder, cfg.lr_encoder), (model.head, cfg.lr_head, crf)]
-    if crf:  # the CRF transitions need a far larger step than the encoder (issue: BIO rules)
-        parts.append((model.head.crf, cfg.lr_crf))
-    optimizer = build_optimizer(parts, cfg.weight_decay, device)
-    scheduler = build_scheduler(optimizer, int(cfg.warmup * steps), steps)
-    log.info(
-        "%s: train %d, dev %d, test %d; encoder %s (%s), %d epochs x %d steps",
-        cfg.task,
-        *(len(splits[s].samples) for s in ("train", "dev", "test")),
-        desc["text_encoder"],
-        desc["kind"],
-        cfg.epochs,
-        steps // cfg.epochs,
-    )
-    state_dir = paths["out"] / "state"
-    fingerprint = finetune_state.fingerprint(cfg, rel2id_path, text_only)
-    return Finetune(
-        cfg, device, paths, model, tokenizer, mcfg, desc, id2label, splits, loader,
-        optimizer, scheduler, state_dir, fingerprint,
-    )  # fmt: skip
-
-
-def start_or_resume(ft: Finetune) -> tuple[Progress, bool]:
-    """(progress, whether an old state must be cleared before the first save)."""
-    found = finetune_state.read_latest(ft.state_dir)
-    if not ft.cfg.resume:
-        if found is not None:
-            log.warning(
-                "%s holds a resume state (epoch %d); no --resume: starting over, it is "
-                "replaced at the end of epoch 1",
-                ft.state_dir,
-                found[1]["trainer"]["epoch"],
-            )
-        return Progress(), found is not None
-    if found is None:
-        log.info("--resume: no state in %s, starting at epoch 1", ft.state_dir)
-        return Progress(), False
-    path, saved = found
-    finetune_state.check_fingerprint(saved, ft.fingerprint, ft.state_dir)
-    t, best_state = finetune_state.restore(path, ft.state_dir, ft.model, ft.optimizer, ft.scheduler)
-    keys = ("epoch", "history", "best_key", "best_epoch", "best_dev", "best_file", "stale")
-    progress = Progress(**{k: t[k] for k in keys}, stopped=t["stopped"], best_state=best_state)
-    log.info(
-        "resumed from %s: epoch %d done, best epoch %d (dev F1 %.4f), %d without improvement",
-        path,
-        progress.epoch,
-        progress.best_epoch,
-        progress.best_key,
-        progress.stale,
-    )
-    return progress, False
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
-def train_epoch(ft: Finetune, epoch: int) -> float:
-    """One pass over the training split; returns the mean loss (read back once, at the end)."""
-    ft.model.train()
-    total, n_batches = torch.zeros((), device=ft.device), 0
-    for batch in _progress(ft.loader(ft.splits["train"], True, epoch), f"epoch {epoch}"):
-        loss = loss_fn(ft.cfg.task, ft.model, to_device(batch, ft.device))
-        ft.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if ft.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(ft.model.parameters(), ft.cfg.grad_clip)
-        ft.optimizer.step()
-        ft.scheduler.step()
-        total += loss.detach()
-        n_batches += 1
-    return float(total) / max(1, n_batches)
-
-
-def evaluate(ft: Finetune, name: str) -> tuple[dict, list]:
-    """(scores, predicted labels) of the current model on a split."""
-    split = ft.splits[name]
-    pred_ids = predict(
-        ft.cfg.task, ft.model, ft.loader(split, False), ft.device, len(split.samples)
-    )
-    return score(ft.cfg.task, split, pred_ids, ft.id2label, ft.cfg.none_label)
-
-
-def save_epoch(ft: Finetune, progress: Progress, improved: bool, clear_old: bool) -> Path:
-    """The epoch's resumable state (and the best weights when they changed)."""
-    if clear_old:  # the first epoch of a fresh run replaces an old state
-        shutil.rmtree(ft.state_dir)
-    step = ft.scheduler.last_epoch  # optimiser steps so far
-    if improved:
-        progress.best_file = finetune_state.write_best(ft.state_dir, step, progress.best_state)
-    return finetune_state.save_epoch(
-        ft.state_dir,
-        step,
-        ft.model,
-        ft.tokenizer,
-        ft.mcfg,
-        ft.optimizer,
-        ft.scheduler,
-        progress.saved(ft.fingerprint),
-    )
-
-
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train, select the best dev epoch, evaluate on test; return the full report."""
-    t_start = time.perf_counter()
-    ft = prepare(cfg)
-    progress, clear_old = start_or_resume(ft)
-    resumed_after = progress.epoch
-    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        if progress.stopped:
-            break  # resumed from a run that had already stopped early
-        t0 = time.perf_counter()
-        train_loss = train_epoch(ft, epoch)
-        dev, _ = evaluate(ft, "dev")
-        improved = progress.record(epoch, train_loss, dev, ft.model, cfg)
-        state_path = save_epoch(ft, progress, improved, clear_old)
-        clear_old = False
-        h = progress.history[-1]
-        log.info(
-            "epoch %d: loss %.4f, dev P/R/F1 %.4f/%.4f/%.4f (%.1fs)",
-            epoch, h["train_loss"], h["dev_precision"], h["dev_recall"], h["dev_f1"],
-            time.perf_counter() - t0,
-        )  # fmt: skip
-        if progress.stopped:
-            log.info("early stop: no dev improvement for %d epochs", progress.stale)
-            break
-        if cfg.stop_after_epoch == epoch and epoch < cfg.epochs:
-            log.info("stopping after epoch %d as asked: continue with --resume", epoch)
-            print(f"interrupted after epoch {epoch}; state -> {state_path}", flush=True)
-            return {"interrupted_after_epoch": epoch, "state": str(state_path)}
-    return finish(ft, progress, resumed_after, time.perf_counter() - t_start)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """What `dvc metrics show` lists: overall test and dev figures, no per-type detail."""
-    keys = ("precision", "recall", "f1", "accuracy")
-    return {
-        "task": report["task"],
-        "best_epoch": report["best_epoch"],
-        "test": {k: report["test"]["overall"][k] for k in keys if k in report["test"]["overall"]},
-        "dev": {k: report["dev"]["overall"][k] for k in keys if k in report["dev"]["overall"]},
-        "test_majority_baseline_f1": report["test_majority_baseline"]["f1"],
-    }
-
-
-def finish(ft: Finetune, progress: Progress, resumed_after: int, wall: float) -> dict[str, Any]:
-    """Best epoch's weights on test: predictions, report, headline metrics, plot, stats."""
-    cfg, splits, paths = ft.cfg, ft.splits, ft.paths
-    ft.model.load_state_dict(progress.best_state)
-    test_scores, test_pred = evaluate(ft, "test")
-    write_predictions(cfg.task, splits["test"], test_pred, paths["predictions"])
-    if cfg.task == "mner":
-        baseline = majority_baseline_ner([s.labels for s in splits["test"].samples])
-    else:
-        baseline = majority_baseline_re(
-            [s.relation for s in splits["train"].samples],
-            [s.relation for s in splits["test"].samples],
-            cfg.none_label,
-        )
-    report = {
-        "task": cfg.task,
-        "encoder": ft.desc,
-        "text_only": {
-            "images": {name: cfg.split_images(name) for name in splits},
-            "samples": {name: sp.text_only for name, sp in splits.items()},
-            "missing_images": {name: len(sp.missing_images) for name, sp in splits.items()},
-            "unreadable_images": {name: sp.unreadable_images for name, sp in splits.items()},
-            "note": "no --images: all samples text-only"
-            if not cfg.multimodal
-            else "samples whose image file is missing or unreadable ran text-only",
-        },
-        "data": {
-            name: {"path": sp.path, "samples": len(sp.samples), "truncated": sp.truncated}
-            for name, sp in splits.items()
-        },
-        "best_epoch": progress.best_epoch,
-        "epochs_run": len(progress.history),
-        "history": progress.history,
-        "dev": progress.best_dev,
-        "test": test_scores,
-        "test_majority_baseline": baseline["overall"],
-        "params": {
-            k: v
-            for k, v in asdict(cfg).items()
-            if k not in ("extra", "resume", "stop_after_epoch")  # same report when resumed
-        },
-    }
-    for key, content in (("report", report), ("metrics", headline(report))):
-        paths[key].parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(paths[key], content)
-    if paths["plot"] is not None:
-        title = f"fine-tuning {cfg.task.upper()}: dev scores per epoch"
-        plots.finetune_scores(progress.history, paths["plot"], title, progress.best_epoch)
-    if cfg.save_model:
-        save_finetuned(ft.model, ft.tokenizer, ft.mcfg, ft.id2label, cfg, paths["out"] / "model")
-    stats = {
-        "wall_s": round(wall, 2),
-        "epochs_run": len(progress.history),
-        "epochs_trained_now": progress.trained_now,
-        "resumed_after_epoch": resumed_after,
-    }
-    write_json_atomic(paths["out"] / "stats.json", stats)
-    _summary(cfg, report, wall, paths)
-    return report
-
-
-def mean_std(values: Sequence[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single run)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std}
-
-
-def seed_summary(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Per-seed dev/test P/R/F1 and their mean +- std (the paper reports every figure so)."""
-    out: dict[str, Any] = {"seeds": sorted(runs), "runs": {}}
-    for seed, m in sorted(runs.items()):
-        out["runs"][str(seed)] = {
-            "best_epoch": m["best_epoch"],
-            "dev": {k: m["dev"]["overall"][k] for k in ("precision", "recall", "f1")},
-            "test": {k: m["test"]["overall"][k] for k in ("precision", "recall", "f1")},
-        }
-    for split in ("dev", "test"):
-        out[split] = {
-            k: mean_std([r[split][k] for r in out["runs"].values()])
-            for k in ("precision", "recall", "f1")
-        }
-    return out
-
-
-def run_seeds(cfg: FinetuneConfig, seeds: Sequence[int]) -> dict[str, Any]:
-    """run_finetune once per seed into OUT/seed-N/; the report gets each run + mean +- std,
-    the headline metrics the mean +- std."""
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct, got {list(seeds)}")
-    paths = cfg.output_paths()
-    runs = {}
-    for seed in seeds:
-        run_dir = paths["out"] / f"seed-{seed}"
-        per_seed = dict(out=str(run_dir), metrics=None, report=None, predictions=None, plot=None)
-        runs[seed] = run_finetune(replace(cfg, seed=seed, **per_seed))
-        if "interrupted_after_epoch" in runs[seed]:
-            return runs[seed]
-    summary = {"task": cfg.task, **seed_summary(runs)}
-    metrics = {k: summary[k] for k in ("task", "seeds", "dev", "test")}
-    for key, content in (("report", summary), ("metrics", metrics)):
-        paths[key].parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(paths[key], content)
-    lines = [f"== finetune {cfg.task}: {len(seeds)} seeds =="]
-    for seed, r in summary["runs"].items():
-        t = r["test"]
-        lines.append(
-            f"seed {seed}: best epoch {r['best_epoch']}, test P/R/F1 "
-            f"{t['precision']:.4f} / {t['recall']:.4f} / {t['f1']:.4f}"
-        )
-    for split in ("dev", "test"):
-        s = summary[split]
-        lines.append(
-            f"{split} mean +- std: "
-            + ", ".join(f"{k[0].upper()} {s[k]['mean']:.4f} +- {s[k]['std']:.4f}" for k in s)
-        )
-    lines.append(f"metrics -> {paths['metrics']}; report -> {paths['report']}")
-    print("\n".join(lines), flush=True)
-    return summary
-
-
-def save_finetuned(model: FinetuneModel, tokenizer, mcfg, id2label, cfg, path: Path) -> None:
-    """Encoder as a pretraining checkpoint (reusable as --init) + head weights and labels."""
-    from safetensors.torch import save_file
-
-    from trainer.model import save_pretrained
-
-    save_pretrained(model.encoder, tokenizer, mcfg, path)
-    state = {k: v.contiguous().cpu() for k, v in model.head.state_dict().items()}
-    save_file(state, str(path / "head.safetensors"), metadata={"task": cfg.task})
-    (path / "labels.json").write_text(json.dumps(id2label, indent=1), encoding="utf-8")
-
-
-def _progress(iterable, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, disable=not sys.stderr.isatty())
-
-
-def _summary(cfg, report, wall, paths) -> None:
-    t = report["test"]["overall"]
-    d = report["dev"]["overall"]
-    per = report["test"].get("per_type") or report["test"].get("per_relation")
-    lines = [
-        f"== finetune {cfg.task}: {report['encoder']['text_encoder']} "
-        f"({report['encoder']['kind']}) ==",
-        f"epochs run {report['epochs_run']}, best epoch {report['best_epoch']}, wall {wall:.1f}s",
-        f"text-only samples: {report['text_only']['samples']}",
-        f"dev  P/R/F1 {d['precision']:.4f} / {d['recall']:.4f} / {d['f1']:.4f}",
-        f"test P/R/F1 {t['precision']:.4f} / {t['recall']:.4f} / {t['f1']:.4f}"
-        + (f"  acc {t['accuracy']:.4f}" if "accuracy" in t else ""),
-        "per "
-        + ("type" if cfg.task == "mner" else "relation")
-        + " (test F1): "
-        + ", ".join(f"{k} {v['f1']:.3f}" for k, v in per.items()),
-        f"metrics -> {paths['metrics']}; report -> {paths['report']}; "
-        f"predictions -> {paths['predictions']}"
-        + (f"; plot -> {paths['plot']}" if paths["plot"] else ""),
-    ]
-    print("\n".join(lines), flush=True)

@@ -43,7 +43,7 @@ HASHED_FILES = ("train", "dev", "test")  # by content, not by path: the data may
 
 def fingerprint(cfg, rel2id: str | None, text_only: dict[str, int]) -> dict[str, Any]:
     """What determines the training run: params, data file contents, init files, images found."""
-    from pipeline.shards import file_sha256
+    from pmu.io import file_sha256
 
     params = {
         k: v

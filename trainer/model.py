@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline import models as presets
+from pipeline import models
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -96,7 +96,7 @@ class PretrainModel(nn.Module):
         cfg.image_size = int(vit.config.image_size)
         cfg.patch_size = int(vit.config.patch_size)
         hidden, v_hidden = bert.config.hidden_size, vit.config.hidden_size
-        with presets.seeded(INIT_SEED):
+        with models.seeded(INIT_SEED):
             # patch projection ViT width -> BERT width, and the image modality type embedding
             # (text tokens keep BERT's own token-type-0 embedding as their modality embedding).
             self.patch_proj = nn.Sequential(nn.Linear(v_hidden, hidden), nn.LayerNorm(hidden))
@@ -301,26 +301,26 @@ def image_normalisation(source: str) -> tuple[list[float], list[float]] | None:
 def _random_bert(vocab_size: int):
     from transformers import BertConfig, BertModel
 
-    with presets.seeded(presets.TINY_SEED):
+    with models.seeded(models.TINY_SEED):
         return BertModel(BertConfig(vocab_size=vocab_size), add_pooling_layer=False)
 
 
 def _random_vit():
     from transformers import ViTConfig, ViTModel
 
-    with presets.seeded(presets.TINY_SEED + 1):
+    with models.seeded(models.TINY_SEED + 1):
         return ViTModel(ViTConfig(), add_pooling_layer=False)
 
 
 def build_tokenizer(cfg: ModelConfig):
     """The tokenizer that goes with cfg's text encoder (random_init uses the shipped vocab)."""
     if cfg.tokenizer:
-        return presets.load_tokenizer(cfg.preset, cfg.tokenizer)
+        return models.load_tokenizer(cfg.preset, cfg.tokenizer)
     if cfg.text_encoder:
-        return presets.load_tokenizer(cfg.preset, cfg.text_encoder)
+        return models.load_tokenizer(cfg.preset, cfg.text_encoder)
     if cfg.random_init:
-        return presets.load_tokenizer("tiny")
-    return presets.load_tokenizer(cfg.preset)
+        return models.load_tokenizer("tiny")
+    return models.load_tokenizer(cfg.preset)
 
 
 def build_model(cfg: ModelConfig) -> PretrainModel:
@@ -330,21 +330,21 @@ def build_model(cfg: ModelConfig) -> PretrainModel:
     BertConfig()/ViTConfig() defaults) with random weights, for benchmarks without downloads.
     """
     if cfg.text_encoder:
-        bert = presets.load_text_encoder(cfg.preset, cfg.text_encoder)
+        bert = models.load_text_encoder(cfg.preset, cfg.text_encoder)
     elif cfg.random_init and cfg.preset == "base":
         bert = _random_bert(30522)  # bert-base-uncased vocabulary size
     else:
-        bert = presets.load_text_encoder(cfg.preset)
+        bert = models.load_text_encoder(cfg.preset)
     vision_source = None  # a real ViT (folder or hub): its image processor normalises
     if cfg.vision_encoder:
-        vit = presets.load_vision_encoder(cfg.preset, cfg.vision_encoder)
+        vit = models.load_vision_encoder(cfg.preset, cfg.vision_encoder)
         vision_source = cfg.vision_encoder
     elif cfg.random_init and cfg.preset == "base":
         vit = _random_vit()
     else:
-        vit = presets.load_vision_encoder(cfg.preset)
-        vision_source = presets.get_preset(cfg.preset).vision_encoder
-    if vision_source not in (None, *presets.RANDOM_VIT) and cfg.image_mean is None:
+        vit = models.load_vision_encoder(cfg.preset)
+        vision_source = models.get_preset(cfg.preset).vision_encoder
+    if vision_source not in (None, *models.RANDOM_VIT) and cfg.image_mean is None:
         found = image_normalisation(vision_source)
         if found is None:
             print(
@@ -362,7 +362,7 @@ def _build_from_configs(cfg: ModelConfig, bert_cfg: dict, vit_cfg: dict) -> Pret
     bert_config = AutoConfig.for_model(**bert_cfg)
     vit_config = AutoConfig.for_model(**vit_cfg)
     kw = {"add_pooling_layer": False}
-    with presets.seeded(presets.TINY_SEED):
+    with models.seeded(models.TINY_SEED):
         bert = AutoModel.from_config(bert_config, **kw)
         vit = AutoModel.from_config(vit_config, **kw)
     return PretrainModel(cfg, bert, vit)

@@ -26,10 +26,11 @@ import numpy as np
 if __package__ in (None, ""):  # `python trainer/plot_alignment.py` puts trainer/ first on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import shards  # noqa: E402
 from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES  # noqa: E402
 from pipeline.report.collect import Reservoir  # noqa: E402
 from pipeline.report.images import decode_image, pixel_box  # noqa: E402
+from pmu import shards  # noqa: E402
+from pmu.io import write_json_atomic
 
 ENTITY_TEMPLATE = ENTITY_TEMPLATES[0]
 RELATION_TEMPLATE = RELATION_TEMPLATES[0]
@@ -219,7 +220,7 @@ def plot_alignment(
     import torch
     from matplotlib.figure import Figure
 
-    from pipeline.runtime import select_device
+    from pmu.runtime import select_device
     from trainer.model import build_tokenizer, load_pretrained
 
     dev = select_device(device)
@@ -321,7 +322,7 @@ def _rounded(value: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from pipeline.runtime import configure_process
+    from pmu.runtime import configure_process
 
     configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = parser.parse_args(argv)
 
-    from pipeline.runtime import set_threads
+    from pmu.runtime import set_threads
 
     set_threads(args.threads or None)
     summary = plot_alignment(
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size, device=args.device,
     )  # fmt: skip
     if args.metrics:
-        shards.write_json_atomic(args.metrics, summary)
+        write_json_atomic(args.metrics, summary)
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -35,7 +35,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.errors import UserError  # noqa: E402
+from pmu.errors import InputError  # noqa: E402
 
 
 @dataclass
@@ -59,10 +59,10 @@ def load_examples(path: str | os.PathLike, size: int) -> tuple[Any, list[list], 
     import numpy as np
 
     from pipeline.images import decode_rgb, read_image_bytes
-    from pipeline.teacher import read_annotations
+    from pmu.truth import read_truth
     from trainer.data import vit_pixels
 
-    rows = read_annotations(path)
+    rows = read_truth(path)
     classes = sorted({c for r in rows for c in r["classes"]})
     index = {c: i for i, c in enumerate(classes)}
     pixels, objects = [], []
@@ -155,22 +155,22 @@ def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from pipeline import models as presets
-    from pipeline.runtime import set_threads
-    from pipeline.shards import write_json_atomic
-    from trainer.optim import build_optimizer, build_scheduler
+    from pipeline import models
+    from pmu.io import write_json_atomic
+    from pmu.optim import build_optimizer, build_scheduler
+    from pmu.runtime import set_threads
 
-    if cfg.preset not in presets.RANDOM_VIT:
-        raise UserError(
+    if cfg.preset not in models.RANDOM_VIT:
+        raise InputError(
             f"--preset {cfg.preset!r}: only the random-init presets "
-            f"({', '.join(presets.RANDOM_VIT)}) need this step; base loads a pretrained ViT"
+            f"({', '.join(models.RANDOM_VIT)}) need this step; base loads a pretrained ViT"
         )
     if not Path(cfg.annotations).is_file():
-        raise UserError(f"--annotations {cfg.annotations}: no such file (a truth.jsonl)")
+        raise InputError(f"--annotations {cfg.annotations}: no such file (a truth.jsonl)")
     set_threads(cfg.threads)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    vit = presets.load_vision_encoder(cfg.preset).train()
+    vit = models.load_vision_encoder(cfg.preset).train()
     size, patch = int(vit.config.image_size), int(vit.config.patch_size)
     grid = (size // patch, size // patch)
     pixels, objects, classes = load_examples(cfg.annotations, size)
@@ -181,7 +181,7 @@ def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
     print(f"vision-init: {len(train_idx)} train / {n_held} held-out images, {n_classes} classes")
 
     hidden = int(vit.config.hidden_size)
-    with presets.seeded(cfg.seed):
+    with models.seeded(cfg.seed):
         obj_head, img_head = torch.nn.Linear(hidden, n_classes), torch.nn.Linear(hidden, n_classes)
     heads = torch.nn.ModuleList([obj_head, img_head])
     optimizer = build_optimizer([(vit, cfg.lr), (heads, cfg.lr)], cfg.weight_decay)
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         train_vision(VisionInitConfig(**vars(args)))
-    except UserError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,73 +1,17 @@
 """Input readers: one module per format, each yielding `RawRecord`s and never raising per record.
 
-Whole-input problems (a missing file, an unknown source or format) raise `UserError` when the
+Whole-input problems (a missing file, an unknown source or format) raise `InputError` when the
 reader is created, before any output exists; bad records come back with a `problem`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import UserError, require_dir, require_file, require_path
+from pmu.errors import InputError, require_dir, require_file, require_path
 
 SOURCES = ("sample", "newsclippings", "table", "wds", "hf", "world")
-
-# Reason of an image path that leaves the image root (`../`, or absolute elsewhere).
-IMAGE_OUTSIDE_ROOT = "image: outside the image root"
-
-
-@dataclass
-class RawRecord:
-    """One image-caption pair as a reader found it, before validation.
-
-    `caption` is bytes when the reader could not decode it as UTF-8 (prepare rejects it with a
-    reason); `problem` is a reader-level reason (e.g. a missing field) that rejects the record.
-    """
-
-    id: str
-    source: str
-    image_path: str | None
-    caption: str | bytes | None
-    itm: int = 1
-    problem: str | None = None
-
-
-def text_or_bytes(raw: bytes) -> str | bytes:
-    """UTF-8 text, or the raw bytes back when they do not decode (rejected later with a reason)."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw
-
-
-def unescape_surrogates(value: str) -> str | bytes:
-    """A str decoded with `surrogateescape`: the text, or the original bytes if it was not UTF-8."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            return value.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:  # lone surrogates from JSON escapes: still not valid UTF-8
-            return value.encode("utf-8", "surrogatepass")
-    return value
-
-
-def image_under_root(
-    value: str, root: str | os.PathLike, allow_outside: bool = False
-) -> tuple[str | None, str | None]:
-    """(path, problem): `value` joined to `root` (an absolute value stays as it is).
-
-    A path that leaves the root, lexically (`../` parts, or an absolute path elsewhere), is
-    refused unless `allow_outside`; symbolic links inside the root are followed as they are.
-    """
-    path = Path(root) / value
-    if not allow_outside:
-        base = os.path.abspath(root)
-        if os.path.commonpath([os.path.abspath(path), base]) != base:
-            return None, f"{IMAGE_OUTSIDE_ROOT} ({value} is not under {root})"
-    return str(path), None
 
 
 def read_source(
@@ -82,13 +26,13 @@ def read_source(
     image_store: str | os.PathLike | None = None,
 ):
     """The record iterator for one source name (`sample`, `newsclippings`, `table`, `wds`,
-    `hf`, `world`), after checking that its inputs exist (`UserError` otherwise).
+    `hf`, `world`), after checking that its inputs exist (`InputError` otherwise).
 
     `allow_outside_root` lets image paths leave the image root; `split` and `image_store` (where
     images held as bytes are written) are for `hf`.
     """
     if source not in SOURCES:
-        raise UserError(f"unknown source {source!r}", f"use --source with one of {SOURCES}")
+        raise InputError(f"unknown source {source!r}", f"use --source with one of {SOURCES}")
     if image_root is not None:
         require_dir(image_root, "--image-root", "pass the folder the image paths are relative to")
     if source == "sample":
@@ -102,7 +46,7 @@ def read_source(
             )
         return read_sample(input_path, allow_outside_root)
     if input_path is None:
-        raise UserError(f"--input is required for source {source!r}", INPUT_HINTS[source])
+        raise InputError(f"--input is required for source {source!r}", INPUT_HINTS[source])
     if source == "hf":
         from pipeline.readers.hf import open_hf
 
@@ -119,7 +63,7 @@ def read_source(
 
         require_file(input_path, "--input", INPUT_HINTS[source])
         if visualnews_data is None:
-            raise UserError(
+            raise InputError(
                 "source 'newsclippings' needs --visualnews-data", "pass VisualNews' data.json"
             )
         require_file(visualnews_data, "--visualnews-data", "pass VisualNews' data.json")
@@ -133,7 +77,7 @@ def read_source(
     from pipeline.readers.webdataset_tars import read_wds, tar_files
 
     if not tar_files(input_path):
-        raise UserError(f"no *.tar files in {input_path}", INPUT_HINTS[source])
+        raise InputError(f"no *.tar files in {input_path}", INPUT_HINTS[source])
     return read_wds(input_path)
 
 

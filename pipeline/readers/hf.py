@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.readers import RawRecord, image_under_root
+from pipeline.readers.records import RawRecord, image_under_root
 from pipeline.readers.rows import Columns, field_value, path_field, row_record
+from pmu.errors import InputError
 
 SOURCE = "hf"
 MAGIC = (
@@ -66,7 +66,7 @@ def _datasets():
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - depends on the installed packages
-        raise UserError(
+        raise InputError(
             "--source hf needs the `datasets` package", "pip install datasets (see pyproject.toml)"
         ) from exc
     return datasets
@@ -75,13 +75,13 @@ def _datasets():
 def _choose_split(splits: list[str], split: str | None, where: str) -> str:
     if split is not None:
         if split not in splits:
-            raise UserError(f"{where} has no split {split!r}", f"use --split with one of {splits}")
+            raise InputError(f"{where} has no split {split!r}", f"use --split with one of {splits}")
         return split
     if "train" in splits:
         return "train"
     if len(splits) == 1:
         return splits[0]
-    raise UserError(f"{where} has the splits {splits}", "choose one with --split")
+    raise InputError(f"{where} has the splits {splits}", "choose one with --split")
 
 
 def _open_saved(folder: Path, split: str | None) -> tuple[Any, str]:
@@ -90,11 +90,11 @@ def _open_saved(folder: Path, split: str | None) -> tuple[Any, str]:
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as exc:  # noqa: BLE001 (datasets raises several types for a bad folder)
-        raise UserError(f"{folder} cannot be loaded with load_from_disk ({exc})", HINT) from exc
+        raise InputError(f"{folder} cannot be loaded with load_from_disk ({exc})", HINT) from exc
     if isinstance(loaded, datasets.DatasetDict):
         loaded = loaded[_choose_split(list(loaded), split, str(folder))]
     elif split is not None:
-        raise UserError(f"{folder} is a single dataset without splits", "leave out --split")
+        raise InputError(f"{folder} is a single dataset without splits", "leave out --split")
     return loaded.to_iterable_dataset(), folder.resolve().name
 
 
@@ -107,7 +107,7 @@ def _open_hub(name: str, split: str | None) -> tuple[Any, str]:
     ) not in ("", "0")
     reason = "the offline switches are set" if offline else hub_unreachable(hub_url())
     if reason:
-        raise UserError(
+        raise InputError(
             f"{name!r} is not a local folder, and the hub cannot be used ({reason})",
             "pass a folder saved with save_to_disk (or unset HF_DATASETS_OFFLINE / HF_HUB_OFFLINE "
             "on a machine with internet)",
@@ -117,10 +117,10 @@ def _open_hub(name: str, split: str | None) -> tuple[Any, str]:
             splits = list(datasets.get_dataset_split_names(name))
             split = _choose_split(splits, None, name)
         loaded = datasets.load_dataset(name, split=split, streaming=True)
-    except UserError:
+    except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"cannot open hub dataset {name!r} ({exc})", HINT) from exc
+        raise InputError(f"cannot open hub dataset {name!r} ({exc})", HINT) from exc
     return loaded, name.replace("/", "_")
 
 
@@ -132,20 +132,20 @@ def open_hf(
     image_store: str | os.PathLike,
     allow_outside_root: bool = False,
 ) -> Iterator[RawRecord]:
-    """Open the dataset and check its columns now (a `UserError` names the columns there are);
+    """Open the dataset and check its columns now (a `InputError` names the columns there are);
     return the iterator of its records. Images held as bytes are written to `image_store`."""
     cols = columns or Columns()
     local = Path(input_path)
     if local.is_dir():
         if not any((local / m).is_file() for m in SAVED_MARKERS):
-            raise UserError(
+            raise InputError(
                 f"{local} is not a folder saved with save_to_disk (no dataset_info.json)",
                 "save it with Dataset.save_to_disk, or use --source table for files",
             )
         dataset, name = _open_saved(local, split)
         root = Path(image_root) if image_root is not None else local
     elif local.exists():
-        raise UserError(f"{local} is a file, not a dataset folder", HINT)
+        raise InputError(f"{local} is a file, not a dataset folder", HINT)
     else:
         dataset, name = _open_hub(str(input_path), split)
         root = Path(image_root) if image_root is not None else Path(".")
@@ -157,7 +157,7 @@ def open_hf(
                 hint = f"choose with {option} among {list(features)}"
                 if images and option == "--image-col":
                     hint += f" (Image features: {images})"
-                raise UserError(f"{input_path} has no column {column!r}", hint)
+                raise InputError(f"{input_path} has no column {column!r}", hint)
         feature = features[cols.image]
         if type(feature).__name__ == "Image" and getattr(feature, "decode", False):
             dataset = dataset.cast_column(cols.image, _datasets().Image(decode=False))

@@ -14,8 +14,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.readers import RawRecord, image_under_root
+from pipeline.readers.records import RawRecord, image_under_root
+from pmu.errors import InputError
 
 
 def _load_json(path: str | os.PathLike, what: str) -> object:
@@ -23,7 +23,7 @@ def _load_json(path: str | os.PathLike, what: str) -> object:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{what} {path} is not valid JSON ({exc})", "check the file") from exc
+        raise InputError(f"{what} {path} is not valid JSON ({exc})", "check the file") from exc
 
 
 def load_visualnews(data_json: str | os.PathLike) -> dict[str, dict]:
@@ -32,7 +32,9 @@ def load_visualnews(data_json: str | os.PathLike) -> dict[str, dict]:
     if isinstance(items, dict):  # some re-distributions key the items by id
         items = [dict(v, id=v.get("id", k)) for k, v in items.items() if isinstance(v, dict)]
     if not isinstance(items, list):
-        raise UserError(f"{data_json} is not a list of VisualNews items", "check --visualnews-data")
+        raise InputError(
+            f"{data_json} is not a list of VisualNews items", "check --visualnews-data"
+        )
     return {str(item["id"]): item for item in items if isinstance(item, dict) and "id" in item}
 
 
@@ -49,7 +51,7 @@ def read_newsclippings(
     doc = _load_json(annotations, "NewsCLIPpings annotations")
     rows = doc.get("annotations") if isinstance(doc, dict) else doc
     if not isinstance(rows, list):
-        raise UserError(
+        raise InputError(
             f"{annotations} has no list of annotations", "pass a NewsCLIPpings annotation JSON"
         )
     for n, ann in enumerate(rows):

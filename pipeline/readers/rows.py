@@ -7,7 +7,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.readers import RawRecord, text_or_bytes, unescape_surrogates
+from pipeline.readers.records import RawRecord, text_or_bytes, unescape_surrogates
 
 
 @dataclass

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.readers import RawRecord, image_under_root
+from pipeline.readers.records import RawRecord, image_under_root
 from pipeline.readers.rows import itm_field
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample"

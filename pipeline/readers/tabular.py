@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.readers import RawRecord, image_under_root
+from pipeline.readers.records import RawRecord, image_under_root
 from pipeline.readers.rows import Columns, field_value, path_field, row_record
+from pmu.errors import InputError
 
 __all__ = ["Columns", "read_table", "table_format"]
 
@@ -25,7 +25,7 @@ CSV_FIELD_LIMIT = 1 << 28
 def table_format(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise UserError(
+        raise InputError(
             f"unknown table format {suffix!r} of {path}",
             f"use a table ending in one of {sorted(FORMATS)}",
         )
@@ -67,7 +67,7 @@ def _iter_parquet(path: Path, cols: Columns) -> Iterator[dict[str, Any] | str]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 (pyarrow raises several types for a bad file)
-        raise UserError(f"{path} is not a readable parquet file ({exc})", "check --input") from exc
+        raise InputError(f"{path} is not a readable parquet file ({exc})", "check --input") from exc
     wanted = [c for c in (cols.id, cols.image, cols.caption, cols.itm) if c in pf.schema.names]
     for batch in pf.iter_batches(columns=wanted, batch_size=4096):
         yield from batch.to_pylist()

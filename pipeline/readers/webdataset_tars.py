@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.images import tar_ref
-from pipeline.readers import RawRecord, text_or_bytes
+from pipeline.readers.records import RawRecord, text_or_bytes
 from pipeline.readers.rows import id_field, itm_field
-from pipeline.shards import split_member, unsafe_member_reason
+from pmu.shards import split_member, unsafe_member_reason
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_TEXT_BYTES = 1 << 20

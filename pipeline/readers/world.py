@@ -6,9 +6,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.readers import RawRecord
+from pipeline.readers.records import RawRecord
 from pipeline.readers.tabular import read_table
+from pmu.errors import InputError
 
 PAIRS_FILE = "pairs.jsonl"
 DEFAULT_SPLIT = "corpus"
@@ -21,7 +21,7 @@ def world_pairs_path(input_path: str | os.PathLike) -> Path:
     for candidate in (path, path / PAIRS_FILE, path / DEFAULT_SPLIT / PAIRS_FILE):
         if candidate.is_file():
             return candidate
-    raise UserError(
+    raise InputError(
         f"{path} is neither a world folder (with {DEFAULT_SPLIT}/{PAIRS_FILE}) nor a split "
         f"folder with {PAIRS_FILE}",
         "build one with `pipeline synth-world --out DIR`",

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shards
 from pipeline.report import html, images
 from pipeline.report.collect import MAX_LISTED, LabelStats, scan_shards
 from pipeline.report.plots import histograms_png
+from pmu import shards
 
 MAX_REJECTED_LISTED = 200
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shards
+from pmu import shards
 
 N_BINS = 40
 MAX_LISTED = 20  # ids listed for "images without detections" and unreadable samples

@@ -1,33 +1,20 @@
-"""The command line of trainer/run.py: TrainConfig, params.yaml defaults, input checks.
+"""Pretraining's settings (`TrainConfig`, one field per flag and params.yaml key) and the
+checks of their values and of the shard folder, before anything heavy is imported.
 
-Imports nothing heavy: `--help`, bad values and a missing shard folder answer in about a second,
-before torch is loaded. `main` then hands the config to `trainer.run.train`.
+Light on purpose (stdlib + the settings helpers): `python trainer/run.py --help`, bad values and
+a missing shard folder answer in about a second, before torch is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
-import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.runtime import configure_process
-from trainer.settings import (
-    UsageError,
-    add_config_flags,
-    check_types,
-    config_values,
-    describe_source,
-    find_params,
-    load_group,
+from pmu.errors import InputError
+from pmu.settings import (
     opt,
-    refuse_dvc_outputs,
-    run_main,
 )
 
 LOSSES = ("itm", "cit", "coe", "cir")  # trainer.losses.LOSS_NAMES (kept light here)
@@ -121,12 +108,12 @@ class TrainConfig:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Values that cannot work: one UsageError naming the flag."""
-    from pipeline.models import PRESETS
+    """Values that cannot work: one InputError naming the flag."""
+    from pmu.presets import PRESETS
 
     def need(ok: bool, message: str) -> None:
         if not ok:
-            raise UsageError(message)
+            raise InputError(message)
 
     need(cfg.preset in PRESETS, f"--preset {cfg.preset!r}: choose one of {sorted(PRESETS)}")
     need(
@@ -166,24 +153,24 @@ def check_config(cfg: TrainConfig) -> None:
 
 def check_inputs(cfg: TrainConfig) -> int:
     """The shard folder is complete (sizes.json, listed shards, vocabularies); returns the
-    number of samples. Each problem is a UsageError saying what to run."""
+    number of samples. Each problem is a InputError saying what to run."""
     folder = Path(cfg.shards)
     how = "label the pairs first: `pipeline label-objects --out DIR` (or `dvc repro`)"
     if not folder.is_dir():
-        raise UsageError(f"--shards {cfg.shards}: no such folder; {how}")
+        raise InputError(f"--shards {cfg.shards}: no such folder; {how}")
     sizes_file = folder / "sizes.json"
     if not sizes_file.is_file():
-        raise UsageError(f"no shards here: {folder} has no sizes.json; {how}")
+        raise InputError(f"no shards here: {folder} has no sizes.json; {how}")
     try:
         sizes = json.loads(sizes_file.read_text(encoding="utf-8"))
         n_samples = sum(int(v) for v in sizes.values())
     except (ValueError, AttributeError, TypeError) as e:
-        raise UsageError(f"{sizes_file} is not a shard-size table ({e}); {how}") from None
+        raise InputError(f"{sizes_file} is not a shard-size table ({e}); {how}") from None
     if n_samples == 0:
-        raise UsageError(f"no samples: {sizes_file} lists {len(sizes)} shards with 0 samples")
+        raise InputError(f"no samples: {sizes_file} lists {len(sizes)} shards with 0 samples")
     missing = sorted(name for name in sizes if not (folder / name).is_file())
     if missing:
-        raise UsageError(
+        raise InputError(
             f"{folder}: {len(missing)} shard(s) listed in sizes.json are missing "
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); re-run label-objects"
         )
@@ -194,72 +181,7 @@ def check_inputs(cfg: TrainConfig) -> int:
             if not isinstance(vocab, list):
                 raise TypeError(f"`{key}` is not a list")
         except FileNotFoundError:
-            raise UsageError(f"{path} missing: the shard folder is incomplete; {how}") from None
+            raise InputError(f"{path} missing: the shard folder is incomplete; {how}") from None
         except (ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"{path} is not a vocabulary file ({e}); {how}") from None
+            raise InputError(f"{path} is not a vocabulary file ({e}); {how}") from None
     return n_samples
-
-
-# ------------------------------------------------------------------------------ CLI
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """(config, extra flags): code defaults < params.yaml `pretrain:` < flags."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--params")
-    known, _ = pre.parse_known_args(argv)
-    params = find_params(known.params)
-    names = {f.name for f in fields(TrainConfig)}
-    defaults = load_group(params, PARAMS_GROUP, names) if params else {}
-    defaults = check_types(TrainConfig, defaults, f"{params} `{PARAMS_GROUP}:`")
-
-    parser = argparse.ArgumentParser(
-        prog="trainer/run.py",
-        description="Pretrain the fusion encoder on labelled shards (ITM + CIT + COE + CIR).",
-        epilog=describe_source(params, f"`{PARAMS_GROUP}:`"),
-    )
-    parser.add_argument(
-        "--params",
-        metavar="FILE",
-        help=f"YAML whose `{PARAMS_GROUP}:` group sets the defaults; `none` for the code "
-        f"defaults (default: params.yaml here or in a parent folder: {params or 'none found'})",
-    )
-    add_config_flags(parser, TrainConfig, defaults)
-    parser.add_argument(
-        "--force", action="store_true", help="allow writing DVC-tracked outputs outside dvc repro"
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show tracebacks of expected errors too"
-    )
-    args = parser.parse_args(argv)
-    values = {**defaults, **config_values(vars(args), TrainConfig)}
-    try:
-        cfg = TrainConfig(**values)
-    except TypeError as e:
-        raise UsageError(str(e)) from None
-    args.params_file = params
-    return cfg, args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python trainer/run.py ...`: parse, check, train; exit 2 with a message on bad input."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-
-    def body() -> Any:
-        configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
-        cfg, args = parse_args(argv)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(describe_source(args.params_file, f"`{PARAMS_GROUP}:`"), flush=True)
-        check_config(cfg)
-        check_inputs(cfg)
-        refuse_dvc_outputs(cfg.outputs(), args.force)
-        from pipeline.models import WeightsUnavailable
-        from trainer.run import train
-
-        try:
-            return train(cfg)
-        except WeightsUnavailable as e:
-            raise UsageError(str(e)) from e
-
-    return run_main(body, debug, (UserError,))

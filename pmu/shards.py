@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from pmu.io import atomic_path, file_sha256
+
 CONTRACT_VERSION = 1
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_GLOB = "shard-*.tar"
@@ -100,10 +102,8 @@ def encode_sample(sample: LabelledSample) -> dict[str, bytes]:
 
 def write_shard(path: str | os.PathLike, samples: Iterable[LabelledSample]) -> int:
     """Write one shard deterministically and atomically; return the number of samples."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for sample in samples:
                 for suffix, data in encode_sample(sample).items():
@@ -115,18 +115,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[LabelledSample]) -> i
                 count += 1
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
     return count
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Pretty, key-sorted JSON written to a temp file and renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(
-        json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    os.replace(tmp, path)
 
 
 def unsafe_member_reason(info: tarfile.TarInfo) -> str | None:
@@ -199,14 +188,6 @@ def read_vocabularies(shard_dir: str | os.PathLike) -> tuple[list[str], list[str
     entities = json.loads((shard_dir / ENTITIES_FILE).read_text(encoding="utf-8"))["entities"]
     relations = json.loads((shard_dir / RELATIONS_FILE).read_text(encoding="utf-8"))["relations"]
     return [e["name"] for e in entities], [r["label"] for r in relations]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_hashes(root: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:

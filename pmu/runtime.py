@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from pipeline.errors import UserError
+from pmu.errors import InputError
 
 REPRODUCIBLE_VAR = "PMU_REPRODUCIBLE"
 THREADS_VAR = "PMU_THREADS"
@@ -35,7 +35,7 @@ def reproducible() -> bool:
         return False
     if raw in {"1", "true", "yes", "on"}:
         return True
-    raise UserError(f"{REPRODUCIBLE_VAR} must be 1 or 0, got {raw!r}", "set it to 1 or 0")
+    raise InputError(f"{REPRODUCIBLE_VAR} must be 1 or 0, got {raw!r}", "set it to 1 or 0")
 
 
 def reproducible_threads() -> int:
@@ -44,7 +44,7 @@ def reproducible_threads() -> int:
     if not raw:
         return REPRODUCIBLE_THREADS
     if not raw.isdigit() or int(raw) < 1:
-        raise UserError(f"{THREADS_VAR} must be a positive integer, got {raw!r}", "e.g. 2")
+        raise InputError(f"{THREADS_VAR} must be a positive integer, got {raw!r}", "e.g. 2")
     return int(raw)
 
 

@@ -1,36 +1,20 @@
-"""The command line of trainer/finetune.py: FinetuneConfig, params.yaml defaults, input checks.
+"""Fine-tuning's settings (`FinetuneConfig`, one field per flag and params.yaml key) and the
+checks of their values and input files, before anything heavy is imported.
 
-Imports nothing heavy, so `--help` and bad arguments answer before torch is loaded. Defaults
-come from params.yaml's `finetune:` group, with `finetune: <task>:` (data paths, max_len) over
-it; flags override. `main` hands the config to `trainer.finetune.run_finetune` / `run_seeds`.
+Defaults come from params.yaml's `finetune:` group, with `finetune: <task>:` (data paths,
+max_len) over it; flags override (`trainer/finetune.py`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
-import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.runtime import configure_process
-from trainer.settings import (
-    UsageError,
-    add_config_flags,
-    check_types,
-    config_values,
-    describe_source,
-    find_params,
-    load_group,
+from pmu.errors import InputError
+from pmu.settings import (
     opt,
-    refuse_dvc_outputs,
-    relative_to_cwd,
-    run_main,
 )
 
 TASKS = ("mner", "mre")
@@ -126,11 +110,11 @@ class FinetuneConfig:
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """Values that cannot work, and input files that are not there: one UsageError."""
+    """Values that cannot work, and input files that are not there: one InputError."""
 
     def need(ok: bool, message: str) -> None:
         if not ok:
-            raise UsageError(message)
+            raise InputError(message)
 
     need(cfg.task in TASKS, f"--task {cfg.task!r}: choose one of {list(TASKS)}")
     for name in ("train", "dev", "test"):
@@ -150,7 +134,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         0 <= cfg.max_missing_images <= 1,
         f"--max-missing-images {cfg.max_missing_images}: a share in [0, 1]",
     )
-    from pipeline.models import PRESETS  # a plain dict module: no torch import
+    from pmu.presets import PRESETS
 
     need(
         cfg.init in PRESETS or Path(cfg.init).is_dir(),
@@ -167,93 +151,4 @@ def check_config(cfg: FinetuneConfig) -> None:
     need(
         bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device)),
         f"--device {cfg.device!r}: use auto, cpu, cuda or cuda:N",
-    )
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, list[int] | None, Any]:
-    """(config, seeds, extra flags): code defaults < params.yaml < flags."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--params")
-    pre.add_argument("--task", choices=TASKS)
-    known, _ = pre.parse_known_args(argv)
-    params = find_params(known.params)
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    defaults: dict[str, Any] = {}
-    if params is not None:
-        defaults = load_group(params, PARAMS_GROUP, names, subgroup=known.task)
-        defaults = check_types(FinetuneConfig, defaults, f"{params} `{PARAMS_GROUP}:`")
-        for name in PATH_FIELDS:
-            if name in defaults:
-                defaults[name] = relative_to_cwd(defaults[name], params.parent)
-
-    parser = argparse.ArgumentParser(
-        prog="trainer/finetune.py",
-        description="Fine-tune and evaluate MNER (CRF) or MRE (entity markers) on the fusion "
-        "encoder: best dev epoch, evaluated on test.",
-        epilog=describe_source(params, SOURCE),
-    )
-    parser.add_argument(
-        "--params",
-        metavar="FILE",
-        help=f"YAML whose `{PARAMS_GROUP}:` group (and its `mner:` / `mre:` subgroup) sets the "
-        f"defaults; `none` for the code defaults (found: {params or 'none'})",
-    )
-    parser.add_argument("--task", choices=TASKS, help="mner | mre (required)")
-    add_config_flags(parser, FinetuneConfig, defaults, skip=("task",))
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="run once per seed (OUT/seed-N/) and report each run plus mean +- std",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="allow writing DVC-tracked outputs outside dvc repro"
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors too")
-    args = parser.parse_args(argv)
-    if args.task is None:
-        raise UsageError("--task is required: mner or mre")
-    values = {**defaults, **config_values(vars(args), FinetuneConfig)}
-    missing = [f"--{n}" for n in ("train", "dev", "test") if not values.get(n)]
-    if missing:
-        raise UsageError(
-            f"{', '.join(missing)} required (no params.yaml with `{PARAMS_GROUP}: "
-            f"{args.task}:` paths here or above)"
-        )
-    for name in (
-        "images", "images_train", "images_dev", "images_test", "rel2id", "vision_encoder",
-        "metrics", "predictions", "report",
-    ):  # fmt: skip
-        values[name] = values.get(name) or None  # "" (e.g. from params.yaml) means unset
-    cfg = FinetuneConfig(**values)
-    args.params_file = params
-    return cfg, args.seeds, args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python trainer/finetune.py ...`: parse, check, run; exit 2 with a message on bad input."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # offline-first: no hub retries
-        os.environ.setdefault(var, "1")
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-
-    def body() -> Any:
-        configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
-        cfg, seeds, args = parse_args(argv)
-        print(describe_source(args.params_file, SOURCE), flush=True)
-        check_config(cfg)
-        cfg = dataclasses.replace(cfg, out=str(cfg.output_paths()["out"]))
-        paths = cfg.output_paths()
-        refuse_dvc_outputs({f"--{k}": str(v) for k, v in paths.items() if v}, args.force)
-        from trainer.finetune import run_finetune, run_seeds
-
-        return run_seeds(cfg, seeds) if seeds else run_finetune(cfg)
-
-    from pipeline.models import WeightsUnavailable
-    from trainer.ie_data import DataFormatError
-
-    # bad data files, refused resumes and unavailable weights are the user's to fix
-    return run_main(
-        body, debug, (DataFormatError, FileNotFoundError, ValueError, WeightsUnavailable, UserError)
     )
