@@ -175,14 +175,14 @@ def stage_command(
             from_file = values.pop("params", "")
             if from_file:
                 explicit = {
-                    k
-                    for k in values
-                    if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE
+                    k for k in values if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE
                 }
                 for key, value in params_defaults(from_file, groups, set(by_name)).items():
                     if key not in explicit:
                         values[key] = value
-            given = {k: convert(*by_name[k][:1], v, by_name[k][1] or cls) for k, v in values.items()}
+            given = {
+                k: convert(*by_name[k][:1], v, by_name[k][1] or cls) for k, v in values.items()
+            }
             body(build_settings(cls, given))
 
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]

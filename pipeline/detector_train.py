@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pmu.io import atomic_path
+
 
 @dataclass(frozen=True)
 class DetectorTrainParams:
@@ -175,9 +177,8 @@ def train_detector(
 
         save_detector_safetensors(YOLO(str(best)), out)
     else:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.copyfile(best, tmp)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            shutil.copyfile(best, tmp)
     metrics = evaluate_detector(best, data_yaml, params.imgsz, params.batch, dev)
     summary = {
         "out": str(out),

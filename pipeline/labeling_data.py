@@ -23,6 +23,7 @@ from pipeline.images import (
     encode_jpeg,
     read_image_bytes,
 )
+from pmu.io import atomic_path
 
 PAIRS_COLUMNS = ("id", "source", "image_path", "caption", "itm", "width", "height")
 BOXES_METADATA_KEY = b"pmu_detect"
@@ -113,9 +114,8 @@ def write_boxes(path: str | os.PathLike, rows: list[dict[str, Any]], meta: dict[
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = BOXES_SCHEMA.with_metadata({BOXES_METADATA_KEY: json.dumps(meta, sort_keys=True)})
     table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def load_rgb(image_path: str, max_pixels: int) -> Image.Image:

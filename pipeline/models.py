@@ -265,7 +265,7 @@ def save_detector_safetensors(model, path: str | os.PathLike) -> Path:
     .safetensors (fp32; the header is written key-sorted, so equal weights give equal bytes)."""
     import json
 
-    from pmu.io import safetensors_bytes
+    from pmu.io import safetensors_bytes, write_bytes_atomic
 
     net = model.model
     state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
@@ -275,10 +275,7 @@ def save_detector_safetensors(model, path: str | os.PathLike) -> Path:
         "names": json.dumps({str(k): v for k, v in net.names.items()}, sort_keys=True),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(safetensors_bytes(state, meta))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, safetensors_bytes(state, meta))
     return path
 
 

@@ -7,7 +7,8 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+
+from pmu.io import atomic_path
 
 
 @dataclass
@@ -50,16 +51,11 @@ def write_pairs_parquet(pairs: list[Pair], path: str | os.PathLike) -> None:
     )
     columns = {name: [getattr(p, name) for p in pairs] for name in schema.names}
     table = pa.table(columns, schema=schema)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def write_jsonl_atomic(rows: Iterable[dict], path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.pairs import Pair, Rejection, write_pairs_parquet
+from pmu.io import write_text_atomic
 
 FINGERPRINT_FILE = "fingerprint.json"
 WORK_VERSION = 3  # 2: rejections keyed by record index; 3: shard-key collisions rejected
@@ -153,6 +154,4 @@ class WorkDir:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pmu.io import atomic_path, write_text_atomic
+
 WIKIDATA_SPARQL = "https://query.wikidata.org/sparql"
 SNAPSHOT = Path(__file__).resolve().parent / "assets" / "wikidata_relations.tsv"
 USER_AGENT = (
@@ -190,14 +192,11 @@ def build_snapshot(properties_tsv: str | os.PathLike, out: str | os.PathLike = S
             if r.get("datatype") == "WikibaseItem"
         ]
     rows = normalise(rows)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write("pid\tlabel\tdescription\taliases\n")
         for p in rows:
             cells = (p.pid, p.label, p.description, p.aliases)
             f.write("\t".join(c.replace("\t", " ") for c in cells) + "\n")
-    os.replace(tmp, out)
     return len(rows)
 
 
@@ -264,16 +263,12 @@ def read_cache(path: str | os.PathLike, endpoint: str, query: str = QUERY):
 
 
 def write_cache(path: str | os.PathLike, endpoint: str, rows, query: str = QUERY) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     doc = {
         "endpoint": endpoint,
         "key": _cache_key(endpoint, query),
         "rows": [[p.pid, p.label, p.description, p.aliases] for p in rows],
     }
-    tmp.write_text(json.dumps(doc, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(doc, ensure_ascii=False) + "\n")
 
 
 def read_relations_file(path: str | os.PathLike) -> list[Property]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from pmu.io import atomic_path, save_figure
 from pmu.truth import read_truth
 
 TEMPLATE_LOSSES = ("each", "ensemble")
@@ -594,11 +595,7 @@ def plot_losses(history: list[dict[str, float]], path: str | os.PathLike) -> Non
     ax.set_title("adapt-teacher")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, metadata={"Software": None})  # no version string: reproducible bytes
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def adapt_teacher(
@@ -713,9 +710,10 @@ def adapt_teacher(
     bar.close()
     held = held_out_accuracy(teacher, images, data, params)
     model.eval()
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp)
+        )
     summary = {
         "out": str(out),
         "start": start,

@@ -78,14 +78,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_figure(fig: Any, path: str | os.PathLike, **savefig: Any) -> Path:
-    """A matplotlib figure as PNG, atomically, with no version string in it (reruns give the
-    same bytes); closes the figure."""
-    import matplotlib.pyplot as plt
+def png_bytes(fig: Any, **savefig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes with no version string in them (reruns give the same
+    bytes)."""
+    import io
 
-    with atomic_path(path, suffix=".tmp.png") as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None}, **savefig)
-    plt.close(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None}, **savefig)
+    return buf.getvalue()
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **savefig: Any) -> Path:
+    """`png_bytes` written atomically; a pyplot figure is closed after."""
+    import sys
+
+    write_bytes_atomic(path, png_bytes(fig, **savefig))
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close(fig)
     return Path(path)
 
 

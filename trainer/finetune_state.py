@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pmu.io import atomic_path
 from trainer import checkpoint
 
 # settings that do not change what is trained: a resume may change them
@@ -100,9 +100,8 @@ def write_best(state_dir: Path, step: int, state: dict[str, torch.Tensor]) -> st
     """The best model's weights as their own file (temp + rename); returns the file name."""
     state_dir.mkdir(parents=True, exist_ok=True)
     name = f"best-{checkpoint.step_dir_name(step)}.safetensors"
-    tmp = state_dir / (name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, state_dir / name)
+    with atomic_path(state_dir / name) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
     return name
 
 

@@ -9,7 +9,6 @@ the fusion layers see the text alone, so a text-only forward equals the original
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline import models
+from pmu.io import atomic_dir
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -378,25 +378,20 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     model = unwrap(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = {
-        "model_config": cfg.to_dict(),
-        "bert_config": model.bert.config.to_dict(),
-        "vit_config": model.vit.config.to_dict(),
-        **(extra or {}),
-    }
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    _replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = {
+            "model_config": cfg.to_dict(),
+            "bert_config": model.bert.config.to_dict(),
+            "vit_config": model.vit.config.to_dict(),
+            **(extra or {}),
+        }
+        text = json.dumps(config, indent=2, sort_keys=True)
+        (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return out
 
 
@@ -428,18 +423,19 @@ def export_hf(model: PretrainModel, out_dir, tokenizer=None) -> Path:
             plus fusion_extras.safetensors: patch projection and image type embedding
     bert/   BertModel with all layers: the text-only encoder (equals text -> fusion without image)
     """
-    from safetensors.torch import save_file
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per sub-model is noise in the trainer's output
     model = unwrap(model)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
+    with atomic_dir(out) as tmp:
+        _export_parts(model, tmp, tokenizer)
+    return out
 
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+
+def _export_parts(model: PretrainModel, tmp: Path, tokenizer) -> None:
+    from safetensors.torch import save_file
+
     bert_state = model.bert.state_dict()
     n_text = model.n_text_layers
 
@@ -471,8 +467,6 @@ def export_hf(model: PretrainModel, out_dir, tokenizer=None) -> Path:
         {k: v.contiguous().cpu() for k, v in extras.items()},
         str(tmp / "fusion" / FUSION_EXTRAS_FILE),
     )
-    _replace_dir(tmp, out)
-    return out
 
 
 def unwrap(model: nn.Module) -> PretrainModel:
@@ -480,17 +474,3 @@ def unwrap(model: nn.Module) -> PretrainModel:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    import shutil
-
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)

@@ -11,7 +11,6 @@ object near the prompt of the entity CLIP labelled it with. Usage:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES  # noqa: E402
 from pipeline.report.collect import Reservoir  # noqa: E402
 from pipeline.report.images import decode_image, pixel_box  # noqa: E402
 from pmu import shards  # noqa: E402
-from pmu.io import write_json_atomic
+from pmu.io import save_figure, write_json_atomic
 
 ENTITY_TEMPLATE = ENTITY_TEMPLATES[0]
 RELATION_TEMPLATE = RELATION_TEMPLATES[0]
@@ -295,13 +294,8 @@ def plot_alignment(
            "images (image)", "relation prompts (text)")  # fmt: skip
     fig.suptitle(f"t-SNE of the student's unimodal embeddings ({Path(checkpoint).name})")
     spread_labels(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
+    save_figure(fig, out)
     return {
         "out": str(out),
         "images": len(images),

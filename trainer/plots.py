@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pmu.io import save_figure
+
 
 def _figure(n_panels: int, width: float = 3.2, height: float = 2.8):
     import matplotlib
@@ -20,15 +22,9 @@ def _figure(n_panels: int, width: float = 3.2, height: float = 2.8):
 
 
 def _save(plt, fig, path: str | os.PathLike) -> Path:
-    """Write atomically (temp file, rename); no timestamp in the file, so reruns match."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write atomically; no timestamp in the file, so reruns match."""
     fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def pretrain_losses(history: Sequence[dict[str, float]], path: str | os.PathLike) -> Path | None:

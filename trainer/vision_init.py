@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmu.errors import InputError  # noqa: E402
+from pmu.io import atomic_dir
 
 
 @dataclass
@@ -236,16 +236,12 @@ def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
 
 def save_vit(vit, out: Path) -> None:
     """HF folder with the normalisation the model was trained with, written via a temp dir."""
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vit.save_pretrained(str(tmp))
     from trainer.model import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
 
     processor = {"image_mean": list(DEFAULT_IMAGE_MEAN), "image_std": list(DEFAULT_IMAGE_STD)}
-    (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        vit.save_pretrained(str(tmp))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

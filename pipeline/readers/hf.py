@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.readers.records import RawRecord, image_under_root
 from pipeline.readers.rows import Columns, field_value, path_field, row_record
 from pmu.errors import InputError
+from pmu.io import atomic_path
 
 SOURCE = "hf"
 MAGIC = (
@@ -55,10 +56,8 @@ def store_image(data: bytes, store: str | os.PathLike) -> str:
     digest = hashlib.sha256(data).hexdigest()
     path = Path(store) / digest[:2] / f"{digest}.{image_extension(data)}"
     if not (path.is_file() and path.stat().st_size == len(data)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=f".{os.getpid()}.tmp") as tmp:  # workers may race
+            tmp.write_bytes(data)
     return str(path)
 
 

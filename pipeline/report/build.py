@@ -15,6 +15,7 @@ from pipeline.report import html, images
 from pipeline.report.collect import MAX_LISTED, LabelStats, scan_shards
 from pipeline.report.plots import histograms_png
 from pmu import shards
+from pmu.io import write_text_atomic
 
 MAX_REJECTED_LISTED = 200
 
@@ -260,8 +261,5 @@ def build_report(
         sharpness=sharpness_rows(stats, manifest),
         cards=cards,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, page)
     return _summary(stats, out, len(cards), rejected_total, by_reason, warnings)

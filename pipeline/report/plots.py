@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import io
-
 from pipeline.report.collect import Histogram, LabelStats
+from pmu.io import png_bytes
 
 
 def _panel(ax, hist: Histogram, title: str, xlabel: str, colour: str) -> None:
@@ -43,6 +42,4 @@ def histograms_png(stats: LabelStats) -> bytes:
     _panel(
         axes[1, 1], stats.rel_mass, "q_rel kept mass per image", "sum of stored top-k", "#a8553b"
     )
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    return png_bytes(fig)

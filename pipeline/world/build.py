@@ -40,6 +40,7 @@ from pipeline.world.ontology import (
     relation_rows,
 )
 from pipeline.world.scene import ObjectSpec, image_size, jpeg_bytes, render_scene
+from pmu.io import write_bytes_atomic
 
 GENERATOR_VERSION = 1
 WORLD_FILE = "world.json"
@@ -87,11 +88,7 @@ class Files:
     sha256: dict[str, str] = field(default_factory=dict)
 
     def write(self, rel: str, data: bytes) -> None:
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(self.root / rel, data)
         self.sha256[rel] = hashlib.sha256(data).hexdigest()
 
     def text(self, rel: str, text: str) -> None:
@@ -110,10 +107,7 @@ def render_job(args: tuple[str, int, ImageJob]) -> Rendered:
     rng = stream_rng(seed, f"{job.stream}-render", job.index)
     img, boxes = render_scene(list(job.objects), job.size, rng)
     data = jpeg_bytes(img)
-    path = Path(root) / job.path
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(Path(root) / job.path, data)
     return Rendered(boxes, hashlib.sha256(data).hexdigest())
 
 
