@@ -186,8 +186,7 @@ def _params(cls: type, **values: Any) -> Any:
 
 
 def bench_params(args: argparse.Namespace, conf: float | None = None) -> tuple[Any, Any]:
-    from pipeline.detect import DetectParams
-    from pipeline.label import LabelParams
+    from pipeline.settings import DetectParams, LabelParams
 
     detect = _params(
         DetectParams,
@@ -464,10 +463,16 @@ def model_limits(args: argparse.Namespace) -> dict[str, Any]:
 def run_detect(ws: dict[str, Path], args: argparse.Namespace, meter: ForwardMeter, conf: float):
     """The detect loop (model loaded outside the timing); writes boxes.parquet for labeling."""
     from pipeline.detect import ImageDetector, unique_images, write_detections
+    from pipeline.settings import DetectSettings
 
     detect_params, _ = bench_params(args, conf)
+    boxes = ws["root"] / "objects" / f"boxes-conf{conf:g}.parquet"
+    settings = DetectSettings(
+        pairs=str(ws["pairs"]), out=str(boxes), preset=BENCH_PRESET, device=args.device,
+        params=detect_params,
+    )  # fmt: skip
     pairs, paths = unique_images(ws["pairs"])
-    detector = ImageDetector(BENCH_PRESET, None, detect_params, args.device)
+    detector = ImageDetector(settings)
     if args.device.startswith("cuda"):  # cudnn autotuning, allocator growth
         detector.detect(paths[: detect_params.batch_size * 2])
         for attr in ("bytes_to_device",):
@@ -475,8 +480,7 @@ def run_detect(ws: dict[str, Path], args: argparse.Namespace, meter: ForwardMete
                 setattr(detector, attr, 0)
     with measured(args.device, meter) as m:
         by_path = detector.detect(paths)
-    boxes = ws["root"] / "objects" / f"boxes-conf{conf:g}.parquet"
-    counts = write_detections(pairs, by_path, boxes, BENCH_PRESET, None, detect_params)
+    counts = write_detections(pairs, by_path, settings)
     m.update(
         images=len(paths),
         boxes_path=boxes,
@@ -500,17 +504,8 @@ def run_label(
     _, label_params = bench_params(args)
     out = ws["root"] / "shards"
     shutil.rmtree(out, ignore_errors=True)
-    job, done = plan_labeling(
-        ws["pairs"],
-        boxes,
-        vocab["prompts"],
-        vocab["entities"],
-        vocab["relations"],
-        out,
-        preset=BENCH_PRESET,
-        params=label_params,
-    )
-    labeler = ShardLabeler(job, args.device)
+    job, done = plan_labeling(label_settings(ws, vocab, boxes, out, label_params, args.device))
+    labeler = ShardLabeler(job)
     if args.device.startswith("cuda"):  # warm-up on shard 0 (rewritten by the timed run)
         for s, marker in labeler.label([0]):
             done[s] = marker
@@ -521,7 +516,7 @@ def run_label(
     with measured(args.device, meter) as m:
         for s, marker in labeler.label(range(job.n_shards)):
             done[s] = marker
-    summary = finish_labeling(job, done, vocab["entities"], vocab["relations"])
+    summary = finish_labeling(job, done)
     m.update(
         images=job.n,
         counts=summary["counts"],
@@ -537,25 +532,29 @@ def run_stages(ws: dict[str, Path], vocab: dict[str, Path], args: argparse.Names
     """detect-objects then label-objects through their public functions (the RSS runs)."""
     from pipeline.detect import detect_objects
     from pipeline.label import label_objects
+    from pipeline.settings import DetectSettings
 
     detect_params, label_params = bench_params(args)
     boxes = ws["root"] / "objects" / "boxes.parquet"
-    det = detect_objects(
-        ws["pairs"], boxes, BENCH_PRESET, params=detect_params, device="cpu", progress=False
-    )
-    lab = label_objects(
-        ws["pairs"],
-        boxes,
-        vocab["prompts"],
-        vocab["entities"],
-        vocab["relations"],
-        ws["root"] / "shards",
-        preset=BENCH_PRESET,
-        params=label_params,
-        device="cpu",
-        progress=False,
-    )
+    detect = DetectSettings(
+        pairs=str(ws["pairs"]), out=str(boxes), preset=BENCH_PRESET, device="cpu",
+        params=detect_params,
+    )  # fmt: skip
+    det = detect_objects(detect, progress=False)
+    labels = label_settings(ws, vocab, boxes, ws["root"] / "shards", label_params, "cpu")
+    lab = label_objects(labels, progress=False)
     return {"detect": det, "label": lab}
+
+
+def label_settings(ws, vocab, boxes, out, params, device: str):
+    """label-objects' settings for the benchmark's inputs."""
+    from pipeline.settings import LabelSettings
+
+    return LabelSettings(
+        pairs=str(ws["pairs"]), boxes=str(boxes), prompts=str(vocab["prompts"]),
+        entities=str(vocab["entities"]), relations=str(vocab["relations"]), out=str(out),
+        rejected=None, preset=BENCH_PRESET, device=device, params=params,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- naive reference

@@ -283,18 +283,16 @@ def build_inputs(run: Run, seed: int, s: Scale) -> None:
 
 def train_detector_step(run: Run, seed: int, s: Scale) -> dict:
     """The detector, fine-tuned on the adapt split's YOLO export."""
-    from pipeline.detector_train import DetectorTrainParams, train_detector
+    from pipeline.detector_train import train_detector
+    from pipeline.settings import DetectorTrainParams, TrainDetectorSettings
 
-    det = DetectorTrainParams(epochs=s.detector_epochs, imgsz=s.image_size, seed=seed)
-    return run.step(
-        "train-detector",
-        train_detector,
-        run.path("world", "yolo", "data.yaml"),
-        run.path("models", "detector.safetensors"),
-        "small",
-        None,
-        det,
+    settings = TrainDetectorSettings(
+        data=str(run.path("world", "yolo", "data.yaml")),
+        out=str(run.path("models", "detector.safetensors")),
+        preset="small",
+        params=DetectorTrainParams(epochs=s.detector_epochs, imgsz=s.image_size, seed=seed),
     )
+    return run.step("train-detector", train_detector, settings)
 
 
 TEACHER_AUGMENT = {"flip": True, "crop_margin": 1.0}  # docs/world.md: what it adds
@@ -303,8 +301,8 @@ TEACHER_AUGMENT = {"flip": True, "crop_margin": 1.0}  # docs/world.md: what it a
 def adapt_teacher_step(run: Run, seed: int, s: Scale, name: str = "adapted") -> dict:
     """A CLIP teacher, adapted on the adapt split (captions, crops, image relations) with every
     prompt template; `weak`: the same, stopped early (its labels are worse)."""
-    from pipeline.prompts import named_templates
-    from pipeline.teacher import TeacherParams, adapt_teacher
+    from pipeline.settings import AdaptTeacherSettings, TeacherParams
+    from pipeline.teacher import adapt_teacher
 
     steps = s.teacher_steps if name == "adapted" else s.weak_teacher_steps
     teacher = TeacherParams(
@@ -315,25 +313,22 @@ def adapt_teacher_step(run: Run, seed: int, s: Scale, name: str = "adapted") -> 
         warmup_steps=min(50, max(1, steps // 3)),
         **TEACHER_AUGMENT,
     )
-    out = run.path("models", teacher_file(name))
+    settings = AdaptTeacherSettings(
+        out=str(run.path("models", teacher_file(name))),
+        pairs=str(run.path("prepared", "adapt", "pairs.parquet")),
+        annotations=str(run.path("world", "adapt", "truth.jsonl")),
+        entities=str(run.path("vocab", "entities.json")),
+        relations=str(run.path("vocab", "relations.json")),
+        preset="small",
+        entity_templates="all",
+        relation_templates="all",
+        resume=True,  # continues from its .state/ folder after an interruption
+        params=teacher,
+    )
     return run.step(
         f"adapt-teacher-{name}",
         lambda: {
-            k: v
-            for k, v in adapt_teacher(
-                out,
-                run.path("prepared", "adapt", "pairs.parquet"),
-                run.path("world", "adapt", "truth.jsonl"),
-                preset="small",
-                params=teacher,
-                entity_templates=named_templates("all", "entity"),
-                relation_templates=named_templates("all", "relation"),
-                progress=False,
-                entities_path=run.path("vocab", "entities.json"),
-                relations_path=run.path("vocab", "relations.json"),
-                resume=True,  # continues from its .state/ folder after an interruption
-            ).items()
-            if k != "history"
+            k: v for k, v in adapt_teacher(settings, progress=False).items() if k != "history"
         },
     )
 
@@ -344,27 +339,26 @@ def teacher_file(name: str) -> str:
 
 def detect_step(run: Run, s: Scale) -> dict:
     """detect-objects on the corpus with the adapted detector (shared by every label set)."""
-    from pipeline.detect import DetectParams, detect_objects
+    from pipeline.detect import detect_objects
+    from pipeline.settings import DetectParams, DetectSettings
 
-    return run.step(
-        "detect-objects",
-        lambda: detect_objects(
-            run.path("prepared", "corpus", "pairs.parquet"),
-            run.path("objects", "boxes.parquet"),
-            "small",
-            run.path("models", "detector.safetensors"),
-            DetectParams(batch_size=32, imgsz=s.image_size, conf=0.25, top_k=6),
-            progress=False,
-        ),
+    settings = DetectSettings(
+        pairs=str(run.path("prepared", "corpus", "pairs.parquet")),
+        out=str(run.path("objects", "boxes.parquet")),
+        preset="small",
+        detector=str(run.path("models", "detector.safetensors")),
+        params=DetectParams(batch_size=32, imgsz=s.image_size, conf=0.25, top_k=6),
     )
+    return run.step("detect-objects", lambda: detect_objects(settings, progress=False))
 
 
 def label_set(run: Run, name: str) -> dict:
     """embed-prompts and label-objects for one label set (after detect_step); its scores
     against the truth and its sharpness."""
-    from pipeline.label import LabelParams, label_objects
+    from pipeline.label import label_objects
     from pipeline.prompts import embed_prompts, named_templates
     from pipeline.score import score_labels
+    from pipeline.settings import LabelParams, LabelSettings
 
     pairs = run.path("prepared", "corpus", "pairs.parquet")
     boxes = run.path("objects", "boxes.parquet")
@@ -390,18 +384,19 @@ def label_set(run: Run, name: str) -> dict:
             num_workers=0,
             tau=spec.tau,
         )
-        summary = label_objects(
-            pairs,
-            boxes,
-            prompts,
-            *vocab,
-            shards,
-            "small",
-            clip,
-            params,
-            prepare_rejected_path=run.path("prepared", "corpus", "rejected.jsonl"),
-            progress=False,
+        settings = LabelSettings(
+            pairs=str(pairs),
+            boxes=str(boxes),
+            prompts=str(prompts),
+            entities=str(vocab[0]),
+            relations=str(vocab[1]),
+            out=str(shards),
+            rejected=str(run.path("prepared", "corpus", "rejected.jsonl")),
+            preset="small",
+            clip=str(clip) if clip else None,
+            params=params,
         )
+        summary = label_objects(settings, progress=False)
         return {**summary["counts"], "label_sharpness": summary["label_sharpness"]}
 
     labelled = run.step(f"label-{name}", label)

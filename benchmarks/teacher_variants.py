@@ -40,7 +40,8 @@ def main() -> int:
     args = p.parse_args()
 
     from pipeline.prompts import named_templates
-    from pipeline.teacher import TeacherParams, adapt_teacher, score_teacher
+    from pipeline.settings import AdaptTeacherSettings, TeacherParams
+    from pipeline.teacher import adapt_teacher, score_teacher
     from pmu.runtime import set_threads
 
     set_threads(args.threads)
@@ -63,18 +64,17 @@ def main() -> int:
         "relations_path": run.path("vocab", "relations.json"),
     }
     t0 = time.perf_counter()
-    summary = adapt_teacher(
-        out,
-        run.path("prepared", "adapt", "pairs.parquet"),
-        run.path("world", "adapt", "truth.jsonl"),
+    settings = AdaptTeacherSettings(
+        out=str(out),
+        pairs=str(run.path("prepared", "adapt", "pairs.parquet")),
+        annotations=str(run.path("world", "adapt", "truth.jsonl")),
+        entities=str(vocab["entities_path"]),
+        relations=str(vocab["relations_path"]),
         preset="small",
-        params=params,
-        entity_templates=ent,
-        relation_templates=rel,
-        progress=False,
         resume=True,
-        **vocab,
+        params=params,
     )
+    summary = adapt_teacher(settings, progress=False)
     seconds = round(time.perf_counter() - t0, 1)
     corpus = score_teacher(
         out, run.path("world", "corpus", "truth.jsonl"), "small", ent, rel, **vocab

@@ -103,32 +103,6 @@ def device(name: str) -> None:
             raise InputError(f"--device {name}: only {count} CUDA GPU(s) here", "use cuda:0 ...")
 
 
-def prompts_current(
-    prompts_path: str | os.PathLike,
-    preset_name: str,
-    clip_path: str | None,
-    entities_path: str | os.PathLike,
-    relations_path: str | os.PathLike,
-) -> None:
-    """prompts.safetensors must come from this CLIP and these vocabularies (label-objects'
-    own consistency check, run before anything is loaded or written)."""
-    from pipeline.label import _check_prompts
-    from pipeline.models import clip_identity
-    from pipeline.prompts import load_prompt_metadata
-
-    hint = "run `pipeline embed-prompts` with the same --preset / --clip"
-    path = require_file(prompts_path, "prompt embeddings", hint)
-    try:
-        meta = load_prompt_metadata(path)
-    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
-        raise InputError(f"{path} is not a readable safetensors file ({exc})", hint) from exc
-    try:
-        _check_prompts(meta, clip_identity(preset_name, clip_path), entities_path, relations_path)
-    except ValueError as exc:
-        message, _, fix = str(exc).partition(": re-run ")
-        raise InputError(f"stale prompts: {message}", f"re-run {fix}" if fix else hint) from exc
-
-
 def _ids(path: Path):
     """The id column of a parquet file, batch by batch (as Python lists)."""
     import pyarrow.parquet as pq

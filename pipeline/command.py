@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from click.core import ParameterSource
 
 from pmu.errors import InputError
-from pmu.settings import field_type
+from pmu.settings import checked_value, field_type, type_name
 
+GIVEN = (
+    "COMMANDLINE",
+    "ENVIRONMENT",
+)  # option values the user gave, which params.yaml must not override
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
               "false": False, "0": False, "no": False, "off": False}  # fmt: skip
 
@@ -56,17 +59,26 @@ def option_name(f: dataclasses.Field) -> str:
 def _option(cls: type, f: dataclasses.Field) -> tuple[Any, Any]:
     """(annotation, typer.Option) of one settings field."""
     meta = f.metadata
-    kind = str(f.type)
+    kind = type_name(f)
     flags = tuple(meta.get("flags") or (option_name(f),))
     common: dict[str, Any] = {"help": meta["help"], "show_default": meta.get("shown") or True}
     for bound in ("min", "max"):
         if meta.get(bound) is not None:
             common[bound] = meta[bound]
+    required = bool(meta.get("required"))
     if meta.get("argument"):
-        return field_type(cls, f), typer.Argument(f.default, help=meta["help"])
+        default = ... if required else f.default
+        return field_type(cls, f), typer.Argument(
+            default, help=meta["help"], metavar=f.name.upper()
+        )
+    if required:
+        return field_type(cls, f), typer.Option(..., *flags, help=meta["help"])
     if kind == "list[str]":
         return list[str], typer.Option([], *flags, **common)
     if kind == "bool" and not meta.get("values"):
+        if not meta.get("flags"):  # --name/--no-name, as Typer makes a bool option
+            dashed = f.name.replace("_", "-")
+            flags = (f"--{dashed}/--no-{dashed}",)
         return bool, typer.Option(f.default, *flags, **common)
     if kind == "bool" or meta.get("parse") or "None" in kind:
         # given as text: a bool word, a value with its own parser, or "" for unset
@@ -78,7 +90,7 @@ def _option(cls: type, f: dataclasses.Field) -> tuple[Any, Any]:
 
 def convert(f: dataclasses.Field, value: Any, cls: type) -> Any:
     """A command-line or params.yaml value as the field's type (text parsed, "" is unset)."""
-    meta, kind = f.metadata, str(f.type)
+    meta, kind = f.metadata, type_name(f)
     name = option_name(f)
     if meta.get("parse") and value is not None and not isinstance(value, bool):
         return meta["parse"](value, name)
@@ -101,9 +113,11 @@ def convert(f: dataclasses.Field, value: Any, cls: type) -> Any:
     return value
 
 
-def params_defaults(path: str, groups: Sequence[str], names: set[str]) -> dict[str, Any]:
-    """The values a params file's groups give for these settings (later groups win; the
-    `models` group lends only the fields the stage has, the others must all be known)."""
+def params_defaults(
+    path: str, groups: Sequence[str], fields: dict[str, dataclasses.Field]
+) -> dict[str, Any]:
+    """The values a params file's groups give for these settings, type-checked (later groups
+    win; the `models` group lends only the fields the stage has, the others must be known)."""
     import yaml
 
     from pmu.errors import require_file
@@ -118,10 +132,13 @@ def params_defaults(path: str, groups: Sequence[str], names: set[str]) -> dict[s
         items = doc.get(group) or {}
         if not isinstance(items, dict):
             raise InputError(f"{file}: `{group}:` is not a group of settings", "fix the file")
-        unknown = sorted(set(items) - names) if group != "models" else []
+        unknown = sorted(set(items) - set(fields)) if group != "models" else []
         if unknown:
             raise InputError(f"{file}: unknown `{group}` settings {unknown}", "fix the file")
-        values.update({k: v for k, v in items.items() if k in names})
+        source = f"{file} `{group}:`"
+        values.update(
+            {k: checked_value(fields[k], v, source) for k, v in items.items() if k in fields}
+        )
     return values
 
 
@@ -139,12 +156,16 @@ def build_settings(cls: type, given: dict[str, Any]) -> Any:
     return cls(**values)
 
 
+REGISTERED: dict[str, tuple[type, tuple[str, ...]]] = {}  # command -> (settings, params groups)
+
+
 def stage_command(
     app: typer.Typer, name: str, cls: type, groups: Sequence[str] = ()
 ) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
     """Register `body(settings)` as the command `name`, its options generated from `cls`."""
 
     def register(body: Callable[[Any], None]) -> Callable[[Any], None]:
+        REGISTERED[name] = (cls, tuple(groups))
         fields = list(settings_fields(cls))
         by_name = {f.name: (f, owner) for f, owner in fields}
         parameters = [
@@ -174,10 +195,12 @@ def stage_command(
         def command(ctx: typer.Context, **values: Any) -> None:
             from_file = values.pop("params", "")
             if from_file:
+                # typer vendors its own click: compare the source by name
                 explicit = {
-                    k for k in values if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE
+                    k for k in values if getattr(ctx.get_parameter_source(k), "name", "") in GIVEN
                 }
-                for key, value in params_defaults(from_file, groups, set(by_name)).items():
+                fields_by_name = {k: f for k, (f, _) in by_name.items()}
+                for key, value in params_defaults(from_file, groups, fields_by_name).items():
                     if key not in explicit:
                         values[key] = value
             given = {

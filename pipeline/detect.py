@@ -4,38 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.images import DEFAULT_MAX_PIXELS
-
-IMPLS = ("fast", "ultralytics")
-
-
-@dataclass(frozen=True)
-class DetectParams:
-    batch_size: int = 16  # images per YOLO forward (ultralytics does not batch a list for us)
-    imgsz: int = 640
-    conf: float = 0.25  # real threshold for `base`; the random `tiny` detector needs ~0.0
-    iou: float = 0.7
-    top_k: int = 10  # boxes kept per image, by falling confidence
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    num_workers: int = -1  # DataLoader workers decoding images (-1: auto, see runtime)
-    impl: str = "fast"  # fast (uint8 batches, batched NMS) | ultralytics (YOLO.predict)
-    pre_nms_top_k: int = 1000  # fast: candidates per image entering NMS, by score
-
-    def recorded(self) -> dict[str, Any]:
-        """The parameters that shape the output (worker counts do not)."""
-        d = asdict(self)
-        d.pop("num_workers")
-        return d
-
-    def check(self) -> None:
-        if self.batch_size < 1 or self.top_k < 0 or self.pre_nms_top_k < 1:
-            raise ValueError("batch_size and pre_nms_top_k must be >= 1 and top_k >= 0")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, not {self.impl!r}")
+from pipeline.settings import DetectSettings
 
 
 class ImageDetector:
@@ -47,22 +19,16 @@ class ImageDetector:
     device (`pipeline.yolo_batch`). `impl="ultralytics"`: `YOLO.predict` per chunk (reference).
     """
 
-    def __init__(
-        self,
-        preset: str = "tiny",
-        detector_path: str | os.PathLike | None = None,
-        params: DetectParams = DetectParams(),
-        device: str = "auto",
-        threads: int | None = None,
-    ) -> None:
+    def __init__(self, settings: DetectSettings, threads: int | None = None) -> None:
         from pipeline.models import load_detector
         from pmu.runtime import auto_workers, select_device, set_threads
 
+        params = settings.params
         params.check()
         self.params = params
         set_threads(threads)
-        self.dev = select_device(device)
-        self.model = load_detector(preset, detector_path)
+        self.dev = select_device(settings.device)
+        self.model = load_detector(settings.preset, settings.detector)
         self.threads = set_threads(threads)  # importing ultralytics pinned OMP to one thread
         self.names = self.model.names
         self.num_workers = auto_workers(params.num_workers, self.dev, cpu_default=0)
@@ -175,12 +141,7 @@ def unique_images(pairs_path: str | os.PathLike) -> tuple[dict[str, list], list[
 
 
 def write_detections(
-    pairs: dict[str, list],
-    by_path: dict[str, dict[str, Any]],
-    out_path: str | os.PathLike,
-    preset: str,
-    detector_path: str | os.PathLike | None,
-    params: DetectParams,
+    pairs: dict[str, list], by_path: dict[str, dict[str, Any]], settings: DetectSettings
 ) -> dict[str, Any]:
     """boxes.parquet: one row per pair in pair order; returns the counts of the summary."""
     from pipeline import labeling_data as data
@@ -201,11 +162,11 @@ def write_detections(
             }
         )
     meta = {
-        "preset": preset,
-        "detector": detector_identity(preset, detector_path),
-        "params": params.recorded(),
+        "preset": settings.preset,
+        "detector": detector_identity(settings.preset, settings.detector),
+        "params": settings.params.recorded(),
     }
-    data.write_boxes(out_path, rows, meta)
+    data.write_boxes(settings.out, rows, meta)
     return {
         "pairs": len(rows),
         "images": len(by_path),
@@ -216,34 +177,99 @@ def write_detections(
 
 
 def detect_objects(
-    pairs_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    preset: str = "tiny",
-    detector_path: str | os.PathLike | None = None,
-    params: DetectParams = DetectParams(),
-    device: str = "auto",
-    progress: bool = True,
-    threads: int | None = None,
+    settings: DetectSettings, *, progress: bool = True, threads: int | None = None
 ) -> dict[str, Any]:
-    """Write data/objects/boxes.parquet: one row per pair (no detections -> empty lists).
+    """Write data/objects/boxes.parquet in this process (the local engine; the other is
+    `pipeline.ray_engine.detect_objects_ray`): one row per pair (no detections: empty lists).
 
     Pairs sharing an image (mismatched ITM pairs) are detected once. Images that fail to decode
     get a row with empty lists and `error` set; label-objects rejects them with that reason.
     `threads` caps torch's threads (default: every core this process may use).
     """
-    params.check()
-    pairs, unique_paths = unique_images(pairs_path)
-    detector = ImageDetector(preset, detector_path, params, device, threads)
+    settings.params.check()
+    pairs, unique_paths = unique_images(settings.pairs)
+    detector = ImageDetector(settings, threads)
     t0 = time.perf_counter()
     by_path = detector.detect(unique_paths, progress)
     elapsed = time.perf_counter() - t0
-    summary = write_detections(pairs, by_path, out_path, preset, detector_path, params)
+    summary = write_detections(pairs, by_path, settings)
     summary.update(
         seconds=round(elapsed, 2),
         images_per_s=round(len(unique_paths) / elapsed, 1) if elapsed > 0 else None,
-        out=str(Path(out_path)),
+        out=str(Path(settings.out)),
     )
     return summary
+
+
+class _DetectActor:
+    """Ray: holds one YOLO; maps a batch of units (lists of image paths) to JSON rows per path."""
+
+    def __init__(self, settings: DetectSettings, threads: int) -> None:
+        self.detector = ImageDetector(settings, threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        import numpy as np
+
+        rows = [json.dumps(self.detector.detect(json.loads(p)), sort_keys=True)
+                for p in batch["paths"]]  # fmt: skip
+        return {"unit": batch["unit"], "rows": np.array(rows, dtype=object)}
+
+
+def detect_objects_ray(
+    settings: DetectSettings, *, progress: bool = True, chunks_per_task: int = 8
+) -> dict[str, Any]:
+    """detect-objects on Ray Data (`pipeline.ray_engine`): the same boxes.parquet bytes as the
+    local engine. A unit is `chunks_per_task` whole YOLO chunks (`params.batch_size` images each)
+    of the distinct images in first-seen order, so every image is detected in the same chunk as
+    locally."""
+    import json
+
+    from pipeline.ray_engine import run_units
+
+    settings.params.check()
+    pairs, paths = unique_images(settings.pairs)
+    step = settings.params.batch_size * max(1, chunks_per_task)
+    units = [
+        {"unit": u, "paths": json.dumps(paths[start : start + step])}
+        for u, start in enumerate(range(0, len(paths), step))
+    ]
+    t0 = time.perf_counter()
+    rows, pool = run_units(units, _DetectActor, {"settings": settings}, settings.ray, progress)
+    elapsed = time.perf_counter() - t0
+    by_path: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        by_path.update(json.loads(row["rows"]))
+    summary = write_detections(pairs, by_path, settings)
+    summary.update(
+        seconds=round(elapsed, 2),
+        images_per_s=round(len(paths) / elapsed, 1) if elapsed > 0 else None,
+        out=str(Path(settings.out)),
+        engine="ray",
+        actors=pool["actors"],
+    )
+    return summary
+
+
+def run_stage(settings: DetectSettings, *, progress: bool = True) -> str:
+    """detect-objects as the command runs it: checks, then the engine; returns what it prints."""
+    from pipeline import checks
+
+    checks.pairs_table(settings.pairs, ("id", "image_path"))
+    checks.preset(settings.preset)
+    checks.weights_file(settings.detector, "detector weights", "--detector")
+    checks.device(settings.device)
+    settings.params.check()
+    if settings.engine == "ray":
+        s = detect_objects_ray(settings, progress=progress)
+    else:
+        s = detect_objects(settings, progress=progress)
+    return (
+        f"detect-objects: {s['pairs']} pairs ({s['images']} distinct images), {s['boxes']} boxes, "
+        f"{s['without_detections']} without detections, {s['undecodable']} undecodable; "
+        f"{s['seconds']} s ({s['images_per_s']} img/s) -> {s['out']}"
+    )
 
 
 def _result_row(res: Any, shape: tuple[int, ...], names: dict[int, str], top_k: int) -> dict:

@@ -22,29 +22,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipeline.settings import DetectorTrainParams, TrainDetectorSettings
+from pmu.errors import InputError
 from pmu.io import atomic_path
-
-
-@dataclass(frozen=True)
-class DetectorTrainParams:
-    epochs: int = 30
-    imgsz: int = 160
-    batch: int = 32
-    workers: int = 0  # dataloader workers (0: in the main process)
-    patience: int = 0  # epochs without val improvement before stopping (0: never)
-    seed: int = 0
-    # From scratch, AdamW at a fixed 4e-3 with one warmup epoch converges several times faster
-    # than ultralytics' `auto` choice (AdamW at 6e-4 for 12 classes) on the synthetic world.
-    optimizer: str = "AdamW"
-    lr0: float = 0.004
-    warmup_epochs: float = 1.0
-    mosaic: float = 0.0  # mosaic augmentation probability (slows convergence on simple scenes)
-    cache: bool = True  # keep decoded images in RAM (small datasets)
-
 
 # ultralytics' logging integrations: each is switched off for this process while training (the
 # DVC one would open dvclive in the working directory and rewrite the project's dvc.yaml).
@@ -96,9 +80,9 @@ def _read_names(data_yaml: Path) -> dict[int, str]:
 
     doc = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
     for key in ("train", "val", "names"):
-        if key not in doc:
-            raise ValueError(
-                f"{data_yaml}: no {key!r} (a YOLO dataset yaml needs train, val, names)"
+        if key not in (doc or {}):
+            raise InputError(
+                f"{data_yaml}: no {key!r}", "a YOLO dataset yaml needs train, val and names"
             )
     names = doc["names"]
     return (
@@ -106,34 +90,9 @@ def _read_names(data_yaml: Path) -> dict[int, str]:
     )
 
 
-def train_detector(
-    data_yaml: str | os.PathLike,
-    out_path: str | os.PathLike,
-    preset: str = "tiny",
-    detector: str | os.PathLike | None = None,
-    params: DetectorTrainParams = DetectorTrainParams(),
-    device: str = "auto",
-    resume: bool = False,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Train, copy the best weights to `out_path`, write `{out}.json` (mAP50, recall, ...)."""
-    from pipeline.models import detector_identity, load_detector
-    from pmu.io import write_json_atomic
-    from pmu.runtime import select_device, set_threads
-
-    data_yaml = Path(data_yaml).resolve()
-    if not data_yaml.is_file():
-        raise FileNotFoundError(f"--data {data_yaml}: no such file (a YOLO dataset yaml)")
-    names = _read_names(data_yaml)
-    if params.epochs < 1 or params.batch < 1 or params.imgsz < 32:
-        raise ValueError("epochs and batch must be >= 1 and imgsz >= 32")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    runs = out.with_name(out.stem + ".runs").resolve()
-    last = runs / "train" / "weights" / "last.pt"
-    dev = select_device(device)
-    t0 = time.perf_counter()
-    train_args = dict(
+def _train_args(params: DetectorTrainParams, data_yaml: Path, runs: Path, dev: Any) -> dict:
+    """ultralytics' `train` arguments for these parameters."""
+    return dict(
         data=str(data_yaml),
         epochs=params.epochs,
         imgsz=params.imgsz,
@@ -155,22 +114,14 @@ def train_detector(
         amp=dev.type == "cuda",
         verbose=False,
     )
-    with no_integrations(), no_label_caches():
-        if resume and last.is_file():
-            from ultralytics import YOLO
 
-            model = YOLO(str(last))
-            set_threads(threads)  # importing ultralytics pinned torch to one thread
-            model.train(resume=True)
-        else:
-            shutil.rmtree(runs / "train", ignore_errors=True)
-            model = load_detector(preset, detector)
-            set_threads(threads)
-            model.train(**train_args)
-    best = runs / "train" / "weights" / "best.pt"
+
+def _save_best(best: Path, out: Path) -> None:
+    """The best weights at `out`: .safetensors (no pickle for whoever loads it) or ultralytics'
+    own .pt."""
     if not best.is_file():
         raise RuntimeError(f"ultralytics wrote no {best}: see the log above")
-    if out.suffix == ".safetensors":  # no pickle for whoever loads it (pipeline.models)
+    if out.suffix == ".safetensors":
         from ultralytics import YOLO
 
         from pipeline.models import save_detector_safetensors
@@ -179,15 +130,47 @@ def train_detector(
     else:
         with atomic_path(out) as tmp:
             shutil.copyfile(best, tmp)
-    metrics = evaluate_detector(best, data_yaml, params.imgsz, params.batch, dev)
+
+
+def train_detector(settings: TrainDetectorSettings, *, threads: int | None = None) -> dict:
+    """Train, copy the best weights to `settings.out`, write `{out}.json` (mAP50, recall, ...)."""
+    from pipeline.models import detector_identity, load_detector
+    from pmu.io import write_json_atomic
+    from pmu.runtime import select_device, set_threads
+
+    params = settings.params
+    data_yaml = Path(settings.data).resolve()
+    if not data_yaml.is_file():
+        raise InputError(f"--data {data_yaml}: no such file", "pass a YOLO dataset yaml")
+    names = _read_names(data_yaml)
+    out = Path(settings.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = out.with_name(out.stem + ".runs").resolve()
+    last = runs / "train" / "weights" / "last.pt"
+    dev = select_device(settings.device)
+    t0 = time.perf_counter()
+    with no_integrations(), no_label_caches():
+        if settings.resume and last.is_file():
+            from ultralytics import YOLO
+
+            model = YOLO(str(last))
+            set_threads(threads)  # importing ultralytics pinned torch to one thread
+            model.train(resume=True)
+        else:
+            shutil.rmtree(runs / "train", ignore_errors=True)
+            model = load_detector(settings.preset, settings.detector)
+            set_threads(threads)
+            model.train(**_train_args(params, data_yaml, runs, dev))
+    best = runs / "train" / "weights" / "best.pt"
+    _save_best(best, out)
     summary = {
         "out": str(out),
-        "weights": detector_identity(preset, out)["weights"],
-        "start": detector_identity(preset, detector),
+        "weights": detector_identity(settings.preset, out)["weights"],
+        "start": detector_identity(settings.preset, settings.detector),
         "data": str(data_yaml),
         "names": names,
         "params": asdict(params),
-        "val": metrics,
+        "val": evaluate_detector(best, data_yaml, params.imgsz, params.batch, dev),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json_atomic(out.with_suffix(".json"), summary)
@@ -221,7 +204,14 @@ def evaluate_detector(
     }
 
 
-def format_summary(s: dict[str, Any]) -> str:
+def run_stage(settings: TrainDetectorSettings) -> str:
+    """train-detector as the command runs it; returns what it prints."""
+    from pipeline import checks
+
+    checks.preset(settings.preset)
+    checks.weights_file(settings.detector, "detector weights", "--detector")
+    checks.device(settings.device)
+    s = train_detector(settings)
     v = s["val"]
     return (
         f"train-detector: {s['params']['epochs']} epochs at {s['params']['imgsz']} px in "

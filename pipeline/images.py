@@ -13,8 +13,9 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline.settings import DEFAULT_MAX_PIXELS
+
 TAR_SEP = "::"
-DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 

@@ -20,72 +20,35 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.settings import LabelParams, LabelSettings
 from pmu import shards
+from pmu.errors import InputError
 from pmu.io import file_sha256, write_json_atomic
 
+RERUN_EMBED = "re-run `pipeline embed-prompts` with the same --preset / --clip and vocabularies"
 PROGRESS_DIR = ".progress"  # per-shard done markers; removed once the manifest is written
 
 
 @dataclass(frozen=True)
-class LabelParams:
-    samples_per_shard: int = 1000
-    image_batch_size: int = 32  # whole images per CLIP forward (and per DataLoader batch)
-    crop_batch_size: int = 128  # object crops per CLIP forward, gathered across images
-    num_workers: int = -1  # DataLoader workers (-1: auto; 2 on CPU, cores - 1 on CUDA)
-    tau: float = 1.0  # softmax temperature
-    logit_scale: float | None = None  # CLIP logit scale s; None: the model's exp(logit_scale)
-    k_ent: int = 10  # kept entries of q_ent per object (>= M keeps all)
-    k_rel: int = 10  # kept entries of q_rel per image (>= L keeps all)
-    crop_padding: float = 0.0  # crops grow by this fraction of the box size per side
-    max_side: int = 512  # longest side of the stored jpg
-    jpeg_quality: int = 90
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    seed: int = 0
-    resize_mode: str = "letterbox"  # letterbox (whole image, padded square) | center_crop
-    decode: str = "auto"  # workers (PIL) | device (torchvision, nvjpeg on CUDA) | auto
-
-    def recorded(self) -> dict[str, Any]:
-        """The parameters that shape the shards (worker counts do not)."""
-        d = asdict(self)
-        d.pop("num_workers")
-        return d
-
-    def check(self) -> None:
-        from pipeline.clip_inputs import DECODE_PLACES, RESIZE_MODES
-
-        if self.samples_per_shard < 1 or self.image_batch_size < 1 or self.crop_batch_size < 1:
-            raise ValueError("samples_per_shard, image_batch_size and crop_batch_size must be >= 1")
-        if self.tau <= 0 or self.k_ent < 1 or self.k_rel < 1:
-            raise ValueError("tau must be > 0 and k_ent, k_rel >= 1")
-        if self.logit_scale is not None and not self.logit_scale > 0:
-            raise ValueError("logit_scale must be > 0 (or None: read it from the model)")
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}")
-        if self.decode not in DECODE_PLACES:
-            raise ValueError(f"decode must be one of {DECODE_PLACES}")
-
-
-@dataclass(frozen=True)
 class LabelJob:
-    """What a shard task needs (plain values: cheap to send to a worker process or node)."""
+    """One label-objects run, taken by every engine: its settings, the number of prepared pairs
+    and shards, and the fingerprint of inputs and parameters (plain values: cheap to send to a
+    worker process or node)."""
 
-    pairs_path: str
-    boxes_path: str
-    prompts_path: str
-    out: str
-    preset: str
-    clip_path: str | None
-    params: LabelParams
+    settings: LabelSettings
     n: int  # prepared pairs
     n_shards: int
     fingerprint: str
+
+    @property
+    def params(self) -> LabelParams:
+        return self.settings.params
 
     def shard_range(self, s: int) -> tuple[int, int]:
         n = self.params.samples_per_shard
@@ -177,45 +140,25 @@ def _complete_shards(out: Path, fingerprint: str, n_shards: int) -> dict[int, di
     return done
 
 
-def plan_labeling(
-    pairs_path: str | os.PathLike,
-    boxes_path: str | os.PathLike,
-    prompts_path: str | os.PathLike,
-    entities_path: str | os.PathLike,
-    relations_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    preset: str = "tiny",
-    clip_path: str | os.PathLike | None = None,
-    params: LabelParams = LabelParams(),
-) -> tuple[LabelJob, dict[int, dict[str, Any]]]:
+def plan_labeling(settings: LabelSettings) -> tuple[LabelJob, dict[int, dict[str, Any]]]:
     """Check the inputs, fingerprint them and find the shards already done (to resume)."""
     from pipeline.labeling_data import check_pairs_columns
     from pipeline.models import clip_identity
     from pipeline.prompts import load_prompt_metadata
 
+    s, params = settings, settings.params
     params.check()
-    n = check_pairs_columns(pairs_path)
-    clip_id = clip_identity(preset, clip_path)
-    _check_prompts(load_prompt_metadata(prompts_path), clip_id, entities_path, relations_path)
+    n = check_pairs_columns(s.pairs)
+    clip_id = clip_identity(s.preset, s.clip)
+    check_prompts(load_prompt_metadata(s.prompts), clip_id, s.entities, s.relations)
     n_shards = (n + params.samples_per_shard - 1) // params.samples_per_shard
     fingerprint = _fingerprint(
-        [Path(pairs_path), Path(boxes_path), Path(prompts_path)], params.recorded(), clip_id
+        [Path(s.pairs), Path(s.boxes), Path(s.prompts)], params.recorded(), clip_id
     )
-    out = Path(out_dir)
+    out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    job = LabelJob(
-        pairs_path=str(pairs_path),
-        boxes_path=str(boxes_path),
-        prompts_path=str(prompts_path),
-        out=str(out),
-        preset=preset,
-        clip_path=str(clip_path) if clip_path else None,
-        params=params,
-        n=n,
-        n_shards=n_shards,
-        fingerprint=fingerprint,
-    )
+    job = LabelJob(settings=s, n=n, n_shards=n_shards, fingerprint=fingerprint)
     return job, _complete_shards(out, fingerprint, n_shards)
 
 
@@ -223,7 +166,7 @@ class ShardLabeler:
     """CLIP and the prompt embeddings loaded once; labels whole shards, writing each shard's tar
     and done-marker. The unit of work of every engine (all of them give the same bytes)."""
 
-    def __init__(self, job: LabelJob, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, job: LabelJob, threads: int | None = None) -> None:
         import torch
 
         from pipeline import labeling_data as data
@@ -235,13 +178,13 @@ class ShardLabeler:
         self.job, self.params = job, job.params
         self.threads = set_threads(threads)
         torch.manual_seed(self.params.seed)
-        self.dev = select_device(device)
-        prompt_tensors, _ = load_prompts(job.prompts_path)
+        self.dev = select_device(job.settings.device)
+        prompt_tensors, _ = load_prompts(job.settings.prompts)
         self.ent_prompts = prompt_tensors["entity"].to(self.dev)
         self.rel_prompts = prompt_tensors["relation"].to(self.dev)
         self.k_ent = min(self.params.k_ent, self.ent_prompts.shape[0])
         self.k_rel = min(self.params.k_rel, self.rel_prompts.shape[0])
-        model, preprocess, _ = load_clip(job.preset, job.clip_path)
+        model, preprocess, _ = load_clip(job.settings.preset, job.settings.clip)
         self.model = model.to(self.dev)
         self.clip_spec = ClipInputSpec.from_preprocess(preprocess, self.params.resize_mode)
         self.normalise = Normaliser(self.clip_spec, self.dev)
@@ -258,8 +201,8 @@ class ShardLabeler:
             "decode": self.decode,
             "device": self.dev.type,
         }
-        self._pairs = data.ParquetRows(job.pairs_path, data.PAIRS_COLUMNS)
-        self._boxes = data.ParquetRows(job.boxes_path)
+        self._pairs = data.ParquetRows(job.settings.pairs, data.PAIRS_COLUMNS)
+        self._boxes = data.ParquetRows(job.settings.boxes)
         self._boxes_by_id: dict[str, dict] | None = None  # only if boxes are not in pair order
         self.encode_seconds = 0.0
         self.images_seen = 0
@@ -277,11 +220,11 @@ class ShardLabeler:
             if [r["id"] for r in b_rows] != [r["id"] for r in p_rows]:
                 # boxes.parquet is written in pair order; anything else is looked up by id.
                 if self._boxes_by_id is None:
-                    self._boxes_by_id = read_boxes(self.job.boxes_path)[0]
+                    self._boxes_by_id = read_boxes(self.job.settings.boxes)[0]
                 missing = [r["id"] for r in p_rows if r["id"] not in self._boxes_by_id]
                 if missing:
-                    raise ValueError(
-                        f"{self.job.boxes_path} lacks {len(missing)} prepared ids "
+                    raise InputError(
+                        f"{self.job.settings.boxes} lacks {len(missing)} prepared ids "
                         f"(e.g. {missing[0]!r}): re-run detect-objects"
                     )
                 b_rows = [self._boxes_by_id[r["id"]] for r in p_rows]
@@ -289,7 +232,9 @@ class ShardLabeler:
             pairs.extend(p_rows)
             boxes.extend(b_rows)
         if len(set(r["id"] for r in pairs)) != len(pairs):
-            raise ValueError(f"{self.job.pairs_path}: sample ids are not unique")
+            raise InputError(
+                f"{self.job.settings.pairs}: sample ids are not unique", "re-run `pipeline prepare`"
+            )
         return index, pairs, boxes
 
     def _encode(self, pixels: Any) -> Any:
@@ -553,7 +498,7 @@ class ShardLabeler:
         self, shard: int, samples: list[Any], marker: dict[str, Any]
     ) -> dict[str, Any]:
         """Write the shard tar (atomically), then its done-marker."""
-        out = Path(self.job.out)
+        out = Path(self.job.settings.out)
         marker["samples"] = shards.write_shard(out / shards.SHARD_PATTERN.format(shard), samples)
         write_json_atomic(out / PROGRESS_DIR / f"shard-{shard:06d}.json", marker)
         return marker
@@ -573,7 +518,7 @@ def model_logit_scale(model: Any, override: float | None) -> tuple[float, str]:
         return float(override), "param"
     scale = getattr(model, "logit_scale", None)
     if scale is None:
-        raise ValueError("this CLIP has no logit_scale: pass an explicit logit_scale")
+        raise InputError("this CLIP has no logit_scale: pass an explicit logit_scale")
     return float(scale.detach().float().exp().cpu()), "model"
 
 
@@ -593,43 +538,22 @@ class _ShardState:
 
 
 def label_objects(
-    pairs_path: str | os.PathLike,
-    boxes_path: str | os.PathLike,
-    prompts_path: str | os.PathLike,
-    entities_path: str | os.PathLike,
-    relations_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    preset: str = "tiny",
-    clip_path: str | os.PathLike | None = None,
-    params: LabelParams = LabelParams(),
-    device: str = "auto",
-    prepare_rejected_path: str | os.PathLike | None = None,
-    stats_path: str | os.PathLike | None = None,
-    stage_params: dict[str, Any] | None = None,
+    settings: LabelSettings,
+    *,
     progress: bool = True,
     stop_after_shards: int | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Label every prepared pair and write shards + sizes.json + manifest.json + vocabularies.
+    """Label every prepared pair in this process and write shards + sizes.json + manifest.json
+    + vocabularies (the local engine; `pipeline.ray_engine.label_objects_ray` is the other).
 
-    `stage_params` (e.g. all of params.yaml) is recorded in the manifest as given.
     `stop_after_shards` ends the run early (as a kill would) after writing that many shards.
     `threads` caps torch's threads (default: every core this process may use).
     """
     t_start = time.perf_counter()
-    job, done = plan_labeling(
-        pairs_path,
-        boxes_path,
-        prompts_path,
-        entities_path,
-        relations_path,
-        out_dir,
-        preset,
-        clip_path,
-        params,
-    )
+    job, done = plan_labeling(settings)
     todo = [s for s in range(job.n_shards) if s not in done]
-    labeler = ShardLabeler(job, device, threads)
+    labeler = ShardLabeler(job, threads)
     written_now = 0
     t_loop = time.perf_counter()
     with contextlib.closing(labeler.label(todo, progress)) as labelled:
@@ -641,10 +565,8 @@ def label_objects(
     loop_seconds = time.perf_counter() - t_loop
     if len(done) < job.n_shards:
         return {"complete": False, "shards_written": written_now, "shards_done": len(done)}
-    summary = finish_labeling(
-        job, done, entities_path, relations_path, prepare_rejected_path, stage_params
-    )
-    timing = {
+    summary = finish_labeling(job, done)
+    summary["timing"] = {
         "seconds_total": round(time.perf_counter() - t_start, 3),
         "seconds_loop": round(loop_seconds, 3),
         "seconds_clip_encode": round(labeler.encode_seconds, 3),
@@ -655,28 +577,60 @@ def label_objects(
         "num_workers": labeler.num_workers,
         "engine": "local",
     }
-    summary["timing"] = timing
-    write_stats(stats_path, summary)
+    write_stats(settings.stats, summary)
+    return summary
+
+
+class _LabelActor:
+    """Ray: holds one CLIP (`ShardLabeler`); labels the shards it is given and writes them."""
+
+    def __init__(self, job: LabelJob, threads: int) -> None:
+        self.labeler = ShardLabeler(job, threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        shard_ids = [int(s) for s in batch["shard"]]
+        markers = dict(self.labeler.label(shard_ids))
+        return {
+            "shard": np.array(shard_ids, dtype=np.int64),
+            "marker": np.array([json.dumps(markers[s]) for s in shard_ids], dtype=object),
+        }
+
+
+def label_objects_ray(settings: LabelSettings, *, progress: bool = True) -> dict[str, Any]:
+    """label-objects on Ray Data (`pipeline.ray_engine`), one shard per task: the same shard
+    folder bytes as locally."""
+    from pipeline.ray_engine import run_units
+
+    t_start = time.perf_counter()
+    job, done = plan_labeling(settings)
+    todo = [s for s in range(job.n_shards) if s not in done]
+    t_loop = time.perf_counter()
+    units = [{"shard": s} for s in todo]
+    rows, pool = run_units(units, _LabelActor, {"job": job}, settings.ray, progress)
+    for row in rows:
+        done[int(row["shard"])] = json.loads(row["marker"])
+    loop_seconds = time.perf_counter() - t_loop
+    images = sum(job.shard_range(s)[1] - job.shard_range(s)[0] for s in todo)
+    summary = finish_labeling(job, done)
+    summary["timing"] = {
+        "seconds_total": round(time.perf_counter() - t_start, 3),
+        "seconds_loop": round(loop_seconds, 3),
+        "images_labelled_this_run": images,
+        "images_per_s": round(images / loop_seconds, 2) if loop_seconds > 0 else None,
+        "shards_resumed": job.n_shards - len(todo),
+        "device": settings.device,
+        "num_workers": settings.params.num_workers,
+        "engine": "ray",
+        **pool,
+    }
+    write_stats(settings.stats, summary)
     return summary
 
 
 def write_stats(stats_path: str | os.PathLike | None, summary: dict[str, Any]) -> None:
     """Timings and counts beside the shards' provenance (never inside the manifest)."""
     if stats_path:
-        Path(stats_path).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(stats_path, {"counts": summary["counts"], **summary["timing"]})
-
-
-def _check_prompts(meta: dict[str, str], clip_id: dict, entities: Any, relations: Any) -> None:
-    """Refuse prompts made by another CLIP or for other vocabularies (stale inputs)."""
-    if (meta.get("clip_model"), meta.get("clip_weights")) != (clip_id["model"], clip_id["weights"]):
-        raise ValueError(
-            f"prompts were embedded with CLIP {meta.get('clip_model')}/{meta.get('clip_weights')} "
-            f"but labeling uses {clip_id['model']}/{clip_id['weights']}: re-run embed-prompts"
-        )
-    for name, path in (("entities", entities), ("relations", relations)):
-        if meta.get(f"{name}_sha256") != file_sha256(path):
-            raise ValueError(f"prompts do not match {path} ({name} changed): re-run embed-prompts")
 
 
 def _sample_record(
@@ -759,26 +713,22 @@ def label_runtime(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {k: v[0] if len(v) == 1 else v for k, v in values.items()}
 
 
-def finish_labeling(
-    job: LabelJob,
-    done: dict[int, dict[str, Any]],
-    entities_path: str | os.PathLike,
-    relations_path: str | os.PathLike,
-    prepare_rejected_path: str | os.PathLike | None = None,
-    stage_params: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def finish_labeling(job: LabelJob, done: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """sizes.json, vocabularies, manifest.json; drop stale shards and the progress markers."""
     from pipeline.labeling_data import read_boxes_meta
     from pipeline.models import clip_identity
     from pipeline.prompts import load_prompt_metadata
     from pmu import __version__
 
-    out, n, n_shards, params = Path(job.out), job.n, job.n_shards, job.params
+    st = job.settings
+    out, n, n_shards, params = Path(st.out), job.n, job.n_shards, job.params
+    entities_path, relations_path = st.entities, st.relations
+    stage_params = read_stage_params(st.stage_params)
     missing = [s for s in range(n_shards) if s not in done]
     if missing:
         raise ValueError(f"shards {missing[:5]} of {n_shards} are not done")
-    pairs_path, boxes_path, prompts_path = job.pairs_path, job.boxes_path, job.prompts_path
-    preset, clip_id = job.preset, clip_identity(job.preset, job.clip_path)
+    pairs_path, boxes_path, prompts_path = st.pairs, st.boxes, st.prompts
+    preset, clip_id = st.preset, clip_identity(st.preset, st.clip)
     detect_meta, prompt_meta = read_boxes_meta(boxes_path), load_prompt_metadata(prompts_path)
     sizes = {shards.SHARD_PATTERN.format(s): done[s]["samples"] for s in range(n_shards)}
     for stale in shards.shard_paths(out):
@@ -791,7 +741,7 @@ def finish_labeling(
     label_rejected = [
         dict(r, stage="label-objects") for s in range(n_shards) for r in done[s]["rejected"]
     ]
-    prepare_rejected = _read_prepare_rejected(prepare_rejected_path)
+    prepare_rejected = _read_prepare_rejected(st.rejected)
     all_rejected = prepare_rejected + label_rejected
     counts = {
         "pairs": n,
@@ -847,3 +797,110 @@ def finish_labeling(
         "rejected_by_reason": manifest["rejected"]["by_reason"],
         "out": str(out),
     }
+
+
+def prompts_current(
+    prompts_path: str | os.PathLike,
+    preset_name: str,
+    clip_path: str | None,
+    entities_path: str | os.PathLike,
+    relations_path: str | os.PathLike,
+) -> None:
+    """prompts.safetensors must come from this CLIP and these vocabularies (label-objects'
+    own consistency check, run before anything is loaded or written)."""
+    from pipeline.models import clip_identity
+    from pipeline.prompts import load_prompt_metadata
+    from pmu.errors import require_file
+
+    path = require_file(prompts_path, "prompt embeddings", RERUN_EMBED)
+    try:
+        meta = load_prompt_metadata(path)
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
+        raise InputError(f"{path} is not a readable safetensors file ({exc})", RERUN_EMBED) from exc
+    check_prompts(meta, clip_identity(preset_name, clip_path), entities_path, relations_path)
+
+
+def check_prompts(meta: dict[str, str], clip_id: dict, entities: Any, relations: Any) -> None:
+    """Refuse prompts made by another CLIP or for other vocabularies (stale inputs)."""
+    if (meta.get("clip_model"), meta.get("clip_weights")) != (clip_id["model"], clip_id["weights"]):
+        raise InputError(
+            f"stale prompts: they were embedded with CLIP {meta.get('clip_model')}/"
+            f"{meta.get('clip_weights')} but labeling uses {clip_id['model']}/{clip_id['weights']}",
+            RERUN_EMBED,
+        )
+    for name, path in (("entities", entities), ("relations", relations)):
+        if meta.get(f"{name}_sha256") != file_sha256(path):
+            raise InputError(
+                f"stale prompts: they do not match {path} ({name} changed)", RERUN_EMBED
+            )
+
+
+def read_stage_params(spec: str | None) -> dict | None:
+    """`--stage-params params.yaml` -> the dict recorded in the shard manifest."""
+    if not spec:
+        return None
+    import yaml
+
+    from pmu.errors import require_file
+
+    path = require_file(spec, "--stage-params file", "pass params.yaml, or leave it out")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not readable YAML ({exc})", "fix the file") from None
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def check_inputs(settings: LabelSettings) -> None:
+    """Everything the command can check before a model loads: pairs, boxes, vocabularies,
+    preset, CLIP file, stale prompts, device."""
+    from pipeline import checks
+
+    s = settings
+    checks.pairs_table(s.pairs, ("id", "source", "image_path", "caption", "itm"))
+    checks.boxes_cover_pairs(s.boxes, s.pairs)
+    checks.vocabulary(s.entities, "entities")
+    checks.vocabulary(s.relations, "relations")
+    checks.preset(s.preset)
+    checks.weights_file(s.clip, "CLIP checkpoint", "--clip")
+    prompts_current(s.prompts, s.preset, s.clip, s.entities, s.relations)
+    checks.device(s.device)
+    s.params.check()
+    read_stage_params(s.stage_params)
+
+
+def run_stage(settings: LabelSettings, *, progress: bool = True) -> str:
+    """label-objects as the command runs it: checks, the engine, the metrics file; returns
+    what the command prints."""
+    check_inputs(settings)
+    if settings.engine == "ray":
+        s = label_objects_ray(settings, progress=progress)
+    else:
+        s = label_objects(settings, progress=progress)
+    c, t = s["counts"], s["timing"]
+    if settings.metrics:
+        headline = {**c, "rejected_by_reason": s["rejected_by_reason"]}
+        write_json_atomic(settings.metrics, {**headline, "label_sharpness": s["label_sharpness"]})
+    lines = [
+        f"label-objects: {c['samples']} samples in {c['shards']} shards ({t['shards_resumed']} "
+        f"resumed), {c['objects']} objects, {c['images_without_objects']} images without "
+        f"detections, {c['rejected']} rejected (prepare {c['rejected_prepare']}, "
+        f"label {c['rejected_label']}) -> {s['out']}"
+    ]
+    lines += [f"  rejected {n:>6}  {reason}" for reason, n in s["rejected_by_reason"].items()]
+    for kind, fig in s["label_sharpness"].items():
+        if fig["labels"]:
+            lines.append(
+                f"  {kind}: mean top-1 mass {fig['mean_top1_mass']:.3f}, beyond the top-1 "
+                f"{fig['mean_mass_beyond_top1']:.3f}, entropy {fig['mean_entropy_nats']:.3f} "
+                f"nats (uniform {fig['uniform_entropy_nats']:.3f}) over {fig['labels']} labels"
+            )
+    lines.append(
+        f"  {t['images_labelled_this_run']} images in {t['seconds_loop']} s "
+        f"({t['images_per_s']} img/s; CLIP {t.get('seconds_clip_encode', '-')} s) on "
+        f"{t['device']} with {t['num_workers']} workers, engine {t['engine']}; "
+        f"total {t['seconds_total']} s"
+    )
+    return "\n".join(lines)

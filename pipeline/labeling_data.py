@@ -23,6 +23,7 @@ from pipeline.images import (
     encode_jpeg,
     read_image_bytes,
 )
+from pmu.errors import InputError
 from pmu.io import atomic_path
 
 PAIRS_COLUMNS = ("id", "source", "image_path", "caption", "itm", "width", "height")
@@ -45,10 +46,10 @@ def read_pairs(path: str | os.PathLike) -> dict[str, list]:
     table = pq.read_table(path)
     missing = [c for c in PAIRS_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing} (see docs/architecture.md)")
+        raise InputError(f"{path}: missing columns {missing} (see docs/architecture.md)")
     pairs = {c: table.column(c).to_pylist() for c in PAIRS_COLUMNS}
     if len(set(pairs["id"])) != len(pairs["id"]):
-        raise ValueError(f"{path}: sample ids are not unique")
+        raise InputError(f"{path}: sample ids are not unique")
     return pairs
 
 
@@ -57,7 +58,7 @@ def check_pairs_columns(path: str | os.PathLike) -> int:
     pf = pq.ParquetFile(path)
     missing = [c for c in PAIRS_COLUMNS if c not in pf.schema_arrow.names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing} (see docs/architecture.md)")
+        raise InputError(f"{path}: missing columns {missing} (see docs/architecture.md)")
     return pf.metadata.num_rows
 
 

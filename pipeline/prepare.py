@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from pipeline.images import (
     DECODE_ERROR,
@@ -30,13 +31,18 @@ from pipeline.images import (
 from pipeline.pairs import Pair, Rejection, write_jsonl_atomic, write_pairs_parquet
 from pipeline.prepare_work import WORK_VERSION, WorkDir, chain_digest, default_work_dir
 from pipeline.readers.records import RawRecord
+from pipeline.settings import PrepareSettings
 from pmu.errors import InputError
 from pmu.shards import sample_key
 
 __all__ = ["Pair", "Rejection", "prepare", "validate", "write_pairs_parquet", "format_summary"]
 
-DEFAULT_MAX_CAPTION_CHARS = 2000
-DEFAULT_CHUNK_SIZE = 4096  # records per saved chunk: ~20 s of decoding at 230 pairs/s
+DEFAULT_MAX_CAPTION_CHARS = PrepareSettings.max_caption_chars
+DEFAULT_CHUNK_SIZE = PrepareSettings.chunk_size  # ~20 s of decoding at 230 pairs/s
+# The settings recorded in the work folder's fingerprint and summary (they shape the pairs).
+RECORDED_SETTINGS = (
+    "source", "negatives", "negative_ratio", "seed", "max_pixels", "max_caption_chars"
+)  # fmt: skip
 PAIRS_FILE = "pairs.parquet"
 REJECTED_FILE = "rejected.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -333,7 +339,7 @@ def prepare(
     from pmu.io import write_json_atomic
 
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
     start = time.perf_counter()
     fingerprint = {
         "version": WORK_VERSION,
@@ -397,3 +403,56 @@ def format_summary(result: PrepareResult, out_dir: str | os.PathLike) -> str:
     lines.append(f"  {result.seconds:.2f} s, {rate:.1f} records/s")
     lines.append(f"  wrote {Path(out_dir) / PAIRS_FILE}, {REJECTED_FILE}, {SUMMARY_FILE}")
     return "\n".join(lines)
+
+
+def run_stage(settings: PrepareSettings) -> str:
+    """prepare as the command runs it: the source's reader, validation, the summary text."""
+    from pipeline.prepare_work import describe_inputs
+    from pipeline.readers import read_source
+    from pipeline.readers.sample import default_sample_dir
+    from pipeline.readers.tabular import Columns
+
+    s = settings
+    columns = Columns(s.id_col, s.image_col, s.caption_col, s.itm_col)
+    image_store = Path(s.out) / "images"  # hf: images held as bytes, content-addressed
+    records = read_source(
+        s.source,
+        s.input,
+        s.image_root,
+        s.visualnews_data,
+        columns,
+        allow_outside_root=s.allow_outside_root,
+        split=s.split,
+        image_store=image_store,
+    )
+    source_input = s.input
+    if s.source == "world":  # fingerprint the pairs file, not every file of the world
+        from pipeline.readers.world import world_pairs_path
+
+        source_input = str(world_pairs_path(s.input))
+    params = {k: getattr(s, k) for k in RECORDED_SETTINGS}
+    options: dict[str, Any] = {"allow_outside_root": True} if s.allow_outside_root else {}
+    if s.source == "hf":
+        options.update(split=s.split, image_store=str(image_store))
+    result = prepare(
+        records,
+        s.out,
+        max_pixels=s.max_pixels,
+        max_caption_chars=s.max_caption_chars,
+        negatives=s.negatives,
+        negative_ratio=s.negative_ratio,
+        seed=s.seed,
+        workers=s.workers,
+        progress=s.progress,
+        params=params,
+        chunk_size=s.chunk_size,
+        inputs=describe_inputs(
+            s.source,
+            source_input if source_input or s.source != "sample" else default_sample_dir(),
+            s.image_root,
+            s.visualnews_data,
+            columns if s.source in ("table", "hf") else None,
+            options,
+        ),
+    )
+    return format_summary(result, s.out)

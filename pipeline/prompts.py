@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.settings import EmbedPromptsSettings
+from pmu.errors import InputError
+
 # The paper's templates by name. Its main setting is (1) + (A); any set can be ensembled.
 ENTITY_TEMPLATE_SET = {
     "1": "This is an image of {entity}.",
@@ -31,7 +34,7 @@ def named_templates(spec: str, kind: str) -> tuple[str, ...]:
     names = list(table) if spec.strip().lower() == "all" else spec.replace(" ", "").split("+")
     unknown = [n for n in names if n not in table]
     if unknown or not names:
-        raise ValueError(
+        raise InputError(
             f"unknown {kind} template name(s) {unknown or spec!r}: choose from {sorted(table)}, "
             f"joined with + to ensemble (e.g. {'+'.join(table)}), or all"
         )
@@ -49,10 +52,10 @@ def read_relation_labels(path: str | os.PathLike) -> list[str]:
 def fill_templates(names: Sequence[str], templates: Sequence[str], field: str) -> list[str]:
     """Prompts name-major: [n0 t0, n0 t1, ..., n1 t0, ...]."""
     if not templates:
-        raise ValueError(f"no {field} templates given")
+        raise InputError(f"no {field} templates given")
     for t in templates:
         if "{" + field + "}" not in t:
-            raise ValueError(f"template {t!r} has no {{{field}}} placeholder")
+            raise InputError(f"template {t!r} has no {{{field}}} placeholder")
     return [t.replace("{" + field + "}", name) for name in names for t in templates]
 
 
@@ -103,7 +106,7 @@ def embed_prompts(
     entities = read_entity_names(entities_path)
     relations = read_relation_labels(relations_path)
     if not entities or not relations:
-        raise ValueError(
+        raise InputError(
             f"empty vocabulary: {len(entities)} entities in {entities_path}, "
             f"{len(relations)} relations in {relations_path}"
         )
@@ -157,3 +160,31 @@ def load_prompt_metadata(path: str | os.PathLike) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def run_stage(settings: EmbedPromptsSettings) -> str:
+    """embed-prompts as the command runs it: checks, the templates, the embeddings."""
+    from pipeline import checks
+
+    s = settings
+    checks.vocabulary(s.entities, "entities")
+    checks.vocabulary(s.relations, "relations")
+    for field, templates in (("entity", s.entity_template), ("relation", s.relation_template)):
+        for template in templates:
+            if "{" + field + "}" not in template:
+                raise InputError(
+                    f"--{field}-template {template!r} has no {{{field}}} placeholder",
+                    f"write the {field} as {{{field}}}, e.g. 'This is an image of {{{field}}}.'",
+                )
+    checks.preset(s.preset)
+    checks.weights_file(s.clip, "CLIP checkpoint", "--clip")
+    checks.device(s.device)
+    ent_t = tuple(s.entity_template) or named_templates(s.entity_templates, "entity")
+    rel_t = tuple(s.relation_template) or named_templates(s.relation_templates, "relation")
+    r = embed_prompts(
+        s.entities, s.relations, s.out, s.preset, s.clip, ent_t, rel_t, s.batch_size, s.device
+    )
+    return (
+        f"embed-prompts: {r['entities']} entities, {r['relations']} relations "
+        f"({r['prompts_encoded']} prompts, dim {r['dim']}) in {r['seconds']} s -> {r['out']}"
+    )

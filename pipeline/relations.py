@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.settings import FetchRelationsSettings
+from pmu.errors import InputError, require_file
 from pmu.io import atomic_path, write_text_atomic
 
 WIKIDATA_SPARQL = "https://query.wikidata.org/sparql"
@@ -154,7 +156,7 @@ def relevance_tier(prop: Property) -> int:
 def order_properties(rows: list[Property], order: str = "relevance") -> list[Property]:
     """`relevance`: by relevance tier, numeric pid order within a tier; `pid`: numeric order."""
     if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        raise InputError(f"order must be one of {ORDERS}, got {order!r}")
     by_pid = sorted(rows, key=lambda p: pid_number(p.pid))
     if order == "pid":
         return by_pid
@@ -178,7 +180,7 @@ def read_snapshot(path: str | os.PathLike = SNAPSHOT) -> list[Property]:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader)
         if header[:2] != ["pid", "label"]:
-            raise ValueError(f"{path}: expected a pid/label header, got {header}")
+            raise InputError(f"{path}: expected a pid/label header, got {header}")
         return normalise(Property(*row[:4]) for row in reader if len(row) >= 2)
 
 
@@ -287,11 +289,11 @@ def read_relations_file(path: str | os.PathLike) -> list[Property]:
             elif isinstance(item, dict) and "label" in item:
                 rows.append((str(item.get("pid") or f"R{i}"), str(item["label"])))
             else:
-                raise ValueError(f"{path}: relation {i} is not a label or a {{pid, label}} object")
+                raise InputError(f"{path}: relation {i} is not a label or a {{pid, label}} object")
     elif path.suffix.lower() in (".tsv", ".tab"):
         reader = csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
         if not reader.fieldnames or not {"pid", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected a header with pid and label columns")
+            raise InputError(f"{path}: expected a header with pid and label columns")
         rows = [(r["pid"] or "", r["label"] or "") for r in reader]
     else:
         labels = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
@@ -302,14 +304,14 @@ def read_relations_file(path: str | os.PathLike) -> list[Property]:
     for pid, label in rows:
         pid, label = _clean(pid), _clean(label)
         if not pid or not label:
-            raise ValueError(f"{path}: a relation without id or label ({pid!r}, {label!r})")
+            raise InputError(f"{path}: a relation without id or label ({pid!r}, {label!r})")
         if pid in seen_ids or label in seen_labels:
-            raise ValueError(f"{path}: duplicate relation {pid!r} / {label!r}")
+            raise InputError(f"{path}: duplicate relation {pid!r} / {label!r}")
         seen_ids.add(pid)
         seen_labels.add(label)
         out.append(Property(pid, label))
     if not out:
-        raise ValueError(f"{path}: no relations")
+        raise InputError(f"{path}: no relations")
     return out
 
 
@@ -334,7 +336,7 @@ def fetch_relations(
     from pmu.io import file_sha256, write_json_atomic
 
     if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        raise InputError(f"order must be one of {ORDERS}, got {order!r}")
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     doc: dict[str, Any] = {"l": l}
     rows = None
@@ -381,3 +383,32 @@ def fetch_relations(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_path, doc)
     return doc
+
+
+def run_stage(settings: FetchRelationsSettings) -> str:
+    """fetch-relations as the command runs it; returns what it prints (warnings to stderr)."""
+    s = settings
+    if s.from_file:
+        require_file(s.from_file, "--from file", "pass your relation list (TSV, JSON or lines)")
+    doc = fetch_relations(
+        s.out,
+        s.l,
+        s.live,
+        s.endpoint,
+        s.timeout,
+        s.retries,
+        s.backoff,
+        s.cache,
+        warn=lambda msg: print(msg, file=sys.stderr),
+        order=s.order,
+        from_file=s.from_file,
+    )
+    where = doc.get("endpoint", doc.get("snapshot", doc.get("file")))
+    cached = " (cached)" if doc.get("cached") else ""
+    cov = doc["mnre_coverage"]
+    return (
+        f"fetch-relations: {len(doc['relations'])} of {doc['n_available']} relations "
+        f"(l={s.l}, order {doc['order']}) from {doc['source']}{cached}: {where}; wrote {s.out}\n"
+        f"  MNRE relation types with a close property among them: {cov['covered']} of "
+        f"{cov['types']}"
+    )

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.settings import ScoreLabelsSettings
+from pmu.errors import InputError
 from pmu.truth import truth_by_image
 
 
@@ -122,7 +124,7 @@ def score_labels(
 
     shard_dir = Path(shard_dir)
     if not shards.shard_paths(shard_dir):
-        raise FileNotFoundError(f"{shard_dir}: no shard-*.tar here (run label-objects)")
+        raise InputError(f"{shard_dir}: no shard-*.tar here (run label-objects)")
     entities, relations = shards.read_vocabularies(shard_dir)
     table = pq.read_table(pairs_path, columns=["id", "image_path"])
     ids, paths = table.column("id").to_pylist(), table.column("image_path").to_pylist()
@@ -137,7 +139,7 @@ def score_labels(
             meta = s["meta"]
             image = image_of.get(meta["id"])
             if image is None:
-                raise ValueError(f"{tar}: sample {meta['id']!r} is not in {pairs_path}")
+                raise InputError(f"{tar}: sample {meta['id']!r} is not in {pairs_path}")
             key = os.path.realpath(image)
             if key in seen:
                 continue
@@ -188,3 +190,14 @@ def format_scores(scores: dict[str, Any], title: str = "score-labels") -> str:
             + ", ".join(scores["true_classes_missing_from_vocabulary"])
         )
     return "\n".join(lines)
+
+
+def run_stage(settings: ScoreLabelsSettings) -> str:
+    """score-labels as the command runs it: the figures, written as JSON when asked."""
+    from pmu.io import write_json_atomic
+
+    s = settings
+    scores = score_labels(s.shard_dir, s.pairs, s.truth, s.iou)
+    if s.out:
+        write_json_atomic(s.out, scores)
+    return format_scores(scores)

@@ -81,7 +81,9 @@ class RaySettings:
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    source: str = opt("sample", "sample | newsclippings | table | wds | hf | world.", choices=SOURCES)
+    source: str = opt(
+        "sample", "sample | newsclippings | table | wds | hf | world.", choices=SOURCES
+    )
     input: str | None = opt(
         None,
         "sample: folder (default: bundled); newsclippings: annotation JSON; table: "
@@ -263,7 +265,9 @@ class TeacherParams:
     # nearly identical (cosine ~0.99) and so do the image features: the prompt objective alone
     # then sits at its symmetric saddle (chance) for hundreds of steps. The probes make the image
     # features class-specific at once, which gives the prompts their gradient.
-    weight_probe: float = opt(1.0, "Auxiliary linear probes on the image features (0: off).", min=0.0)
+    weight_probe: float = opt(
+        1.0, "Auxiliary linear probes on the image features (0: off).", min=0.0
+    )
     box_jitter: float = opt(0.1, "Crop box jitter, fraction of its size.", min=0.0)
     # Whole annotated images are cut to a random window that keeps every true box (this share
     # of each margin may go; 0: off), and every image and crop is mirrored half the time. A
@@ -350,8 +354,7 @@ class EmbedPromptsSettings:
     )
     entity_template: list[str] = opt(
         (),
-        "Your own entity template with {entity} (repeat to ensemble); replaces "
-        "--entity-templates.",
+        "Your own entity template with {entity} (repeat to ensemble); replaces --entity-templates.",
         flags=("--entity-template",),
     )
     relation_template: list[str] = opt(
@@ -367,9 +370,7 @@ class EmbedPromptsSettings:
 class LabelParams:
     samples_per_shard: int = opt(1000, "Samples per shard (shard i = pairs [i*n, (i+1)*n)).", min=1)
     image_batch_size: int = opt(32, "Whole images per CLIP forward.", min=1)
-    crop_batch_size: int = opt(
-        128, "Object crops per CLIP forward, gathered across images.", min=1
-    )
+    crop_batch_size: int = opt(128, "Object crops per CLIP forward, gathered across images.", min=1)
     num_workers: int = opt(
         -1, "DataLoader workers (0: in-process; -1: auto, 2 on CPU).", min=-1, recorded=False
     )

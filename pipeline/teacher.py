@@ -31,61 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.settings import AdaptTeacherSettings, TeacherParams
+from pmu.errors import InputError
 from pmu.io import atomic_path, save_figure
 from pmu.truth import read_truth
-
-TEMPLATE_LOSSES = ("each", "ensemble")
-
-
-@dataclass(frozen=True)
-class TeacherParams:
-    steps: int = 1000
-    batch_size: int = 64  # per objective
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    seed: int = 0
-    weight_caption: float = 1.0  # a weight of 0 switches an objective off
-    weight_entity: float = 1.0
-    weight_relation: float = 1.0
-    # Whole images against the entity prompts of every class they contain (mass spread evenly
-    # over them): objects at the scale they have in a whole image, which relations depend on.
-    weight_scene: float = 1.0
-    # Auxiliary linear probes on the image features (entity class of a crop, relation of an
-    # image), dropped after training. From random weights, prompts that share a template start
-    # nearly identical (cosine ~0.99) and so do the image features: the prompt objective alone
-    # then sits at its symmetric saddle (chance) for hundreds of steps. The probes make the image
-    # features class-specific at once, which gives the prompts their gradient.
-    weight_probe: float = 1.0
-    box_jitter: float = 0.1  # crops: box sides moved by up to this fraction (detector noise)
-    # Whole annotated images are cut to a random window that keeps every true box (this share
-    # of each margin may go; 0: off), and every image and crop is mirrored half the time. A
-    # from-scratch teacher memorises its ~1,400 relation images within a few hundred steps.
-    crop_margin: float = 0.0
-    flip: bool = False
-    crop_padding: float = 0.0  # as label-objects' crop_padding
-    resize_mode: str = "letterbox"  # as label-objects: letterbox | center_crop
-    holdout: float = 0.1  # annotated images held out to report entity / relation accuracy
-    negatives: int = 64  # vocabulary entries (not a true class) sampled per step as negatives
-    # With several templates: `each` scores against every template's prompts separately (one
-    # loss each, averaged), so any one template labels well on its own; `ensemble` against
-    # their normalised mean only (what labeling with all of them ensembled uses).
-    template_loss: str = "each"
-    max_logit_scale: float = 100.0
-
-    def check(self) -> None:
-        if self.steps < 1 or self.batch_size < 2:
-            raise ValueError("steps must be >= 1 and batch_size >= 2")
-        from pipeline.clip_inputs import RESIZE_MODES
-
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}")
-        if not 0 <= self.holdout < 1:
-            raise ValueError("holdout must be in [0, 1)")
-        if self.template_loss not in TEMPLATE_LOSSES:
-            raise ValueError(f"template_loss must be one of {TEMPLATE_LOSSES}")
-        if not 0 <= self.crop_margin <= 1:
-            raise ValueError("crop_margin must be in [0, 1]")
 
 
 @dataclass
@@ -468,7 +417,7 @@ def training_loss(
         if p.weight_probe > 0:
             probe["relation"] = F.cross_entropy(teacher.probes["relation"](feats), target)
     if not parts:
-        raise ValueError("nothing to train on: give --pairs and/or --annotations with boxes")
+        raise InputError("nothing to train on: give --pairs and/or --annotations with boxes")
     weights = {
         "caption": p.weight_caption,
         "entity": p.weight_entity,
@@ -598,129 +547,170 @@ def plot_losses(history: list[dict[str, float]], path: str | os.PathLike) -> Non
     save_figure(fig, path)
 
 
+@dataclass
+class Adaptation:
+    """One adapt-teacher run, built by `_setup`: the teacher, its data, optimizer and state."""
+
+    settings: AdaptTeacherSettings
+    teacher: Teacher
+    data: TeacherData
+    images: ImageSource
+    trainable: Any  # the CLIP and the probes: what the resume state holds
+    optimizer: Any
+    scheduler: Any
+    templates: tuple[tuple[str, ...], tuple[str, ...]]
+    start: dict[str, Any]  # which CLIP it started from
+    fingerprint: str
+
+    @property
+    def out(self) -> Path:
+        return Path(self.settings.out)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out.with_name(self.out.stem + ".state")
+
+
+def _inputs(s: AdaptTeacherSettings) -> dict[str, str | None]:
+    """The input files, checked: at least pairs or annotations, and every one given exists."""
+    if not s.pairs and not s.annotations:
+        raise InputError(
+            "nothing to adapt on", "give --pairs (captions) and/or --annotations (boxes, classes)"
+        )
+    inputs = {"pairs": s.pairs, "annotations": s.annotations, "entities": s.entities,
+              "relations": s.relations}  # fmt: skip
+    for name, path in inputs.items():
+        if path and not Path(path).is_file():
+            raise InputError(f"--{name} {path}: no such file", f"pass an existing --{name} file")
+    return inputs
+
+
+def _setup(s: AdaptTeacherSettings, threads: int | None) -> Adaptation:
+    import torch
+
+    from pipeline.models import clip_identity
+    from pipeline.prompts import named_templates
+    from pmu.optim import build_optimizer, build_scheduler
+    from pmu.runtime import set_threads
+
+    params = s.params
+    params.check()
+    inputs = _inputs(s)
+    templates = (
+        named_templates(s.entity_templates, "entity"),
+        named_templates(s.relation_templates, "relation"),
+    )
+    set_threads(threads)
+    data = collect_data(
+        s.pairs, s.annotations, params.holdout, params.seed, s.entities, s.relations
+    )
+    torch.manual_seed(params.seed)
+    teacher = Teacher(s.preset, s.clip, *templates, len(data.classes), len(data.relation_labels))
+    trainable = torch.nn.ModuleDict({"clip": teacher.model.train(), "probes": teacher.probes})
+    optimizer = build_optimizer(
+        [(trainable, params.lr)], params.weight_decay, betas=(0.9, 0.98), eps=1e-6
+    )
+    start = clip_identity(s.preset, s.clip)
+    return Adaptation(
+        settings=s,
+        teacher=teacher,
+        data=data,
+        images=ImageSource(teacher.preprocess, params.resize_mode),
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, params.warmup_steps, params.steps, decay="cosine"),
+        templates=templates,
+        start=start,
+        fingerprint=_fingerprint(params, inputs, {"clip": start, "templates": list(templates)}),
+    )
+
+
+def _resume(run: Adaptation) -> tuple[int, list[dict[str, float]]]:
+    """(step, loss history) of the saved state with --resume, else (0, [])."""
+    from pmu.train_state import load_training_state, saved_info
+
+    info = saved_info(run.state_dir) if run.settings.resume else None
+    if info is None:
+        return 0, []
+    if info.get("fingerprint") != run.fingerprint:
+        raise InputError(
+            f"--resume refused: {run.state_dir} was made from other inputs or parameters",
+            "delete it to start over, or resume with the settings it was made with",
+        )
+    state = load_training_state(run.state_dir, run.trainable, run.optimizer, run.scheduler)
+    print(f"adapt-teacher: resumed at step {state['step']} from {run.state_dir}")
+    return state["step"], state["history"]
+
+
 def adapt_teacher(
-    out_path: str | os.PathLike,
-    pairs_path: str | os.PathLike | None = None,
-    annotations_path: str | os.PathLike | None = None,
-    preset: str = "tiny",
-    clip_path: str | os.PathLike | None = None,
-    params: TeacherParams = TeacherParams(),
-    entity_templates: Sequence[str] | None = None,
-    relation_templates: Sequence[str] | None = None,
-    resume: bool = False,
-    ckpt_every: int = 200,
-    log_every: int = 20,
+    settings: AdaptTeacherSettings,
+    *,
     progress: bool = True,
     threads: int | None = None,
     stop_after_steps: int | None = None,
-    entities_path: str | os.PathLike | None = None,
-    relations_path: str | os.PathLike | None = None,
+    log_every: int = 20,
 ) -> dict[str, Any]:
-    """Adapt the teacher and write `out_path` (open_clip .safetensors) + `.json` + `.png`.
+    """Adapt the teacher and write `settings.out` (open_clip .safetensors) + `.json` + `.png`.
 
     `stop_after_steps` ends early (as a kill would) once that step's state is saved.
     """
     import torch
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from pipeline.models import clip_identity
-    from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES
-    from pmu.io import write_json_atomic
-    from pmu.optim import build_optimizer, build_scheduler
-    from pmu.runtime import set_threads
-    from pmu.train_state import load_training_state, save_training_state
+    from pmu.train_state import save_training_state
 
-    params.check()
-    if not pairs_path and not annotations_path:
-        raise ValueError("give --pairs (captions) and/or --annotations (boxes, classes, relation)")
-    inputs = {
-        "pairs": pairs_path,
-        "annotations": annotations_path,
-        "entities": entities_path,
-        "relations": relations_path,
-    }
-    for name, path in inputs.items():
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"--{name} {path}: no such file")
-    entity_templates = tuple(entity_templates or ENTITY_TEMPLATES)
-    relation_templates = tuple(relation_templates or RELATION_TEMPLATES)
-    set_threads(threads)
     t0 = time.perf_counter()
-    data = collect_data(
-        pairs_path, annotations_path, params.holdout, params.seed, entities_path, relations_path
-    )
-    torch.manual_seed(params.seed)
-    teacher = Teacher(
-        preset,
-        str(clip_path) if clip_path else None,
-        entity_templates,
-        relation_templates,
-        len(data.classes),
-        len(data.relation_labels),
-    )
-    model = teacher.model.train()
-    trainable = torch.nn.ModuleDict({"clip": model, "probes": teacher.probes})  # resume state
-    images = ImageSource(teacher.preprocess, params.resize_mode)
-    optimizer = build_optimizer(
-        [(trainable, params.lr)], params.weight_decay, betas=(0.9, 0.98), eps=1e-6
-    )
-    scheduler = build_scheduler(optimizer, params.warmup_steps, params.steps, decay="cosine")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state_dir = out.with_name(out.stem + ".state")
-    start = clip_identity(preset, clip_path)
-    fingerprint = _fingerprint(
-        params, inputs, {"clip": start, "templates": [entity_templates, relation_templates]}
-    )
-    step, history, window = 0, [], []
-    if resume and (state_dir / "state.json").is_file():
-        state = load_training_state(state_dir, trainable, optimizer, scheduler)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"--resume refused: {state_dir} was made from other inputs or parameters "
-                f"(delete it to start over)"
-            )
-        step, history = state["step"], state["history"]
-        print(f"adapt-teacher: resumed at step {step} from {state_dir}")
-    bar = tqdm(
-        total=params.steps, initial=step, desc="adapt-teacher", unit="step", disable=not progress
-    )
-    while step < params.steps:
-        loss, parts = training_loss(teacher, images, data, params, step)
-        optimizer.zero_grad(set_to_none=True)
+    run = _setup(settings, threads)
+    p = settings.params
+    step, history = _resume(run)
+    window: list[dict[str, float]] = []
+    bar = tqdm(total=p.steps, initial=step, desc="adapt-teacher", unit="step", disable=not progress)
+    while step < p.steps:
+        loss, parts = training_loss(run.teacher, run.images, run.data, p, step)
+        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        torch.nn.utils.clip_grad_norm_(run.teacher.parameters(), 1.0)
+        run.optimizer.step()
+        run.scheduler.step()
         step += 1
         window.append(parts)
-        if step % log_every == 0 or step == params.steps:
+        if step % log_every == 0 or step == p.steps:
             mean = {k: round(sum(w[k] for w in window) / len(window), 5) for k in window[0]}
             history.append({"step": step, **mean})
             window = []
             bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()})
         bar.update(1)
-        if step % ckpt_every == 0 or step == params.steps:
-            info = {"step": step, "history": history, "fingerprint": fingerprint}
-            save_training_state(state_dir, trainable, optimizer, scheduler, info)
-            if stop_after_steps is not None and step >= stop_after_steps < params.steps:
+        if step % settings.ckpt_every == 0 or step == p.steps:
+            info = {"step": step, "history": history, "fingerprint": run.fingerprint}
+            save_training_state(run.state_dir, run.trainable, run.optimizer, run.scheduler, info)
+            if stop_after_steps is not None and step >= stop_after_steps < p.steps:
                 bar.close()
-                return {"interrupted_after_step": step, "state": str(state_dir)}
+                return {"interrupted_after_step": step, "state": str(run.state_dir)}
     bar.close()
-    held = held_out_accuracy(teacher, images, data, params)
-    model.eval()
+    summary = _finish(run, step, history)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def _finish(run: Adaptation, step: int, history: list[dict[str, float]]) -> dict[str, Any]:
+    """Held-out accuracy; the weights, the summary JSON and the loss plot; the state removed."""
+    from safetensors.torch import save_file
+
+    from pipeline.models import clip_identity
+    from pmu.io import write_json_atomic
+
+    held = held_out_accuracy(run.teacher, run.images, run.data, run.settings.params)
+    model, data, out = run.teacher.model.eval(), run.data, run.out
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(out) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp)
-        )
+        save_file(weights, str(tmp))
     summary = {
         "out": str(out),
-        "start": start,
-        "weights_sha256": clip_identity(preset, out)["weights"],
+        "start": run.start,
+        "weights_sha256": clip_identity(run.settings.preset, out)["weights"],
         "steps": step,
-        "params": asdict(params),
-        "templates": {"entity": list(entity_templates), "relation": list(relation_templates)},
+        "params": asdict(run.settings.params),
+        "templates": {"entity": list(run.templates[0]), "relation": list(run.templates[1])},
         "data": {
             "caption_pairs": len(data.captions),
             "crops": len(data.crops),
@@ -742,6 +732,19 @@ def adapt_teacher(
     write_json_atomic(out.with_suffix(".json"), summary)
     if history:
         plot_losses(history, out.with_suffix(".png"))
-    shutil.rmtree(state_dir, ignore_errors=True)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    shutil.rmtree(run.state_dir, ignore_errors=True)
     return summary
+
+
+def run_stage(settings: AdaptTeacherSettings, *, progress: bool = True) -> str:
+    """adapt-teacher as the command runs it; returns what it prints."""
+    s = adapt_teacher(settings, progress=progress)
+    first, last, held, data = s["loss_first"], s["loss_last"], s["held_out"], s["data"]
+    losses = ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last if k != "step")
+    return (
+        f"adapt-teacher: {s['steps']} steps in {s['seconds']} s -> {s['out']} (+ .json, .png)\n"
+        f"  data: {data['caption_pairs']} caption pairs, {data['crops']} crops of "
+        f"{len(data['classes'])} classes, {data['relation_images']} relation images\n"
+        f"  loss first -> last: {losses}\n"
+        f"  held-out top-1: entity {held['entity_top1']}, relation {held['relation_top1']}"
+    )

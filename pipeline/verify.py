@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.settings import VerifySettings
 from pmu import shards
 from pmu.io import file_sha256
 
@@ -288,3 +289,12 @@ def _check_dist(
         report.add(where, "kept mass not recorded")
     elif abs(total - mass) > tol:
         report.add(where, f"probabilities sum to {total:.6f} but the recorded mass is {mass:.6f}")
+
+
+def run_stage(settings: VerifySettings) -> tuple[str, bool]:
+    """verify as the command runs it: (the report, whether every check passed)."""
+    from pipeline import checks
+
+    checks.shard_folder(settings.shard_dir)
+    report = verify_shards(settings.shard_dir, settings.tol, check_hashes=not settings.quick)
+    return report.render(settings.limit), report.ok

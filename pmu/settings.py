@@ -46,9 +46,14 @@ FIELD_TYPES: dict[str, Callable[[str], Any]] = {
 }
 
 
+def type_name(f: dataclasses.Field) -> str:
+    """A field's annotation as text (`int`, `str | None`, ...), written as a string or not."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
 def field_type(cls: type, f: dataclasses.Field) -> Callable[[str], Any]:
-    """The Python type of a settings field (annotations are strings here)."""
-    kind = FIELD_TYPES.get(str(f.type))
+    """The Python type of a settings field."""
+    kind = FIELD_TYPES.get(type_name(f))
     if kind is None:
         raise TypeError(f"{cls.__name__}.{f.name}: no option type for {f.type}")
     return kind
@@ -121,27 +126,35 @@ def relative_to_cwd(value: str | None, base: Path) -> str | None:
     return os.path.relpath(base / value)
 
 
+def checked_value(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """A value from a params file for this field, checked against its type (ints widen to
+    floats, "" is unset where the field allows it); a field with its own parser takes text or
+    a number."""
+    kind = type_name(f)
+    if f.metadata.get("parse"):
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    elif value is None or value == "":
+        ok = "None" in kind or kind == "str"
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise InputError(f"{source}: {f.name} = {value!r} is not a {kind}", "fix the value")
+    return None if value == "" and "None" in kind else value
+
+
 def check_types(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Values from a params file, checked against the field types (ints widen to floats)."""
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    out = {}
-    for name, value in values.items():
-        kind = kinds[name]
-        if value is None or value == "":
-            ok = "None" in kind or kind == "str"
-        elif kind == "bool":
-            ok = isinstance(value, bool)
-        elif kind.startswith("int"):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind.startswith("float"):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            raise InputError(f"{source}: {name} = {value!r} is not a {kind}")
-        out[name] = None if value == "" and "None" in kind else value
-    return out
+    """Values from a params file, checked against the field types of `cls`."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    return {name: checked_value(by_name[name], value, source) for name, value in values.items()}
 
 
 def config_values(args: Mapping[str, Any], cls: type) -> dict[str, Any]:

@@ -31,9 +31,10 @@ def main(inputs: Path, out: Path) -> dict:
 
     runtime.configure_process()
 
-    from pipeline.detect import DetectParams, detect_objects
-    from pipeline.label import LabelParams, label_objects
+    from pipeline.detect import detect_objects
+    from pipeline.label import label_objects
     from pipeline.prompts import embed_prompts
+    from pipeline.settings import DetectParams, DetectSettings, LabelParams, LabelSettings
     from trainer import pretrain
     from trainer.finetune_config import FinetuneConfig
     from trainer.finetune_loop import run_finetune
@@ -42,11 +43,18 @@ def main(inputs: Path, out: Path) -> dict:
     pairs = inputs / "prepared" / "pairs.parquet"
     prompts, boxes, shards = out / "prompts.safetensors", out / "boxes.parquet", out / "shards"
     embed_prompts(vocab["entities"], vocab["relations"], prompts, device="cpu")
-    detect_objects(pairs, boxes, params=DetectParams(batch_size=4, imgsz=160, conf=0.0, top_k=3),
-                   device="cpu", progress=False)  # fmt: skip
+    detect = DetectParams(batch_size=4, imgsz=160, conf=0.0, top_k=3)
+    detect_objects(
+        DetectSettings(pairs=str(pairs), out=str(boxes), device="cpu", params=detect),
+        progress=False,
+    )
     label = LabelParams(samples_per_shard=4, image_batch_size=4, crop_batch_size=8, num_workers=0)
-    label_objects(pairs, boxes, prompts, vocab["entities"], vocab["relations"], shards,
-                  params=label, device="cpu", progress=False)  # fmt: skip
+    labels = LabelSettings(
+        pairs=str(pairs), boxes=str(boxes), prompts=str(prompts),
+        entities=str(vocab["entities"]), relations=str(vocab["relations"]), out=str(shards),
+        rejected=None, device="cpu", params=label,
+    )  # fmt: skip
+    label_objects(labels, progress=False)
     pretrain.train(
         pretrain.TrainConfig(
             shards=str(shards),

@@ -47,7 +47,7 @@ def test_prepare_with_a_missing_input_leaves_nothing(tmp_path):
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--source", "nope"], ["unknown source 'nope'", "hf"]),
+        (["--source", "nope"], ["--source 'nope' is not one of", "hf"]),
         (["--source", "table"], ["--input is required for source 'table'"]),
         (["--source", "newsclippings", "--input", "{ann}"], ["--visualnews-data"]),
         (["--source", "table", "--input", "{xlsx}"], ["unknown table format '.xlsx'"]),
@@ -170,7 +170,9 @@ def test_label_objects_with_stale_prompts(labeling_inputs, tmp_path):
     p["entities"].write_text(json.dumps(doc))
     out = tmp_path / "shards"
     result = run("label-objects", *_label_args(p, out))
-    assert_user_error(result, "stale prompts", "entities changed", "re-run embed-prompts")
+    assert_user_error(
+        result, "stale prompts", "entities changed", "re-run `pipeline embed-prompts`"
+    )
     assert not out.exists()
 
 
@@ -206,7 +208,7 @@ def test_label_objects_records_file_hashes_that_verify_checks(labeling_inputs, t
         (["--device", "cuda:7"], ["--device cuda:7"]),
         (["--device", "gpu"], ["'gpu' is not a device"]),
         (["--clip", "/no/clip.safetensors"], ["CLIP checkpoint", "does not exist"]),
-        (["--engine", "spark"], ["--engine must be local or ray"]),
+        (["--engine", "spark"], ["--engine 'spark' is not one of local, ray"]),
         (["--stage-params", "/no/params.yaml"], ["--stage-params file"]),
     ],
 )

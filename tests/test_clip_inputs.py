@@ -27,7 +27,7 @@ from pipeline.clip_inputs import (
     square_tensor,
 )
 from pipeline.images import decode_rgb
-from pipeline.label import LabelParams, label_objects, plan_labeling
+from pipeline.label import label_objects, plan_labeling
 from pipeline.labeling_data import (
     LabelDataset,
     LabelItemSpec,
@@ -38,7 +38,9 @@ from pipeline.labeling_data import (
 )
 from pipeline.models import load_clip
 from pipeline.prompts import embed_prompts, load_prompts
+from pipeline.settings import LabelParams, LabelSettings
 from pmu import shards
+from pmu.errors import InputError
 
 PARAMS = dict(samples_per_shard=4, image_batch_size=3, crop_batch_size=5, num_workers=0, k_ent=4)
 
@@ -88,18 +90,22 @@ def inputs(tmp_path_factory):
     return paths
 
 
-def _label(paths, out, clip_path=None, prompts=None, **params):
-    return label_objects(
-        paths["pairs"],
-        paths["boxes"],
-        prompts or paths["prompts"],
-        paths["entities"],
-        paths["relations"],
-        out,
-        clip_path=clip_path,
+def _settings(paths, out, clip_path=None, prompts=None, **params) -> LabelSettings:
+    return LabelSettings(
+        pairs=str(paths["pairs"]),
+        boxes=str(paths["boxes"]),
+        prompts=str(prompts or paths["prompts"]),
+        entities=str(paths["entities"]),
+        relations=str(paths["relations"]),
+        out=str(out),
+        rejected=None,
+        clip=str(clip_path) if clip_path else None,
         params=LabelParams(**{**PARAMS, **params}),
-        progress=False,
     )
+
+
+def _label(paths, out, clip_path=None, prompts=None, **params):
+    return label_objects(_settings(paths, out, clip_path, prompts, **params), progress=False)
 
 
 def _samples(folder: Path) -> dict[str, dict]:
@@ -254,18 +260,10 @@ def test_letterbox_lets_content_at_the_edge_reach_the_encoder(clip, tmp_path):
 def test_resize_mode_is_part_of_the_fingerprint(inputs, tmp_path):
     prints = set()
     for mode in ("letterbox", "center_crop"):
-        job, _ = plan_labeling(
-            inputs["pairs"],
-            inputs["boxes"],
-            inputs["prompts"],
-            inputs["entities"],
-            inputs["relations"],
-            tmp_path / mode,
-            params=LabelParams(resize_mode=mode),
-        )
+        job, _ = plan_labeling(_settings(inputs, tmp_path / mode, resize_mode=mode))
         prints.add(job.fingerprint)
     assert len(prints) == 2
-    with pytest.raises(ValueError, match="resize_mode"):
+    with pytest.raises(InputError, match="resize-mode"):
         LabelParams(resize_mode="stretch").check()
 
 

@@ -4,11 +4,18 @@ import pyarrow.parquet as pq
 import pytest
 from labeling_inputs import write_labeling_inputs
 
-from pipeline.detect import DetectParams, detect_objects
+from pipeline.detect import detect_objects
 from pipeline.labeling_data import read_boxes, read_pairs
 from pipeline.models import coco_names
+from pipeline.settings import DetectParams, DetectSettings
+from pmu.errors import InputError
 
 FAST = dict(batch_size=3, imgsz=64, conf=0.0, top_k=3)
+
+
+def detect(pairs, out, params: DetectParams):
+    settings = DetectSettings(pairs=str(pairs), out=str(out), params=params)
+    return detect_objects(settings, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +25,7 @@ def inputs(tmp_path_factory):
 
 def test_every_pair_gets_a_row_with_top_k_boxes(inputs, tmp_path):
     out = tmp_path / "boxes.parquet"
-    summary = detect_objects(inputs["pairs"], out, params=DetectParams(**FAST), progress=False)
+    summary = detect(inputs["pairs"], out, DetectParams(**FAST))
     pairs = read_pairs(inputs["pairs"])
     rows, meta = read_boxes(out)
     assert list(pq.read_table(out).column("id").to_pylist()) == pairs["id"]  # pair order kept
@@ -43,7 +50,7 @@ def test_every_pair_gets_a_row_with_top_k_boxes(inputs, tmp_path):
 def test_images_without_detections_are_kept_with_empty_lists(inputs, tmp_path):
     out = tmp_path / "boxes.parquet"
     params = DetectParams(**dict(FAST, conf=0.99))  # the random detector never gets there
-    summary = detect_objects(inputs["pairs"], out, params=params, progress=False)
+    summary = detect(inputs["pairs"], out, params)
     rows, _ = read_boxes(out)
     assert len(rows) == 8 and summary["without_detections"] == 7 and summary["boxes"] == 0
     assert all(r["boxes"] == [] and r["classes"] == [] and r["confs"] == [] for r in rows.values())
@@ -51,12 +58,12 @@ def test_images_without_detections_are_kept_with_empty_lists(inputs, tmp_path):
 
 def test_same_inputs_give_identical_bytes_with_or_without_workers(inputs, tmp_path):
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    detect_objects(inputs["pairs"], a, params=DetectParams(**FAST), progress=False)
+    detect(inputs["pairs"], a, DetectParams(**FAST))
     params = DetectParams(**dict(FAST, num_workers=2))
-    detect_objects(inputs["pairs"], b, params=params, progress=False)
+    detect(inputs["pairs"], b, params)
     assert a.read_bytes() == b.read_bytes()
 
 
 def test_bad_parameters_are_refused(inputs, tmp_path):
-    with pytest.raises(ValueError, match="batch_size"):
-        detect_objects(inputs["pairs"], tmp_path / "x.parquet", params=DetectParams(batch_size=0))
+    with pytest.raises(InputError, match="batch-size"):
+        detect(inputs["pairs"], tmp_path / "x.parquet", DetectParams(batch_size=0))

@@ -6,8 +6,9 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.detector_train import DetectorTrainParams, train_detector
+from pipeline.detector_train import train_detector
 from pipeline.models import load_detector
+from pipeline.settings import DetectorTrainParams, TrainDetectorSettings
 from pipeline.world import build_world
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,10 @@ def trained(tmp_path_factory):
     before = tree(yolo)
     out = root / "detector.safetensors"
     params = DetectorTrainParams(epochs=1, imgsz=64, batch=8, cache=False)
-    summary = train_detector(yolo / "data.yaml", out, "tiny", params=params, device="cpu")
+    settings = TrainDetectorSettings(
+        data=str(yolo / "data.yaml"), out=str(out), preset="tiny", device="cpu", params=params
+    )
+    summary = train_detector(settings)
     return summary, out, yolo, before, marker
 
 

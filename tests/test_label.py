@@ -18,19 +18,14 @@ from labeling_inputs import write_labeling_inputs
 
 from pipeline.clip_inputs import reference_clip_input
 from pipeline.images import decode_rgb
-from pipeline.label import (
-    PROGRESS_DIR,
-    LabelParams,
-    label_objects,
-    label_sharpness,
-    sharpness_sums,
-    soft_labels,
-)
+from pipeline.label import PROGRESS_DIR, label_objects, label_sharpness, sharpness_sums, soft_labels
 from pipeline.labeling_data import padded_box, read_pairs, write_boxes
 from pipeline.models import load_clip
 from pipeline.prompts import embed_prompts, load_prompts
+from pipeline.settings import LabelParams, LabelSettings
 from pipeline.verify import verify_shards
 from pmu import shards
+from pmu.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = dict(
@@ -78,20 +73,21 @@ def _inputs(root: Path, n: int, broken=(), **kw) -> dict:
     return paths
 
 
-def _label(paths: dict, out: Path, **overrides):
-    params = LabelParams(**{**PARAMS, **overrides.pop("params", {})})
-    return label_objects(
-        paths["pairs"],
-        paths["boxes"],
-        paths["prompts"],
-        paths["entities"],
-        paths["relations"],
-        out,
-        params=params,
-        prepare_rejected_path=paths["rejected"],
-        progress=False,
-        **overrides,
+def label_settings(paths: dict, out: Path, params: dict | None = None) -> LabelSettings:
+    return LabelSettings(
+        pairs=str(paths["pairs"]),
+        boxes=str(paths["boxes"]),
+        prompts=str(paths["prompts"]),
+        entities=str(paths["entities"]),
+        relations=str(paths["relations"]),
+        out=str(out),
+        rejected=str(paths["rejected"]),
+        params=LabelParams(**{**PARAMS, **(params or {})}),
     )
+
+
+def _label(paths: dict, out: Path, params: dict | None = None, **kw):
+    return label_objects(label_settings(paths, out, params), progress=False, **kw)
 
 
 def _folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -196,7 +192,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(inputs, tmp_path):
 CHILD = """
 import sys, time
 import pmu.shards as shards
-from pipeline.label import LabelParams, label_objects
+from pipeline.label import label_objects
+from pipeline.settings import LabelParams, LabelSettings
 
 write = shards.write_shard
 def slow_write(*args, **kwargs):  # give the parent time to kill us between shards
@@ -205,7 +202,9 @@ def slow_write(*args, **kwargs):  # give the parent time to kill us between shar
     return n
 shards.write_shard = slow_write
 a = sys.argv[1:]
-label_objects(*a[:6], params=LabelParams(**{params}), prepare_rejected_path=a[6], progress=False)
+keys = ("pairs", "boxes", "prompts", "entities", "relations", "out", "rejected")
+s = LabelSettings(**dict(zip(keys, a)), params=LabelParams(**{params}))
+label_objects(s, progress=False)
 """
 
 
@@ -240,7 +239,7 @@ def test_stale_prompts_are_refused(tmp_path):
     data = json.loads(paths["entities"].read_text())
     data["entities"].append({"name": "zebra", "count": 1})
     paths["entities"].write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="re-run embed-prompts"):
+    with pytest.raises(InputError, match="re-run `pipeline embed-prompts`"):
         _label(paths, tmp_path / "out")
 
 

@@ -15,6 +15,7 @@ from pipeline import prepare as prep
 from pipeline.cli import app
 from pipeline.readers.sample import read_sample
 from pipeline.readers.tabular import read_table
+from pmu.errors import InputError
 
 
 def _save(img: Image.Image, path, fmt: str, **kw) -> bytes:
@@ -319,7 +320,7 @@ def test_chunk_size_does_not_change_the_outputs(bad_inputs, tmp_path):
             assert _same_outputs(out, ref), (table.name, size)
     reasons = [r["reason"] for r in _rejected(ref)]
     assert reasons.count(prep.DUPLICATE_ID) == 600 - 285  # across chunks and blocks
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(InputError, match="chunk_size"):
         prep.prepare(read_table(bad_inputs), tmp_path / "x", chunk_size=0, progress=False)
 
 

@@ -16,6 +16,7 @@ from pipeline.prompts import (
     load_prompts,
     named_templates,
 )
+from pmu.errors import InputError
 from pmu.io import file_sha256
 
 
@@ -72,13 +73,13 @@ def test_output_is_byte_identical_and_templates_matter(vocab, tmp_path):
 
 
 def test_bad_templates_and_empty_vocabularies_are_refused(vocab, tmp_path):
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(InputError, match="placeholder"):
         fill_templates(["dog"], ["A photo of {relation}."], "entity")
-    with pytest.raises(ValueError, match="no entity templates"):
+    with pytest.raises(InputError, match="no entity templates"):
         fill_templates(["dog"], [], "entity")
     empty = tmp_path / "entities.json"
     empty.write_text(json.dumps({"source": "x", "entities": []}), encoding="utf-8")
-    with pytest.raises(ValueError, match="empty vocabulary"):
+    with pytest.raises(InputError, match="empty vocabulary"):
         embed_prompts(empty, vocab["relations"], tmp_path / "p.safetensors")
 
 
@@ -97,7 +98,7 @@ def test_the_papers_templates_by_name():
         "C", "relation"
     )
     assert named_templates("2", "entity") == ("An image of {entity} is shown here.",)
-    with pytest.raises(ValueError, match="choose from"):
+    with pytest.raises(InputError, match="choose from"):
         named_templates("D", "relation")
 
 

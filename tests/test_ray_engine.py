@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.label import PROGRESS_DIR, LabelParams, label_objects
+from pipeline.label import PROGRESS_DIR, label_objects
+from pipeline.settings import LabelParams, LabelSettings
 from pipeline.verify import verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,15 +24,18 @@ import json, sys
 from pathlib import Path
 from typer.testing import CliRunner
 from pipeline.cli import app
-from pipeline.detect import DetectParams, detect_objects
-from pipeline.label import LabelParams, label_objects
+from pipeline.detect import detect_objects
+from pipeline.label import label_objects
+from pipeline.settings import DetectParams, DetectSettings, LabelParams, LabelSettings
 
-p = {k: Path(v) for k, v in json.loads(sys.argv[1]).items()}
-detect_objects(p["pairs"], p["boxes"], params=DetectParams(**DETECT), progress=False, threads=1)
-label_objects(
-    p["pairs"], p["boxes"], p["prompts"], p["entities"], p["relations"], p["shards"],
-    params=LabelParams(**LABEL), prepare_rejected_path=p["rejected"], progress=False, threads=1,
+p = json.loads(sys.argv[1])
+detect = DetectSettings(pairs=p["pairs"], out=p["boxes"], params=DetectParams(**DETECT))
+detect_objects(detect, progress=False, threads=1)
+labels = LabelSettings(
+    pairs=p["pairs"], boxes=p["boxes"], prompts=p["prompts"], entities=p["entities"],
+    relations=p["relations"], out=p["shards"], rejected=p["rejected"], params=LabelParams(**LABEL),
 )
+label_objects(labels, progress=False, threads=1)
 assert CliRunner().invoke(app, ["--help"]).exit_code == 0
 print(json.dumps(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))))
 """
@@ -119,20 +123,17 @@ def test_ray_engine_gives_the_local_bytes_and_resumes_local_markers(
 
     # A local run killed after one shard, finished by the Ray engine: its markers are reused.
     shards = tmp_path / "shards"
-    files = (
-        [paths[k] for k in ("pairs",)]
-        + [boxes]
-        + [paths[k] for k in ("prompts", "entities", "relations")]
-    )
-    partial = label_objects(
-        *files,
-        shards,
+    labels = LabelSettings(
+        pairs=str(paths["pairs"]),
+        boxes=str(boxes),
+        prompts=str(paths["prompts"]),
+        entities=str(paths["entities"]),
+        relations=str(paths["relations"]),
+        out=str(shards),
+        rejected=str(paths["rejected"]),
         params=LabelParams(**LABEL),
-        prepare_rejected_path=paths["rejected"],
-        progress=False,
-        stop_after_shards=1,
-        threads=1,
     )
+    partial = label_objects(labels, progress=False, stop_after_shards=1, threads=1)
     assert partial["shards_written"] == 1 and (shards / PROGRESS_DIR).is_dir()
     label_args = ["label-objects", "--pairs", str(paths["pairs"]), "--boxes", str(boxes)]
     for key in ("prompts", "entities", "relations"):
@@ -167,4 +168,4 @@ def test_unknown_engine_is_refused(sample, tmp_path):
     _, paths = sample
     args = ["detect-objects", "--pairs", str(paths["pairs"]), "--out", str(tmp_path / "b.pq")]
     result = CliRunner().invoke(app, args + ["--engine", "spark"])
-    assert result.exit_code != 0 and "local or ray" in result.output
+    assert result.exit_code != 0 and "not one of local, ray" in result.output

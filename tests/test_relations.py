@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline import relations
 from pipeline.cli import app
+from pmu.errors import InputError
 
 # Shaped exactly like the endpoint's application/sparql-results+json answer to relations.QUERY,
 # with real pids and labels (out of pid order, plus one property without an English label).
@@ -180,7 +181,7 @@ def test_stage_records_order_and_mnre_coverage(tmp_path):
     old = relations.fetch_relations(tmp_path / "r.json", l=50, warn=lambda m: None, order="pid")
     assert old["mnre_coverage"]["covered"] == 7
     assert [r["pid"] for r in old["relations"][:3]] == ["P6", "P16", "P17"]
-    with pytest.raises(ValueError, match="order"):
+    with pytest.raises(InputError, match="order"):
         relations.fetch_relations(tmp_path / "r.json", order="random")
 
 
@@ -216,7 +217,7 @@ def test_bad_relation_files_are_refused(tmp_path):
     header = tmp_path / "h.tsv"
     header.write_text("id\tname\nP1\tx\n")
     for path, why in ((dup, "duplicate"), (empty, "no relations"), (header, "pid and label")):
-        with pytest.raises(ValueError, match=why):
+        with pytest.raises(InputError, match=why):
             relations.read_relations_file(path)
     res = CliRunner().invoke(app, ["fetch-relations", "--from", str(dup), "--out", "x.json"])
     assert res.exit_code == 2 and "duplicate" in res.output

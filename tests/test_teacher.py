@@ -14,16 +14,25 @@ from pipeline.models import clip_identity, load_clip
 from pipeline.prepare import prepare
 from pipeline.prompts import named_templates
 from pipeline.readers.world import read_world
-from pipeline.teacher import (
-    TeacherParams,
-    adapt_teacher,
-    collect_data,
-    score_teacher,
-    window_keeping_boxes,
-)
+from pipeline.settings import AdaptTeacherSettings, TeacherParams
+from pipeline.teacher import adapt_teacher, collect_data, score_teacher, window_keeping_boxes
 from pipeline.world import build_world
+from pmu.errors import InputError
 
 PARAMS = TeacherParams(steps=30, batch_size=16, lr=2e-3, warmup_steps=3, holdout=0.2)
+
+
+def teach(out, world, params=PARAMS, templates=("1", "A"), **kw):
+    """adapt-teacher's settings for the test world (templates 1 and A unless given)."""
+    return AdaptTeacherSettings(
+        out=str(out),
+        pairs=str(world["pairs"]),
+        annotations=str(world["annotations"]),
+        entity_templates=templates[0],
+        relation_templates=templates[1],
+        params=params,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +75,7 @@ def test_each_template_is_trained_and_scored(world, tmp_path):
     out = tmp_path / "teacher.safetensors"
     entity, relation = named_templates("all", "entity"), named_templates("all", "relation")
     params = TeacherParams(**{**PARAMS.__dict__, "steps": 4, "flip": True, "crop_margin": 1.0})
-    s = adapt_teacher(
-        out, world["pairs"], world["annotations"], params=params, progress=False,
-        entity_templates=entity, relation_templates=relation,
-    )  # fmt: skip
+    s = adapt_teacher(teach(out, world, params, ("all", "all")), progress=False)
     per = s["held_out"]["per_template"]
     assert set(per["entity"]) == {"1", "2"} and set(per["relation"]) == {"A", "B", "C"}
     scored = score_teacher(out, world["annotations"], "tiny", entity, relation)
@@ -80,7 +86,7 @@ def test_each_template_is_trained_and_scored(world, tmp_path):
 
 def test_loss_falls_and_outputs_load_as_the_clip(world, tmp_path):
     out = tmp_path / "teacher.safetensors"
-    s = adapt_teacher(out, world["pairs"], world["annotations"], params=PARAMS, progress=False)
+    s = adapt_teacher(teach(out, world), progress=False)
     first, last = s["loss_first"], s["loss_last"]
     assert set(first) == {"step", "caption", "entity", "scene", "relation", "probe"}
     assert last["entity"] < first["entity"] and last["caption"] < first["caption"]
@@ -98,22 +104,20 @@ def test_loss_falls_and_outputs_load_as_the_clip(world, tmp_path):
 
 def test_resumed_run_ends_with_the_same_weights(world, tmp_path):
     full = tmp_path / "full.safetensors"
-    adapt_teacher(full, world["pairs"], world["annotations"], params=PARAMS, progress=False)
+    adapt_teacher(teach(full, world), progress=False)
     part = tmp_path / "part.safetensors"
-    kw = dict(params=PARAMS, progress=False, ckpt_every=10)
-    stopped = adapt_teacher(part, world["pairs"], world["annotations"], stop_after_steps=20, **kw)
+    stopped = adapt_teacher(teach(part, world, ckpt_every=10), stop_after_steps=20, progress=False)
     assert stopped["interrupted_after_step"] == 20 and not part.exists()
-    adapt_teacher(part, world["pairs"], world["annotations"], resume=True, **kw)
+    adapt_teacher(teach(part, world, ckpt_every=10, resume=True), progress=False)
     assert part.read_bytes() == full.read_bytes()
     a = json.loads((tmp_path / "full.json").read_text())
     b = json.loads((tmp_path / "part.json").read_text())
     assert a["history"] == b["history"]
     # a resume with other parameters is refused
-    adapt_teacher(part, world["pairs"], world["annotations"], stop_after_steps=10, **kw)
+    adapt_teacher(teach(part, world, ckpt_every=10), stop_after_steps=10, progress=False)
     other = TeacherParams(**{**PARAMS.__dict__, "lr": 1e-3})
-    with pytest.raises(ValueError, match="--resume refused"):
-        adapt_teacher(part, world["pairs"], world["annotations"], params=other, resume=True,
-                      progress=False)  # fmt: skip
+    with pytest.raises(InputError, match="--resume refused"):
+        adapt_teacher(teach(part, world, other, resume=True), progress=False)
 
 
 def test_cli_errors_are_one_line(world, tmp_path):

@@ -85,10 +85,10 @@ def test_rebuild_replaces_a_world_but_never_another_folder(tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(InputError):
         build_world(busy, seed=3, **small)
     assert (busy / "notes.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="n_adapt"):
+    with pytest.raises(InputError, match="n_adapt"):
         build_world(tmp_path / "x", n=4, n_adapt=3, mner=(1, 1, 1), mre=(1, 1, 1))
 
 

@@ -8,8 +8,8 @@ adapt split. Labels are scored on the corpus images, which neither model saw.
 
 import pytest
 
-from pipeline.detect import DetectParams, detect_objects
-from pipeline.label import LabelParams, label_objects
+from pipeline.detect import detect_objects
+from pipeline.label import label_objects
 from pipeline.models import ASSETS
 from pipeline.nouns import mine_nouns
 from pipeline.prepare import prepare
@@ -17,7 +17,15 @@ from pipeline.prompts import embed_prompts
 from pipeline.readers.world import read_world
 from pipeline.relations import fetch_relations
 from pipeline.score import score_labels
-from pipeline.teacher import TeacherParams, adapt_teacher
+from pipeline.settings import (
+    AdaptTeacherSettings,
+    DetectParams,
+    DetectSettings,
+    LabelParams,
+    LabelSettings,
+    TeacherParams,
+)
+from pipeline.teacher import adapt_teacher
 from pipeline.world import build_world
 
 pytestmark = pytest.mark.slow
@@ -37,13 +45,19 @@ def chain(tmp_path_factory):
     fetch_relations(vocab[1], from_file=world / "relations.tsv")
     boxes = root / "boxes.parquet"
     params = DetectParams(batch_size=32, imgsz=160, conf=0.25, top_k=6)
-    detect_objects(pairs, boxes, "small", DETECTOR, params, progress=False)
+    detect = DetectSettings(pairs=str(pairs), out=str(boxes), preset="small",
+                            detector=str(DETECTOR), params=params)  # fmt: skip
+    detect_objects(detect, progress=False)
     teacher = root / "teacher.safetensors"
-    adapt_teacher(
-        teacher,
-        root / "adapt" / "pairs.parquet",
-        world / "adapt" / "truth.jsonl",
+    adaptation = AdaptTeacherSettings(
+        out=str(teacher),
+        pairs=str(root / "adapt" / "pairs.parquet"),
+        annotations=str(world / "adapt" / "truth.jsonl"),
+        entities=str(vocab[0]),
+        relations=str(vocab[1]),
         preset="tiny",
+        entity_templates="1",
+        relation_templates="A",
         # the entity objective only: this test checks q_ent (relations take far longer)
         params=TeacherParams(
             steps=200,
@@ -54,18 +68,21 @@ def chain(tmp_path_factory):
             weight_caption=0,
             weight_scene=0,
             weight_relation=0,
-        ),  # fmt: skip
-        progress=False,
-        entities_path=vocab[0],
-        relations_path=vocab[1],
+        ),
     )
+    adapt_teacher(adaptation, progress=False)
     scores = {}
     for name, clip in (("adapted", teacher), ("random", None)):
         prompts = root / f"prompts-{name}.safetensors"
         embed_prompts(*vocab, prompts, "tiny", clip)
         shards = root / f"shards-{name}"
-        label_objects(pairs, boxes, prompts, *vocab, shards, "tiny", clip,
-                      LabelParams(samples_per_shard=64, num_workers=0), progress=False)  # fmt: skip
+        labels = LabelSettings(
+            pairs=str(pairs), boxes=str(boxes), prompts=str(prompts), entities=str(vocab[0]),
+            relations=str(vocab[1]), out=str(shards), preset="tiny", rejected=None,
+            clip=str(clip) if clip else None,
+            params=LabelParams(samples_per_shard=64, num_workers=0),
+        )  # fmt: skip
+        label_objects(labels, progress=False)
         scores[name] = score_labels(shards, pairs, world / "corpus" / "truth.jsonl")
     return scores
 

@@ -17,8 +17,9 @@ from ultralytics.data.augment import LetterBox
 from ultralytics.utils import NUM_THREADS, ops
 
 from pipeline import yolo_batch
-from pipeline.detect import DetectParams, detect_objects
+from pipeline.detect import detect_objects
 from pipeline.models import load_detector
+from pipeline.settings import DetectParams, DetectSettings
 
 SHAPES = [(60, 200), (200, 60), (123, 77), (1, 400), (400, 1), (640, 480), (31, 33), (300, 300)]
 
@@ -125,7 +126,10 @@ def test_fast_detect_equals_ultralytics_predict(sample_pairs, tmp_path, detector
         out = tmp_path / f"{impl}.parquet"
         params = DetectParams(batch_size=batch_size, imgsz=320, conf=conf, top_k=10, impl=impl)
         # predict sets torch to ultralytics' NUM_THREADS; conv results depend on the count.
-        detect_objects(pairs, out, "tiny", path, params, progress=False, threads=NUM_THREADS)
+        settings = DetectSettings(
+            pairs=str(pairs), out=str(out), detector=str(path) if path else None, params=params
+        )
+        detect_objects(settings, progress=False, threads=NUM_THREADS)
         tables[impl] = pq.read_table(out).drop(["error"]).to_pylist()
     fast, reference = tables["fast"], tables["ultralytics"]
     assert sum(len(r["boxes"]) for r in fast) > 50

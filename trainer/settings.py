@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pmu.errors import InputError
-from pmu.settings import field_type
+from pmu.settings import field_type, type_name
 
 
 def add_config_flags(
@@ -34,7 +34,7 @@ def add_config_flags(
         if default is None or default == "":
             shown = f.metadata.get("shown") or "unset"
         help_text = f"{f.metadata['help']} (default: {shown})"
-        if str(f.type) == "bool":
+        if type_name(f) == "bool":
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )

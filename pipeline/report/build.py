@@ -14,7 +14,9 @@ import numpy as np
 from pipeline.report import html, images
 from pipeline.report.collect import MAX_LISTED, LabelStats, scan_shards
 from pipeline.report.plots import histograms_png
+from pipeline.settings import InspectSettings
 from pmu import shards
+from pmu.errors import InputError
 from pmu.io import write_text_atomic
 
 MAX_REJECTED_LISTED = 200
@@ -201,10 +203,10 @@ def build_report(
     shards and seed give a byte-identical file. Returns the summary the page shows.
     """
     if samples < 0:
-        raise ValueError(f"samples must be >= 0, got {samples}")
+        raise InputError(f"samples must be >= 0, got {samples}")
     shard_dir, out = Path(shard_dir), Path(out)
     if not shard_dir.is_dir():
-        raise FileNotFoundError(f"shard folder {shard_dir} does not exist")
+        raise InputError(f"shard folder {shard_dir} does not exist")
     entity_names, relation_names = shards.read_vocabularies(shard_dir)
     manifest, manifest_warning = _read_manifest(shard_dir)
     warnings = [manifest_warning] if manifest_warning else []
@@ -263,3 +265,20 @@ def build_report(
     )
     write_text_atomic(out, page)
     return _summary(stats, out, len(cards), rejected_total, by_reason, warnings)
+
+
+def run_stage(settings: InspectSettings) -> str:
+    """inspect as the command runs it; returns what it prints."""
+    from pipeline import checks
+
+    checks.readable_shard_folder(settings.shard_dir)
+    s = build_report(settings.shard_dir, settings.out, samples=settings.samples, seed=settings.seed)
+    lines = [
+        f"inspect: {s['out']} ({s['bytes'] / 1e6:.1f} MB): {s['sampled']} of {s['samples']} "
+        f"samples shown, {s['objects']} objects, {s['images_without_detections']} images without "
+        f"detections, {s['rejected']} rejected, {s['unreadable']} unreadable",
+        f"  mean entropy q_ent {s['mean_entropy_ent']} / q_rel {s['mean_entropy_rel']} nats; "
+        f"mean kept mass q_ent {s['mean_kept_mass_ent']} / q_rel {s['mean_kept_mass_rel']}; "
+        f"mean top-1 mass q_ent {s['mean_top1_mass_ent']} / q_rel {s['mean_top1_mass_rel']}",
+    ]
+    return "\n".join(lines + [f"  warning: {w}" for w in s["warnings"]])

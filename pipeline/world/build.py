@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.settings import SynthWorldSettings
 from pipeline.world import language as lang
 from pipeline.world.compose import (
     canvas_ratio,
@@ -40,6 +41,7 @@ from pipeline.world.ontology import (
     relation_rows,
 )
 from pipeline.world.scene import ObjectSpec, image_size, jpeg_bytes, render_scene
+from pmu.errors import InputError
 from pmu.io import write_bytes_atomic
 
 GENERATOR_VERSION = 1
@@ -326,14 +328,14 @@ def yolo_files(files: Files, plans: list[PairImage], rendered: list[Rendered]) -
 
 def _check(name: str, value: int, minimum: int) -> None:
     if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        raise InputError(f"{name} must be at least {minimum}, got {value}")
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
     """Replace `out` (absent, empty, or an earlier world) with the finished staging folder."""
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (out / WORLD_FILE).is_file()):
-            raise FileExistsError(f"{out} exists and is not a world folder; not overwriting it")
+            raise InputError(f"{out} exists and is not a world folder", "pass another --out")
         old = out.with_name(f".{out.name}.old")
         if old.exists():
             shutil.rmtree(old)
@@ -367,11 +369,11 @@ def build_world(
         for split, value in zip(SPLITS, sizes, strict=True):
             _check(f"{name} {split}", value, 1)
     if not 64 <= image_size_px <= 2048:
-        raise ValueError(f"image size must be within 64..2048, got {image_size_px}")
+        raise InputError(f"image size must be within 64..2048, got {image_size_px}")
     _check("workers", workers, 1)
     out = Path(out)
     if out.exists() and out.is_dir() and any(out.iterdir()) and not (out / WORLD_FILE).is_file():
-        raise FileExistsError(f"{out} exists and is not a world folder; not overwriting it")
+        raise InputError(f"{out} exists and is not a world folder", "pass another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial")
     if staging.exists():
@@ -484,3 +486,33 @@ def _truths(plans, by_path: dict[str, Rendered]) -> Iterable[dict]:
         for job in plan.jobs:
             classes = [o.cls for o in job.objects]
             yield truth_row(job, by_path[job.path], "relations", matching_rules(classes))
+
+
+def run_stage(settings: SynthWorldSettings) -> str:
+    """synth-world as the command runs it; returns what it prints."""
+    st = settings
+    s = build_world(
+        st.out,
+        n=st.n,
+        seed=st.seed,
+        n_adapt=st.n_adapt,
+        mner=(st.mner_train, st.mner_dev, st.mner_test),
+        mre=(st.mre_train, st.mre_dev, st.mre_test),
+        image_size_px=st.image_size,
+        workers=st.workers,
+        progress=st.progress,
+    )
+    c = s["counts"]
+    ner = {k: v["sentences"] for k, v in c["mner"].items()}
+    rel = {k: v["samples"] for k, v in c["mre"].items()}
+    return (
+        f"synth-world: {s['jobs']} images, {s['files']} files in {s['seconds']} s -> {s['out']}\n"
+        f"  corpus/  {c['corpus']['images']} images, {c['corpus']['pairs']} pairs "
+        f"({c['corpus']['mismatched']} mismatched); truth.jsonl\n"
+        f"  adapt/   {c['adapt']['images']} images; yolo/ {c['yolo']['train']} train + "
+        f"{c['yolo']['val']} val\n"
+        f"  mner/    train/dev/test {ner['train']}/{ner['dev']}/{ner['test']} sentences\n"
+        f"  mre/     train/dev/test {rel['train']}/{rel['dev']}/{rel['test']} samples\n"
+        f"  relations.tsv, world.json (tables, counts, sha256 of every file)\n"
+        f"  next: pipeline prepare --source world --input {s['out']}"
+    )
