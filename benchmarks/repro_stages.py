@@ -32,18 +32,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = (
-    "prepare",
-    "mine-nouns",
-    "fetch-relations",
-    "detect-objects",
-    "embed-prompts",
-    "label-objects",
-    "inspect",
-    "pretrain",
-    "alignment",
-    "finetune-mner",
-    "finetune-mre",
+# every stage of dvc.yaml with outputs, in pipeline order
+STAGES = tuple(
+    name
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))[
+        "stages"
+    ].items()
+    if stage.get("outs") or stage.get("plots")
 )
 SETTINGS = {  # name -> (environment, cores)
     "noise": ({}, 1),

@@ -32,7 +32,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from pipeline.synthetic import write_synthetic_shards
+from pipeline.random_shards import write_random_shards
 from pmu import runtime
 from trainer import data, pretrain
 from trainer.pretrain_config import TrainConfig
@@ -177,7 +177,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         per_step = args.batch_size * args.accum
         n = max(256, per_step * 2, args.batch_size * (args.loader_batches + 2 * args.workers + 4))
-        shard_dir = write_synthetic_shards(
+        shard_dir = write_random_shards(
             Path(tmp) / "shards",
             n_samples=n,
             samples_per_shard=64,

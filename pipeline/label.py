@@ -686,6 +686,47 @@ def _read_prepare_rejected(path: str | os.PathLike | None) -> list[dict[str, str
     return out
 
 
+def _provenance(job: LabelJob, done: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's record of what made the shards: creator, models, every stage's
+    parameters, the inputs' and vocabularies' hashes."""
+    from pipeline.labeling_data import read_boxes_meta
+    from pipeline.models import clip_identity
+    from pipeline.prompts import load_prompt_metadata
+    from pmu import __version__
+
+    st = job.settings
+    detect_meta, prompt_meta = read_boxes_meta(st.boxes), load_prompt_metadata(st.prompts)
+    stage_params = read_stage_params(st.stage_params)
+    return {
+        "contract_version": shards.CONTRACT_VERSION,
+        "creator": {"package": "prompt-me-up", "version": __version__, "stage": "label-objects"},
+        "preset": st.preset,
+        "models": {
+            "detector": detect_meta.get("detector"),
+            "clip": clip_identity(st.preset, st.clip),
+        },
+        "params": {
+            "detect": detect_meta.get("params"),
+            "embed_prompts": {
+                "templates_entity": json.loads(prompt_meta.get("templates_entity", "[]")),
+                "templates_relation": json.loads(prompt_meta.get("templates_relation", "[]")),
+            },
+            "label": job.params.recorded(),
+            "label_runtime": label_runtime(done),
+            **({"stages": stage_params} if stage_params else {}),
+        },
+        "inputs": {
+            "pairs_sha256": file_sha256(st.pairs),
+            "boxes_sha256": file_sha256(st.boxes),
+            "prompts_sha256": file_sha256(st.prompts),
+        },
+        "vocab": {
+            "entities": _vocab_entry(st.entities, shards.ENTITIES_FILE),
+            "relations": _vocab_entry(st.relations, shards.RELATIONS_FILE),
+        },
+    }
+
+
 def _vocab_size(path: Any) -> int:
     info = json.loads(Path(path).read_text(encoding="utf-8"))
     return len(info.get("entities", info.get("relations", [])))
@@ -715,27 +756,16 @@ def label_runtime(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 def finish_labeling(job: LabelJob, done: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """sizes.json, vocabularies, manifest.json; drop stale shards and the progress markers."""
-    from pipeline.labeling_data import read_boxes_meta
-    from pipeline.models import clip_identity
-    from pipeline.prompts import load_prompt_metadata
-    from pmu import __version__
-
-    st = job.settings
-    out, n, n_shards, params = Path(st.out), job.n, job.n_shards, job.params
-    entities_path, relations_path = st.entities, st.relations
-    stage_params = read_stage_params(st.stage_params)
+    st, out, n_shards = job.settings, Path(job.settings.out), job.n_shards
     missing = [s for s in range(n_shards) if s not in done]
     if missing:
         raise ValueError(f"shards {missing[:5]} of {n_shards} are not done")
-    pairs_path, boxes_path, prompts_path = st.pairs, st.boxes, st.prompts
-    preset, clip_id = st.preset, clip_identity(st.preset, st.clip)
-    detect_meta, prompt_meta = read_boxes_meta(boxes_path), load_prompt_metadata(prompts_path)
     sizes = {shards.SHARD_PATTERN.format(s): done[s]["samples"] for s in range(n_shards)}
     for stale in shards.shard_paths(out):
         if stale.name not in sizes:
             stale.unlink()
-    shutil.copyfile(entities_path, out / shards.ENTITIES_FILE)
-    shutil.copyfile(relations_path, out / shards.RELATIONS_FILE)
+    shutil.copyfile(st.entities, out / shards.ENTITIES_FILE)
+    shutil.copyfile(st.relations, out / shards.RELATIONS_FILE)
     write_json_atomic(out / shards.SIZES_FILE, sizes)
 
     label_rejected = [
@@ -744,7 +774,7 @@ def finish_labeling(job: LabelJob, done: dict[int, dict[str, Any]]) -> dict[str,
     prepare_rejected = _read_prepare_rejected(st.rejected)
     all_rejected = prepare_rejected + label_rejected
     counts = {
-        "pairs": n,
+        "pairs": job.n,
         "samples": sum(sizes.values()),
         "shards": n_shards,
         "objects": sum(done[s]["objects"] for s in range(n_shards)),
@@ -754,32 +784,10 @@ def finish_labeling(job: LabelJob, done: dict[int, dict[str, Any]]) -> dict[str,
         "rejected_label": len(label_rejected),
     }
     manifest = {
-        "contract_version": shards.CONTRACT_VERSION,
-        "creator": {"package": "prompt-me-up", "version": __version__, "stage": "label-objects"},
-        "preset": preset,
-        "models": {"detector": detect_meta.get("detector"), "clip": clip_id},
-        "params": {
-            "detect": detect_meta.get("params"),
-            "embed_prompts": {
-                "templates_entity": json.loads(prompt_meta.get("templates_entity", "[]")),
-                "templates_relation": json.loads(prompt_meta.get("templates_relation", "[]")),
-            },
-            "label": params.recorded(),
-            "label_runtime": label_runtime(done),
-            **({"stages": stage_params} if stage_params else {}),
-        },
-        "inputs": {
-            "pairs_sha256": file_sha256(pairs_path),
-            "boxes_sha256": file_sha256(boxes_path),
-            "prompts_sha256": file_sha256(prompts_path),
-        },
-        "vocab": {
-            "entities": _vocab_entry(entities_path, shards.ENTITIES_FILE),
-            "relations": _vocab_entry(relations_path, shards.RELATIONS_FILE),
-        },
+        **_provenance(job, done),
         "counts": counts,
         "label_sharpness": label_sharpness(
-            done, {"entities": _vocab_size(entities_path), "relations": _vocab_size(relations_path)}
+            done, {"entities": _vocab_size(st.entities), "relations": _vocab_size(st.relations)}
         ),
         "rejected": {
             "by_reason": dict(sorted(Counter(r["reason"] for r in all_rejected).items())),

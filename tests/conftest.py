@@ -24,6 +24,6 @@ SHARED_DATA = Path(os.environ.get("PMU_SHARED_DATA", REPO_ROOT.parent / "shared"
 @pytest.fixture
 def synthetic_shards(tmp_path):
     """A small contract-true shard folder (16 samples in 2 shards)."""
-    from pipeline.synthetic import write_synthetic_shards
+    from pipeline.random_shards import write_random_shards
 
-    return write_synthetic_shards(tmp_path / "shards")
+    return write_random_shards(tmp_path / "shards")

@@ -303,9 +303,9 @@ def test_resume_with_other_settings_or_data_is_refused(tmp_path):
     kw = dict(train=str(train), rel2id=str(d / "rel2id.json"), epochs=3, stop_after_epoch=1)
     run_finetune(sample_config("mre", tmp_path, **kw))
     kw.update(stop_after_epoch=None, resume=True)
-    with pytest.raises(ValueError, match=r"--resume refused: .*params\.epochs: 3 -> 4"):
+    with pytest.raises(InputError, match=r"--resume refused: .*params\.epochs: 3 -> 4"):
         run_finetune(sample_config("mre", tmp_path, **{**kw, "epochs": 4}))
-    with pytest.raises(ValueError, match=r"params\.lr_head: 0\.003 -> 0\.002"):
+    with pytest.raises(InputError, match=r"params\.lr_head: 0\.003 -> 0\.002"):
         run_finetune(sample_config("mre", tmp_path, **kw, lr_head=2e-3))
     # the CLI: other data content, same path -> exit code 2 and the reason
     train.write_text("\n".join(train.read_text().splitlines()[:-1]) + "\n")
@@ -347,7 +347,7 @@ def test_first_word_longer_than_max_len_trains_and_predicts(tmp_path):
 def test_rel2id_without_the_none_label_is_refused(tmp_path):
     rel2id = json.loads((SAMPLE / "mre" / "rel2id.json").read_text())
     assert "None" in rel2id
-    with pytest.raises(ValueError, match="no 'NA' label"):
+    with pytest.raises(InputError, match="no 'NA' label"):
         run_finetune(sample_config("mre", tmp_path, epochs=1, none_label="NA"))
 
 
@@ -367,5 +367,5 @@ def test_seeds_report_each_run_and_mean_std(tmp_path):
     assert saved["seeds"] == [1, 2] and saved["runs"]["2"]["test"]["f1"] == f1[1]
     assert saved["test"]["f1"]["mean"] == pytest.approx(sum(f1) / 2)
     assert saved["test"]["f1"]["std"] == pytest.approx(abs(f1[0] - f1[1]) / 2**0.5)
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(InputError, match="distinct"):
         run_seeds(cfg, [3, 3])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.random_shards import write_random_shards
 from pipeline.report import build_report
 from pipeline.report.build import rejected_from_manifest
 from pipeline.report.collect import entropy_lower_bound, scan_shards
-from pipeline.synthetic import write_synthetic_shards
 from pmu import shards
 from pmu.io import write_json_atomic
 
@@ -104,7 +104,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_other_samples(syntheti
 
 
 def test_reservoir_draws_from_every_shard_with_bounded_memory(tmp_path):
-    shard_dir = write_synthetic_shards(tmp_path / "s", n_samples=40, samples_per_shard=8)
+    shard_dir = write_random_shards(tmp_path / "s", n_samples=40, samples_per_shard=8)
     picked = set()
     for seed in range(12):
         _, reservoir = scan_shards(shard_dir, 4, seed, 20, 10, progress=False)

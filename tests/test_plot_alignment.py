@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import write_synthetic_shards
+from pipeline.random_shards import write_random_shards
+from pmu.errors import InputError
 from trainer import plot_alignment as pa
 
 
@@ -47,7 +48,7 @@ def test_plot_is_written_with_both_modalities(tiny_checkpoint, synthetic_shards,
 
 
 def test_cli_writes_png_and_metrics(tiny_checkpoint, tmp_path):
-    shard_dir = write_synthetic_shards(tmp_path / "s", n_samples=12, max_objects=2, seed=3)
+    shard_dir = write_random_shards(tmp_path / "s", n_samples=12, max_objects=2, seed=3)
     out, metrics = tmp_path / "a.png", tmp_path / "a.json"
     summary = pa.main([
         "--checkpoint", str(tiny_checkpoint), "--shards", str(shard_dir), "--out", str(out),
@@ -59,12 +60,12 @@ def test_cli_writes_png_and_metrics(tiny_checkpoint, tmp_path):
 
 
 def test_no_objects_leaves_one_panel_and_nothing_at_all_is_a_clear_error(tiny_checkpoint, tmp_path):
-    shard_dir = write_synthetic_shards(tmp_path / "s", n_samples=6, max_objects=0)
+    shard_dir = write_random_shards(tmp_path / "s", n_samples=6, max_objects=0)
     summary = pa.plot_alignment(tiny_checkpoint, shard_dir, tmp_path / "a.png", n_images=6)
     assert summary["objects"] == 0 and summary["images"] == 6
     assert summary["nearest_prompt_acc_entity"] is None
     _non_blank(tmp_path / "a.png")
-    with pytest.raises(ValueError, match="t-SNE needs at least 4 points"):
+    with pytest.raises(InputError, match="t-SNE needs at least 4 points"):
         pa.plot_alignment(tiny_checkpoint, shard_dir, tmp_path / "b.png", n_images=1)
 
 

@@ -20,10 +20,10 @@ LAMBDAS = {"itm": 1.0, "cit": 1.0, "coe": 1.0, "cir": 1.0}
 
 
 def test_overfits_a_fixed_tiny_batch(tmp_path):
-    from pipeline.synthetic import write_synthetic_shards
+    from pipeline.random_shards import write_random_shards
 
     torch.set_num_threads(1)
-    folder = write_synthetic_shards(tmp_path / "s", n_samples=8, samples_per_shard=8)
+    folder = write_random_shards(tmp_path / "s", n_samples=8, samples_per_shard=8)
     tok = build_tokenizer(ModelConfig())
     cfg = data.DataConfig(
         shard_dir=str(folder), batch_size=8, n_entities=20, n_relations=10, shuffle_buffer=0

@@ -157,9 +157,9 @@ def test_writing_a_dvc_output_by_hand_is_refused_unless_forced(tmp_path, monkeyp
 
 
 def make_shards(tmp_path: Path) -> Path:
-    from pipeline.synthetic import write_synthetic_shards
+    from pipeline.random_shards import write_random_shards
 
-    return write_synthetic_shards(tmp_path / "shards", n_samples=4, samples_per_shard=4)
+    return write_random_shards(tmp_path / "shards", n_samples=4, samples_per_shard=4)
 
 
 def broken(tmp_path: Path, case: str) -> Path:

@@ -23,15 +23,7 @@ if __package__ in (None, ""):  # run as `python trainer/finetune.py`: make the r
 
 from pmu.errors import InputError  # noqa: E402
 from pmu.runtime import configure_process  # noqa: E402
-from pmu.settings import (  # noqa: E402
-    check_types,
-    config_values,
-    describe_source,
-    find_params,
-    load_group,
-    refuse_dvc_outputs,
-    relative_to_cwd,
-)
+from pmu.settings import config_values, describe_source, refuse_dvc_outputs  # noqa: E402
 from trainer.finetune_config import (  # noqa: E402
     PARAMS_GROUP,
     PATH_FIELDS,
@@ -40,7 +32,12 @@ from trainer.finetune_config import (  # noqa: E402
     FinetuneConfig,
     check_config,
 )
-from trainer.settings import add_config_flags, run_main  # noqa: E402
+from trainer.settings import (  # noqa: E402
+    add_config_flags,
+    project_defaults,
+    run_main,
+    script_parser,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, list[int] | None, Any]:
@@ -49,27 +46,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, list[int]
     pre.add_argument("--params")
     pre.add_argument("--task", choices=TASKS)
     known, _ = pre.parse_known_args(argv)
-    params = find_params(known.params)
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    defaults: dict[str, Any] = {}
-    if params is not None:
-        defaults = load_group(params, PARAMS_GROUP, names, subgroup=known.task)
-        defaults = check_types(FinetuneConfig, defaults, f"{params} `{PARAMS_GROUP}:`")
-        for name in PATH_FIELDS:
-            if name in defaults:
-                defaults[name] = relative_to_cwd(defaults[name], params.parent)
-
-    parser = argparse.ArgumentParser(
-        prog="trainer/finetune.py",
-        description="Fine-tune and evaluate MNER (CRF) or MRE (entity markers) on the fusion "
-        "encoder: best dev epoch, evaluated on test.",
-        epilog=describe_source(params, SOURCE),
+    params, defaults = project_defaults(
+        FinetuneConfig, PARAMS_GROUP, known.params, known.task, PATH_FIELDS
     )
-    parser.add_argument(
-        "--params",
-        metavar="FILE",
-        help=f"YAML whose `{PARAMS_GROUP}:` group (and its `mner:` / `mre:` subgroup) sets the "
-        f"defaults; `none` for the code defaults (found: {params or 'none'})",
+    parser = script_parser(
+        "trainer/finetune.py",
+        "Fine-tune and evaluate MNER (CRF) or MRE (entity markers) on the fusion encoder: best "
+        "dev epoch, evaluated on test.",
+        params,
+        SOURCE,
     )
     parser.add_argument("--task", choices=TASKS, help="mner | mre (required)")
     add_config_flags(parser, FinetuneConfig, defaults, skip=("task",))
@@ -80,10 +65,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, list[int]
         metavar="N",
         help="run once per seed (OUT/seed-N/) and report each run plus mean +- std",
     )
-    parser.add_argument(
-        "--force", action="store_true", help="allow writing DVC-tracked outputs outside dvc repro"
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors too")
     args = parser.parse_args(argv)
     if args.task is None:
         raise InputError("--task is required: mner or mre")
@@ -123,15 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_seeds(cfg, seeds) if seeds else run_finetune(cfg)
 
-    from pipeline.models import WeightsUnavailable
-    from trainer.ie_data import DataFormatError
-
-    # bad data files, refused resumes and unavailable weights are the user's to fix
-    return run_main(
-        body,
-        debug,
-        (DataFormatError, FileNotFoundError, ValueError, WeightsUnavailable, InputError),
-    )
+    return run_main(body, debug)
 
 
 if __name__ == "__main__":

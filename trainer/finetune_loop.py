@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pmu.errors import InputError
 from pmu.io import atomic_path, write_json_atomic
 from pmu.optim import build_optimizer, build_scheduler
 from trainer import finetune_state, ie_data, plots
@@ -195,7 +196,7 @@ def read_labels(cfg: FinetuneConfig, tokenizer, encoder, desc) -> tuple[dict, li
     rel2id_path = cfg.rel2id or str(Path(cfg.train).with_name("rel2id.json"))
     labels = ie_data.load_rel2id(rel2id_path)
     if cfg.none_label not in labels:
-        raise ValueError(
+        raise InputError(
             f"{rel2id_path} has no {cfg.none_label!r} label (the no-relation class that "
             f"P/R/F1 exclude): add it, or name yours with --none-label"
         )
@@ -222,7 +223,7 @@ def prepare(cfg: FinetuneConfig) -> Finetune:
     encoder, tokenizer, mcfg, desc = load_encoder(cfg)
     max_pos = encoder.bert.config.max_position_embeddings
     if cfg.max_len > max_pos:
-        raise ValueError(f"--max-len {cfg.max_len} exceeds the encoder's {max_pos} positions")
+        raise InputError(f"--max-len {cfg.max_len} exceeds the encoder's {max_pos} positions")
     labels, id2label, markers, rel2id_path = read_labels(cfg, tokenizer, encoder, desc)
     splits = {
         name: read_split(cfg, name, path, tokenizer, labels, markers)
@@ -231,7 +232,7 @@ def prepare(cfg: FinetuneConfig) -> Finetune:
     if cfg.task == "mner":  # a dev/test type unseen in train cannot be predicted; say so
         seen = {lab for sp in splits.values() for s in sp.samples for lab in s.labels}
         if seen - set(labels):
-            raise ValueError(
+            raise InputError(
                 f"labels {sorted(seen - set(labels))} in dev/test do not occur in --train"
             )
     text_only = {name: sp.text_only for name, sp in splits.items()}
@@ -501,7 +502,7 @@ def run_seeds(cfg: FinetuneConfig, seeds: Sequence[int]) -> dict[str, Any]:
     """run_finetune once per seed into OUT/seed-N/; the report gets each run + mean +- std,
     the headline metrics the mean +- std."""
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct, got {list(seeds)}")
+        raise InputError(f"--seeds must be distinct, got {list(seeds)}")
     paths = cfg.output_paths()
     runs = {}
     for seed in seeds:

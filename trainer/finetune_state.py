@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pmu.errors import InputError
 from pmu.io import atomic_path
 from trainer import checkpoint
 
@@ -89,7 +90,7 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], state_dir:
     if old["sha256"] == current["sha256"]:
         return
     diff = _differences(old["inputs"], current["inputs"]) or ["(fingerprint differs)"]
-    raise ValueError(
+    raise InputError(
         f"--resume refused: the state in {state_dir} was written by a run with other data or "
         f"parameters: {'; '.join(diff)}. Rerun with the same settings, or without --resume "
         "to start over (or use another --out)."

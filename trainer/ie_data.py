@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pmu.errors import InputError
+
 NER_TYPES = ("PER", "LOC", "ORG", "MISC")
 TYPE_ALIASES = {"OTHER": "MISC"}  # Twitter-2015 calls MISC "OTHER"
 MARKERS = ("[E1]", "[/E1]", "[E2]", "[/E2]")  # head start/end, tail start/end
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """An input file does not follow its format; the message names the file and line."""
 
     def __init__(self, path: str | os.PathLike, line: int, reason: str):
@@ -271,7 +273,7 @@ def encode_ner(
 ) -> tuple[NerFeatures, int]:
     """[CLS] w1 ... [SEP]; CRF positions are the first sub-tokens. Returns (features, n_cut)."""
     if max_len < 3:
-        raise ValueError("max_len must leave room for [CLS], one sub-token and [SEP]")
+        raise InputError("max_len must leave room for [CLS], one sub-token and [SEP]")
     ids = [tokenizer.cls_token_id]
     word_index: list[int] = []
     for pieces in word_pieces(tokenizer, sentence.tokens):
@@ -340,7 +342,7 @@ def encode_rel(
     `marker_ids` come from `add_markers(tokenizer)`, called once before encoding.
     """
     if max_len < 6:
-        raise ValueError("max_len must leave room for [CLS], four markers and [SEP]")
+        raise InputError("max_len must leave room for [CLS], four markers and [SEP]")
     marker_of = dict(zip(MARKERS, marker_ids, strict=True))
     pieces = word_pieces(tokenizer, sample.tokens)
     body: list[int] = []

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline import models
+from pmu.errors import InputError
 from pmu.io import atomic_dir
 
 CONFIG_FILE = "config.json"
@@ -73,7 +74,7 @@ class PretrainModel(nn.Module):
     def __init__(self, cfg: ModelConfig, bert: nn.Module, vit: nn.Module):
         super().__init__()
         if not (hasattr(bert, "embeddings") and hasattr(bert, "encoder")):
-            raise ValueError(f"text encoder {type(bert).__name__} is not a BERT-like encoder")
+            raise InputError(f"text encoder {type(bert).__name__} is not a BERT-like encoder")
         self.cfg = cfg
         self.bert = bert
         self.vit = vit
@@ -90,7 +91,7 @@ class PretrainModel(nn.Module):
         n_layers = len(bert.encoder.layer)
         n_fusion = cfg.n_fusion_layers if cfg.n_fusion_layers is not None else max(1, n_layers // 2)
         if not 1 <= n_fusion <= n_layers:
-            raise ValueError(f"n_fusion_layers={n_fusion} must be in [1, {n_layers}]")
+            raise InputError(f"n_fusion_layers={n_fusion} must be in [1, {n_layers}]")
         cfg.n_fusion_layers = n_fusion
         self.n_text_layers = n_layers - n_fusion
         cfg.image_size = int(vit.config.image_size)
@@ -402,7 +403,7 @@ def load_pretrained(path, device: str | torch.device = "cpu"):
 
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a saved PretrainModel")
+        raise InputError(f"{path} has no {CONFIG_FILE}: not a saved PretrainModel")
     config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     cfg = ModelConfig.from_dict(config["model_config"])
     model = _build_from_configs(cfg, config["bert_config"], config["vit_config"])

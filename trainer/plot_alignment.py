@@ -29,6 +29,7 @@ from pipeline.prompts import ENTITY_TEMPLATES, RELATION_TEMPLATES  # noqa: E402
 from pipeline.report.collect import Reservoir  # noqa: E402
 from pipeline.report.images import decode_image, pixel_box  # noqa: E402
 from pmu import shards  # noqa: E402
+from pmu.errors import InputError
 from pmu.io import save_figure, write_json_atomic
 
 ENTITY_TEMPLATE = ENTITY_TEMPLATES[0]
@@ -42,7 +43,7 @@ def sample_images(shard_dir: str | os.PathLike, n_images: int, seed: int) -> lis
     reservoir = Reservoir(n_images, seed)
     paths = shards.shard_paths(shard_dir)
     if not paths:
-        raise FileNotFoundError(f"no {shards.SHARD_GLOB} in {shard_dir}")
+        raise InputError(f"no {shards.SHARD_GLOB} in {shard_dir}")
     for path in paths:
         try:
             for raw in shards.iter_raw_samples(path):
@@ -102,7 +103,7 @@ def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
 
     n = x.shape[0]
     if n < MIN_POINTS:
-        raise ValueError(f"t-SNE needs at least {MIN_POINTS} points, got {n}: use more --images")
+        raise InputError(f"t-SNE needs at least {MIN_POINTS} points, got {n}: use more --images")
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
     tsne = TSNE(
         n_components=2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine",
@@ -213,11 +214,7 @@ def plot_alignment(
     Entities (relations) shown are the most frequent top-1 pseudo-labels of the sampled objects
     (images); objects whose top-1 entity is not among them are left out.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import torch
-    from matplotlib.figure import Figure
 
     from pmu.runtime import select_device
     from trainer.model import build_tokenizer, load_pretrained
@@ -227,10 +224,70 @@ def plot_alignment(
     model.eval()
     tokenizer = tokenizer or build_tokenizer(cfg)
     if model.image_proj is None:
-        raise ValueError(f"{checkpoint}: the model has no embedding heads (proj_dim=0)")
+        raise InputError(f"{checkpoint}: the model has no embedding heads (proj_dim=0)")
     entity_names, relation_names = shards.read_vocabularies(shard_dir)
-    samples = sample_images(shard_dir, n_images, seed)
+    crops, crop_top1, images, image_top1, skipped = crops_and_images(
+        sample_images(shard_dir, n_images, seed)
+    )
+    ent_show = [e for e, _ in Counter(crop_top1).most_common(max_entities)]
+    keep = [i for i, e in enumerate(crop_top1) if e in set(ent_show)][:max_objects]
+    crops, crop_top1 = [crops[i] for i in keep], [crop_top1[i] for i in keep]
+    rel_show = [r for r, _ in Counter(t for t in image_top1 if t >= 0).most_common(max_relations)]
 
+    torch.manual_seed(seed)
+    obj_emb = embed_images(model, crops, batch_size, dev)
+    ent_emb = embed_texts(model, tokenizer, [entity_template.format(entity=entity_names[e])
+                                             for e in ent_show], batch_size, dev)  # fmt: skip
+    img_emb = embed_images(model, images, batch_size, dev)
+    rel_emb = embed_texts(model, tokenizer, [relation_template.format(relation=relation_names[r])
+                                             for r in rel_show], batch_size, dev)  # fmt: skip
+
+    ent_pos = {e: i for i, e in enumerate(ent_show)}
+    rel_pos = {r: i for i, r in enumerate(rel_show)}
+    img_keep = [i for i, r in enumerate(image_top1) if r in rel_pos]
+    acc_ent = nearest_prompt_accuracy(obj_emb, [ent_pos[e] for e in crop_top1], ent_emb)
+    acc_rel = nearest_prompt_accuracy(
+        img_emb[img_keep], [rel_pos[image_top1[i]] for i in img_keep], rel_emb
+    )
+    xy_ent, xy_rel = tsne_pair(
+        np.concatenate([obj_emb, ent_emb]), np.concatenate([img_emb, rel_emb]), seed
+    )
+    names = ([entity_names[e] for e in ent_show], [relation_names[r] for r in rel_show])
+    _draw(
+        out, checkpoint, (xy_ent, xy_rel), (len(crops), len(images)), names, (acc_ent, acc_rel),
+        n_annotate,
+    )  # fmt: skip
+    chance_ent, chance_rel = 1 / max(len(ent_show), 1), 1 / max(len(rel_show), 1)
+    return {
+        "out": str(out),
+        "images": len(images),
+        "objects": len(crops),
+        "entities": len(ent_show),
+        "relations": len(rel_show),
+        "skipped_images": skipped,
+        "nearest_prompt_acc_entity": _rounded(acc_ent),
+        "nearest_prompt_acc_relation": _rounded(acc_rel),
+        "chance_entity": round(chance_ent, 4),
+        "chance_relation": round(chance_rel, 4),
+        "seed": seed,
+    }
+
+
+def tsne_pair(x_ent: np.ndarray, x_rel: np.ndarray, seed: int) -> tuple[Any, Any]:
+    """Both panels' 2-D points; a panel with too few points gets None (and says so), both
+    empty is an error (nothing to plot)."""
+    if max(len(x_ent), len(x_rel)) < MIN_POINTS:
+        raise InputError(
+            f"t-SNE needs at least {MIN_POINTS} points, got {len(x_ent)} (objects + entities) and "
+            f"{len(x_rel)} (images + relations): use more --images"
+        )
+    xy_ent = tsne_2d(x_ent, seed) if len(x_ent) >= MIN_POINTS else None
+    xy_rel = tsne_2d(x_rel, seed) if len(x_rel) >= MIN_POINTS else None
+    return xy_ent, xy_rel
+
+
+def crops_and_images(samples: list[dict[str, Any]]) -> tuple[list, list, list, list, int]:
+    """(object crops, their top-1 entity, images, their top-1 relation, undecodable images)."""
     crops, crop_top1, images, image_top1, skipped = [], [], [], [], 0
     for s in samples:
         try:
@@ -245,70 +302,33 @@ def plot_alignment(
             if ent_idx.shape[1]:
                 crops.append(img.crop(pixel_box(box, img.width, img.height)))
                 crop_top1.append(int(ent_idx[o, 0]))
+    return crops, crop_top1, images, image_top1, skipped
 
-    ent_show = [e for e, _ in Counter(crop_top1).most_common(max_entities)]
-    keep = [i for i, e in enumerate(crop_top1) if e in set(ent_show)][:max_objects]
-    crops, crop_top1 = [crops[i] for i in keep], [crop_top1[i] for i in keep]
-    rel_show = [r for r, _ in Counter(t for t in image_top1 if t >= 0).most_common(max_relations)]
 
-    torch.manual_seed(seed)
-    obj_emb = embed_images(model, crops, batch_size, dev)
-    ent_emb = embed_texts(
-        model, tokenizer, [entity_template.format(entity=entity_names[e]) for e in ent_show],
-        batch_size, dev,
-    )  # fmt: skip
-    img_emb = embed_images(model, images, batch_size, dev)
-    rel_emb = embed_texts(
-        model, tokenizer,
-        [relation_template.format(relation=relation_names[r]) for r in rel_show], batch_size, dev,
-    )  # fmt: skip
+def _draw(out, checkpoint, xy, n_points, names, accuracy, n_annotate: int) -> None:
+    """The two t-SNE panels (crops vs entity prompts, images vs relation prompts) as a PNG."""
+    import matplotlib
 
-    ent_pos = {e: i for i, e in enumerate(ent_show)}
-    rel_pos = {r: i for i, r in enumerate(rel_show)}
-    img_keep = [i for i, r in enumerate(image_top1) if r in rel_pos]
-    acc_ent = nearest_prompt_accuracy(obj_emb, [ent_pos[e] for e in crop_top1], ent_emb)
-    acc_rel = nearest_prompt_accuracy(
-        img_emb[img_keep], [rel_pos[image_top1[i]] for i in img_keep], rel_emb
-    )
-    # a panel with too few points says so; with both empty there is nothing to plot
-    x_ent, x_rel = np.concatenate([obj_emb, ent_emb]), np.concatenate([img_emb, rel_emb])
-    if max(len(x_ent), len(x_rel)) < MIN_POINTS:
-        raise ValueError(
-            f"t-SNE needs at least {MIN_POINTS} points, got {len(x_ent)} (objects + entities) and "
-            f"{len(x_rel)} (images + relations): use more --images"
-        )
-    xy_ent = tsne_2d(x_ent, seed) if len(x_ent) >= MIN_POINTS else None
-    xy_rel = tsne_2d(x_rel, seed) if len(x_rel) >= MIN_POINTS else None
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
 
+    (xy_ent, xy_rel), (n_crops, n_images), (ent_names, rel_names) = xy, n_points, names
+    acc_ent, acc_rel = accuracy
     fig = Figure(figsize=(12, 5.6), dpi=100, layout="constrained")
     ax_ent, ax_rel = fig.subplots(1, 2)
-    chance_ent = 1 / max(len(ent_show), 1)
-    chance_rel = 1 / max(len(rel_show), 1)
-    _panel(ax_ent, xy_ent, len(crops), [entity_names[e] for e in ent_show], n_annotate,
-           f"(a) {len(crops)} object crops vs {len(ent_show)} entity prompts\n"
+    chance_ent = 1 / max(len(ent_names), 1)
+    chance_rel = 1 / max(len(rel_names), 1)
+    _panel(ax_ent, xy_ent, n_crops, ent_names, n_annotate,
+           f"(a) {n_crops} object crops vs {len(ent_names)} entity prompts\n"
            f"nearest prompt = top-1 pseudo-label: {acc_ent:.1%} (chance {chance_ent:.1%})",
            "object crops (image)", "entity prompts (text)")  # fmt: skip
-    _panel(ax_rel, xy_rel, len(images), [relation_names[r] for r in rel_show], n_annotate,
-           f"(b) {len(images)} images vs {len(rel_show)} relation prompts\n"
+    _panel(ax_rel, xy_rel, n_images, rel_names, n_annotate,
+           f"(b) {n_images} images vs {len(rel_names)} relation prompts\n"
            f"nearest prompt = top-1 pseudo-label: {acc_rel:.1%} (chance {chance_rel:.1%})",
            "images (image)", "relation prompts (text)")  # fmt: skip
     fig.suptitle(f"t-SNE of the student's unimodal embeddings ({Path(checkpoint).name})")
     spread_labels(fig)
-    out = Path(out)
-    save_figure(fig, out)
-    return {
-        "out": str(out),
-        "images": len(images),
-        "objects": len(crops),
-        "entities": len(ent_show),
-        "relations": len(rel_show),
-        "skipped_images": skipped,
-        "nearest_prompt_acc_entity": _rounded(acc_ent),
-        "nearest_prompt_acc_relation": _rounded(acc_rel),
-        "chance_entity": round(chance_ent, 4),
-        "chance_relation": round(chance_rel, 4),
-        "seed": seed,
-    }
+    save_figure(fig, Path(out))
 
 
 def _rounded(value: float) -> float | None:
@@ -351,4 +371,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from trainer.settings import run_main
+
+    sys.exit(run_main(main, debug="--debug" in sys.argv))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,19 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 from pmu.errors import InputError  # noqa: E402
 from pmu.runtime import configure_process  # noqa: E402
-from pmu.settings import (  # noqa: E402
-    check_types,
-    config_values,
-    describe_source,
-    find_params,
-    load_group,
-    refuse_dvc_outputs,
-)
+from pmu.settings import config_values, describe_source, refuse_dvc_outputs  # noqa: E402
 from trainer.pretrain_config import (  # noqa: E402
     PARAMS_GROUP,
     TrainConfig,
     check_config,
     check_inputs,
 )
-from trainer.settings import add_config_flags, run_main  # noqa: E402
+from trainer.settings import (  # noqa: E402
+    add_config_flags,
+    project_defaults,
+    run_main,
+    script_parser,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -45,29 +42,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--params")
     known, _ = pre.parse_known_args(argv)
-    params = find_params(known.params)
-    names = {f.name for f in fields(TrainConfig)}
-    defaults = load_group(params, PARAMS_GROUP, names) if params else {}
-    defaults = check_types(TrainConfig, defaults, f"{params} `{PARAMS_GROUP}:`")
-
-    parser = argparse.ArgumentParser(
-        prog="trainer/run.py",
-        description="Pretrain the fusion encoder on labelled shards (ITM + CIT + COE + CIR).",
-        epilog=describe_source(params, f"`{PARAMS_GROUP}:`"),
-    )
-    parser.add_argument(
-        "--params",
-        metavar="FILE",
-        help=f"YAML whose `{PARAMS_GROUP}:` group sets the defaults; `none` for the code "
-        f"defaults (default: params.yaml here or in a parent folder: {params or 'none found'})",
+    params, defaults = project_defaults(TrainConfig, PARAMS_GROUP, known.params)
+    parser = script_parser(
+        "trainer/run.py",
+        "Pretrain the fusion encoder on labelled shards (ITM + CIT + COE + CIR).",
+        params,
+        f"`{PARAMS_GROUP}:`",
     )
     add_config_flags(parser, TrainConfig, defaults)
-    parser.add_argument(
-        "--force", action="store_true", help="allow writing DVC-tracked outputs outside dvc repro"
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show tracebacks of expected errors too"
-    )
     args = parser.parse_args(argv)
     values = {**defaults, **config_values(vars(args), TrainConfig)}
     try:
@@ -91,15 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         check_config(cfg)
         check_inputs(cfg)
         refuse_dvc_outputs(cfg.outputs(), args.force)
-        from pipeline.models import WeightsUnavailable
         from trainer.pretrain import train
 
-        try:
-            return train(cfg)
-        except WeightsUnavailable as e:
-            raise InputError(str(e)) from e
+        return train(cfg)
 
-    return run_main(body, debug, (InputError,))
+    return run_main(body, debug)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,54 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pmu.errors import InputError
-from pmu.settings import field_type, type_name
+from pmu.settings import (
+    check_types,
+    describe_source,
+    field_type,
+    find_params,
+    load_group,
+    relative_to_cwd,
+    type_name,
+)
+
+
+def project_defaults(
+    cls: type,
+    group: str,
+    params_flag: str | None,
+    subgroup: str | None = None,
+    path_fields: Iterable[str] = (),
+) -> tuple[Any, dict[str, Any]]:
+    """(the params file used, the defaults its `group:` (and `group: subgroup:`) gives `cls`),
+    type-checked, with project-relative paths made relative to the current folder."""
+    params = find_params(params_flag)
+    if params is None:
+        return None, {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    defaults = load_group(params, group, names, subgroup=subgroup)
+    defaults = check_types(cls, defaults, f"{params} `{group}:`")
+    for name in path_fields:
+        if name in defaults:
+            defaults[name] = relative_to_cwd(defaults[name], params.parent)
+    return params, defaults
+
+
+def script_parser(prog: str, description: str, params: Any, source: str) -> argparse.ArgumentParser:
+    """A trainer script's parser with the flags every one has: --params, --force, --debug."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=describe_source(params, source)
+    )
+    parser.add_argument(
+        "--params",
+        metavar="FILE",
+        help=f"YAML whose {source} sets the defaults; `none` for the code defaults (default: "
+        f"params.yaml here or in a parent folder: {params or 'none found'})",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="allow writing DVC-tracked outputs outside dvc repro"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors too")
+    return parser
 
 
 def add_config_flags(
@@ -47,19 +94,15 @@ def add_config_flags(
 # ------------------------------------------------------------------------------ running
 
 
-def run_main(
-    body: Callable[[], Any], debug: bool, expected: tuple[type[BaseException], ...] = ()
-) -> int:
-    """Run a script body: expected failures print `error: ...` (no traceback) and return 2;
-    `--debug` shows the traceback of those too. Anything else is a bug and raises."""
+def run_main(body: Callable[[], Any], debug: bool) -> int:
+    """Run a script body: an InputError prints `error: ...` (no traceback) and returns 2;
+    `--debug` shows its traceback too. Anything else is a bug and raises."""
     try:
         body()
-    except (InputError, *expected) as e:
+    except InputError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        if not debug and not isinstance(e, InputError):
-            print("(--debug shows the traceback)", file=sys.stderr)
+        print(e.render(), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

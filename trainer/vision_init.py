@@ -35,7 +35,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmu.errors import InputError  # noqa: E402
-from pmu.io import atomic_dir
+from pmu.io import atomic_dir  # noqa: E402
+from trainer.settings import run_main  # noqa: E402
 
 
 @dataclass
@@ -149,6 +150,18 @@ def accuracy(vit, obj_head, img_head, pixels, objects, idx, grid, n_classes: int
     return right / max(1, total)
 
 
+def _check(cfg: VisionInitConfig) -> None:
+    from pipeline import models
+
+    if cfg.preset not in models.RANDOM_VIT:
+        raise InputError(
+            f"--preset {cfg.preset!r}: only the random-init presets "
+            f"({', '.join(models.RANDOM_VIT)}) need this step; base loads a pretrained ViT"
+        )
+    if not Path(cfg.annotations).is_file():
+        raise InputError(f"--annotations {cfg.annotations}: no such file (a truth.jsonl)")
+
+
 def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
     """Train, save the ViT folder atomically; returns the report (also written to OUT.json)."""
     import numpy as np
@@ -160,13 +173,7 @@ def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
     from pmu.optim import build_optimizer, build_scheduler
     from pmu.runtime import set_threads
 
-    if cfg.preset not in models.RANDOM_VIT:
-        raise InputError(
-            f"--preset {cfg.preset!r}: only the random-init presets "
-            f"({', '.join(models.RANDOM_VIT)}) need this step; base loads a pretrained ViT"
-        )
-    if not Path(cfg.annotations).is_file():
-        raise InputError(f"--annotations {cfg.annotations}: no such file (a truth.jsonl)")
+    _check(cfg)
     set_threads(cfg.threads)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -194,20 +201,13 @@ def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
         obj_logits, img_logits = forward(vit, obj_head, img_head, px, boxes, grid)
         obj_loss = F.cross_entropy(obj_logits.flatten(0, 1), cls.flatten(), ignore_index=-1)
         img_loss = F.binary_cross_entropy_with_logits(img_logits, present)
-        loss = obj_loss + img_loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (obj_loss + img_loss).backward()
         torch.nn.utils.clip_grad_norm_(list(vit.parameters()) + list(heads.parameters()), 1.0)
         optimizer.step()
         scheduler.step()
         if step % 50 == 0 or step == cfg.steps:
-            history.append(
-                {
-                    "step": step,
-                    "object": float(obj_loss.detach()),
-                    "image": float(img_loss.detach()),
-                }
-            )
+            history.append({"step": step, "object": float(obj_loss), "image": float(img_loss)})
             print(
                 f"vision-init: step {step}/{cfg.steps} object loss {history[-1]['object']:.3f} "
                 f"image loss {history[-1]['image']:.3f}",
@@ -256,12 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    try:
-        train_vision(VisionInitConfig(**vars(args)))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: train_vision(VisionInitConfig(**vars(args))), debug=False)
 
 
 if __name__ == "__main__":

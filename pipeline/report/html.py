@@ -173,6 +173,34 @@ def _frequency_table(title: str, counter: Counter, names: Sequence[str] | None, 
     )
 
 
+def _rejected_section(
+    rejected_by_reason: dict[str, int], rejected_items: Sequence[dict[str, Any]], total: int
+) -> str:
+    """Rejections by reason (a table), and the rejected samples themselves (folded)."""
+    rows = "".join(
+        f'<tr><td>{escape(str(reason))}</td><td class="num-cell">{count}</td></tr>'
+        for reason, count in sorted(rejected_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    html = (
+        f'<table class="rejected"><tr><th>reason</th><th>count</th></tr>{rows}</table>'
+        if rows
+        else '<p class="muted">none recorded in manifest.json</p>'
+    )
+    if rejected_items:
+        items = "".join(
+            f"<li><code>{escape(str(it.get('id', '?')))}</code>: "
+            f"{escape(str(it.get('reason', '?')))}</li>"
+            for it in rejected_items
+        )
+        more = total - len(rejected_items)
+        more_html = f'<li class="muted">… and {more} more</li>' if more > 0 else ""
+        html += (
+            f"<details><summary>rejected samples ({len(rejected_items)} listed)</summary>"
+            f"<ul>{items}{more_html}</ul></details>"
+        )
+    return html
+
+
 def _sharpness_table(rows: Sequence[Sequence[str]]) -> str:
     """How soft the labels are: 1 - top-1 mass is what a hard label would throw away."""
     head = (
@@ -213,27 +241,7 @@ def render_page(
     cards: Sequence[CardView],
 ) -> str:
     """The whole page as one string."""
-    rejected = "".join(
-        f'<tr><td>{escape(str(reason))}</td><td class="num-cell">{count}</td></tr>'
-        for reason, count in sorted(rejected_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))
-    )
-    rejected_html = (
-        f'<table class="rejected"><tr><th>reason</th><th>count</th></tr>{rejected}</table>'
-        if rejected
-        else '<p class="muted">none recorded in manifest.json</p>'
-    )
-    if rejected_items:
-        items = "".join(
-            f"<li><code>{escape(str(it.get('id', '?')))}</code>: "
-            f"{escape(str(it.get('reason', '?')))}</li>"
-            for it in rejected_items
-        )
-        more = rejected_total - len(rejected_items)
-        more_html = f'<li class="muted">… and {more} more</li>' if more > 0 else ""
-        rejected_html += (
-            f"<details><summary>rejected samples ({len(rejected_items)} listed)</summary>"
-            f"<ul>{items}{more_html}</ul></details>"
-        )
+    rejected_html = _rejected_section(rejected_by_reason, rejected_items, rejected_total)
     no_det = ", ".join(f"<code>{escape(i)}</code>" for i in no_detection_ids) or "none"
     unreadable_html = (
         "<h3>Unreadable shards or samples</h3><ul>"

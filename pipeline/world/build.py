@@ -404,60 +404,13 @@ def _build(root, n, seed, n_adapt, mner, mre, px, workers, progress) -> dict:
     files = Files(root)
     files.sha256.update({path: r.sha256 for path, r in by_path.items()})
 
-    counts: dict = {}
-    for split, plans, negatives in (("corpus", corpus, True), ("adapt", adapt, False)):
-        rows = pair_rows(plans, seed, negatives)
-        files.jsonl(f"{split}/pairs.jsonl", rows)
-        files.jsonl(
-            f"{split}/truth.jsonl",
-            (truth_row(p.job, by_path[p.job.path], "relation", p.relation) for p in plans),
-        )
-        counts[split] = {
-            "images": len(plans),
-            "pairs": len(rows),
-            "mismatched": sum(r["itm"] == 0 for r in rows),
-            "relations": dict(sorted(Counter(p.relation for p in plans).items())),
-            "objects": dict(sorted(Counter(o.cls for p in plans for o in p.job.objects).items())),
-        }
+    counts = _write_pair_splits(files, corpus, adapt, by_path, seed)
     counts["yolo"] = yolo_files(files, adapt, [by_path[p.job.path] for p in adapt])
     files.text(
         "relations.tsv", "pid\tlabel\n" + "".join(f"{p}\t{lb}\n" for p, lb in relation_rows())
     )
-
-    counts["mner"] = {}
-    for plan in ner:
-        files.text(f"mner/{plan.split}.txt", ner_text(plan))
-        dep_types = Counter(t for s in plan.sentences for *_, t in s.image_dependent)
-        counts["mner"][plan.split] = {
-            "sentences": len(plan.sentences),
-            "image_dependent": sum(bool(s.image_dependent) for s in plan.sentences),
-            "image_dependent_types": dict(sorted(dep_types.items())),
-        }
-    test = ner[-1]
-    files.jsonl(
-        "mner/test_image_dependent.jsonl",
-        (
-            {"index": i, "spans": [list(span) for span in s.image_dependent]}
-            for i, s in enumerate(test.sentences)
-        ),
-    )
-    files.jsonl("mner/truth.jsonl", _truths(ner, by_path))
-
-    counts["mre"] = {}
-    for plan in rel:
-        files.text(f"mre/{plan.split}.txt", mre_text(plan))
-        counts["mre"][plan.split] = {
-            "samples": len(plan.samples),
-            "image_dependent": sum(plan.dependent),
-            "labels": dict(sorted(Counter(plan.labels).items())),
-        }
-    files.text("mre/rel2id.json", json.dumps({lb: i for i, lb in enumerate(MRE_LABELS)}) + "\n")
-    files.jsonl(
-        "mre/test_image_dependent.jsonl",
-        ({"index": i, "image_dependent": d} for i, d in enumerate(rel[-1].dependent)),
-    )
-    files.jsonl("mre/truth.jsonl", _truths(rel, by_path))
-
+    counts["mner"] = _write_mner(files, ner, by_path)
+    counts["mre"] = _write_mre(files, rel, by_path)
     world = {
         "generator": "pipeline.world",
         "version": GENERATOR_VERSION,
@@ -478,6 +431,68 @@ def _build(root, n, seed, n_adapt, mner, mre, px, workers, progress) -> dict:
     }
     files.text(WORLD_FILE, json.dumps(world, indent=1, ensure_ascii=False) + "\n")
     return {"counts": counts, "files": len(files.sha256) - 1, "jobs": len(jobs)}
+
+
+def _write_pair_splits(files: Files, corpus, adapt, by_path, seed: int) -> dict:
+    """corpus/ and adapt/: pairs.jsonl and truth.jsonl; their counts."""
+    counts: dict = {}
+    for split, plans, negatives in (("corpus", corpus, True), ("adapt", adapt, False)):
+        rows = pair_rows(plans, seed, negatives)
+        files.jsonl(f"{split}/pairs.jsonl", rows)
+        files.jsonl(
+            f"{split}/truth.jsonl",
+            (truth_row(p.job, by_path[p.job.path], "relation", p.relation) for p in plans),
+        )
+        counts[split] = {
+            "images": len(plans),
+            "pairs": len(rows),
+            "mismatched": sum(r["itm"] == 0 for r in rows),
+            "relations": dict(sorted(Counter(p.relation for p in plans).items())),
+            "objects": dict(sorted(Counter(o.cls for p in plans for o in p.job.objects).items())),
+        }
+    return counts
+
+
+def _write_mner(files: Files, ner, by_path) -> dict:
+    """mner/: the splits, the test set's image-dependent spans, the images' truth; counts."""
+    counts: dict = {}
+    for plan in ner:
+        files.text(f"mner/{plan.split}.txt", ner_text(plan))
+        dep_types = Counter(t for s in plan.sentences for *_, t in s.image_dependent)
+        counts[plan.split] = {
+            "sentences": len(plan.sentences),
+            "image_dependent": sum(bool(s.image_dependent) for s in plan.sentences),
+            "image_dependent_types": dict(sorted(dep_types.items())),
+        }
+    test = ner[-1]
+    files.jsonl(
+        "mner/test_image_dependent.jsonl",
+        (
+            {"index": i, "spans": [list(span) for span in s.image_dependent]}
+            for i, s in enumerate(test.sentences)
+        ),
+    )
+    files.jsonl("mner/truth.jsonl", _truths(ner, by_path))
+    return counts
+
+
+def _write_mre(files: Files, rel, by_path) -> dict:
+    """mre/: the splits, rel2id.json, the test set's image-dependent lines, the truth; counts."""
+    counts: dict = {}
+    for plan in rel:
+        files.text(f"mre/{plan.split}.txt", mre_text(plan))
+        counts[plan.split] = {
+            "samples": len(plan.samples),
+            "image_dependent": sum(plan.dependent),
+            "labels": dict(sorted(Counter(plan.labels).items())),
+        }
+    files.text("mre/rel2id.json", json.dumps({lb: i for i, lb in enumerate(MRE_LABELS)}) + "\n")
+    files.jsonl(
+        "mre/test_image_dependent.jsonl",
+        ({"index": i, "image_dependent": d} for i, d in enumerate(rel[-1].dependent)),
+    )
+    files.jsonl("mre/truth.jsonl", _truths(rel, by_path))
+    return counts
 
 
 def _truths(plans, by_path: dict[str, Rendered]) -> Iterable[dict]:
