@@ -64,7 +64,7 @@ def main() -> int:
     import torch
     from transformers import ViTModel
 
-    from trainer.model import load_pretrained
+    from trainer.factory import load_pretrained
 
     torch.set_num_threads(1)
     folder = Path(args.world) / args.task
@@ -78,7 +78,8 @@ def main() -> int:
     if args.checkpoint:
         model, _, _ = load_pretrained(args.checkpoint)
     else:
-        from trainer.model import ModelConfig, build_model
+        from trainer.factory import build_model
+        from trainer.model import ModelConfig
 
         model = build_model(ModelConfig(preset="tiny", vision_encoder=args.vit))  # any BERT
     model.eval()

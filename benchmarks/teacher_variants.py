@@ -74,7 +74,7 @@ def main() -> int:
         resume=True,
         params=params,
     )
-    summary = adapt_teacher(settings, progress=False)
+    summary = adapt_teacher(settings, progress=False, threads=args.threads)
     seconds = round(time.perf_counter() - t0, 1)
     corpus = score_teacher(
         out, run.path("world", "corpus", "truth.jsonl"), "small", ent, rel, **vocab

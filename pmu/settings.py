@@ -59,6 +59,16 @@ def field_type(cls: type, f: dataclasses.Field) -> Callable[[str], Any]:
     return kind
 
 
+def settings_dict(obj: Any) -> dict[str, Any]:
+    """`dataclasses.asdict`, less the fields marked `omit_default` while they hold their default:
+    a setting added later leaves what older runs recorded (and its bytes) as it was."""
+    out = dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("omit_default") and out.get(f.name) == f.default:
+            out.pop(f.name)
+    return out
+
+
 def recorded(settings: Any) -> dict[str, Any]:
     """The fields an output records (those not marked `recorded=False`), as a dict."""
     return {

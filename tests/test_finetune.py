@@ -15,7 +15,7 @@ from trainer import ie_data
 from trainer.finetune_config import FinetuneConfig
 from trainer.finetune_data import length_grouped_batches
 from trainer.finetune_loop import run_finetune
-from trainer.finetune_model import ensure_vocab, fused_text_states, load_encoder
+from trainer.finetune_model import ensure_vocab, load_encoder
 
 SAMPLE = REPO_ROOT / "trainer" / "sample"
 
@@ -114,7 +114,8 @@ def test_saved_model_reloads_as_init_without_second_resize(tmp_path):
 
 
 def test_init_from_pretraining_checkpoint(tmp_path):
-    from trainer.model import ModelConfig, build_model, build_tokenizer, save_pretrained
+    from trainer.factory import build_model, build_tokenizer, save_pretrained
+    from trainer.model import ModelConfig
 
     cfg = ModelConfig(n_entities=6, n_relations=3)  # a checkpoint with all pretraining heads
     save_pretrained(build_model(cfg), build_tokenizer(cfg), cfg, tmp_path / "pretrain")
@@ -201,13 +202,13 @@ def test_mixed_batch_fuses_each_sample_like_alone():
     pixels = torch.randn(3, 3, size, size)
     has_image = torch.tensor([True, False, True])
     with torch.no_grad():
-        mixed = fused_text_states(model, ids, mask, pixels, has_image)
+        mixed = model.text_states(ids, mask, pixels, has_image)
         for i in range(3):
-            alone = fused_text_states(
-                model, ids[i : i + 1], mask[i : i + 1], pixels[i : i + 1], has_image[i : i + 1]
+            alone = model.text_states(
+                ids[i : i + 1], mask[i : i + 1], pixels[i : i + 1], has_image[i : i + 1]
             )
             assert torch.allclose(mixed[i], alone[0], atol=1e-5)
-        text_only = fused_text_states(model, ids, mask, None, torch.zeros(3, dtype=torch.bool))
+        text_only = model.text_states(ids, mask, None, torch.zeros(3, dtype=torch.bool))
     assert torch.allclose(mixed[1], text_only[1], atol=1e-5)
     assert not torch.allclose(mixed[0], text_only[0], atol=1e-3)  # the image changed sample 0
 

@@ -6,14 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.model import (
-    ModelConfig,
-    build_model,
-    build_tokenizer,
-    export_hf,
-    load_pretrained,
-    save_pretrained,
-)
+from trainer.factory import build_model, build_tokenizer, load_pretrained, save_pretrained
+from trainer.model import ModelConfig, export_hf
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from pmu.optim import build_optimizer, decayed_parameters, param_groups, warmup_linear
+from trainer.factory import build_model
 from trainer.heads import CRFTagger
-from trainer.model import ModelConfig, build_model
+from trainer.model import ModelConfig
 
 
 def test_only_linear_and_conv_weights_decay():

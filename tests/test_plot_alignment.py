@@ -15,7 +15,8 @@ from trainer import plot_alignment as pa
 def tiny_checkpoint(tmp_path_factory):
     import torch
 
-    from trainer.model import ModelConfig, build_model, build_tokenizer, save_pretrained
+    from trainer.factory import build_model, build_tokenizer, save_pretrained
+    from trainer.model import ModelConfig
 
     torch.set_num_threads(1)
     cfg = ModelConfig(preset="tiny", n_entities=20, n_relations=10, proj_dim=32)

@@ -12,8 +12,9 @@ import torch
 
 from pmu.optim import build_optimizer
 from trainer import data, pretrain
+from trainer.factory import build_model, build_tokenizer, load_pretrained
 from trainer.losses import pretrain_loss
-from trainer.model import ModelConfig, build_model, build_tokenizer, load_pretrained
+from trainer.model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = {"itm": 1.0, "cit": 1.0, "coe": 1.0, "cir": 1.0}

@@ -37,7 +37,8 @@ def step_config(shards, **kw) -> pretrain.TrainConfig:
 
 
 def global_batch(shards) -> dict[str, torch.Tensor]:
-    from trainer.model import ModelConfig, build_tokenizer
+    from trainer.factory import build_tokenizer
+    from trainer.model import ModelConfig
 
     cfg = data.DataConfig(
         shard_dir=str(shards), batch_size=8, shuffle_buffer=0, n_entities=20, n_relations=10

@@ -12,7 +12,8 @@ import torch
 from pmu import shards
 from pmu.io import write_json_atomic
 from trainer import data
-from trainer.model import ModelConfig, build_tokenizer
+from trainer.factory import build_tokenizer
+from trainer.model import ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ def test_learns_objects_and_loads_as_the_students_vit(world, tmp_path):
     assert report["held_out_object_top1"] > majority + 0.05, (report, majority)
     assert json.loads((tmp_path / "vit.json").read_text())["classes"] == report["classes"]
 
-    from trainer.model import ModelConfig, build_model
+    from trainer.factory import build_model
+    from trainer.model import ModelConfig
 
     model = build_model(ModelConfig(preset="tiny", vision_encoder=str(out)))  # any BERT
     saved = {k: v for k, v in model.vit.state_dict().items()}
@@ -60,3 +61,38 @@ def test_cli_refuses_what_cannot_work(tmp_path, capsys):
     args = ["--annotations", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "base"]
     assert main(args) == 2
     assert "pretrained ViT" in capsys.readouterr().err
+
+
+def test_cnn_learns_objects_and_loads_as_the_hvp_cnn(world, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "cnn.safetensors"
+    cfg = VisionInitConfig(
+        annotations=str(world / "adapt" / "truth.jsonl"),
+        out=str(out),
+        preset="tiny",
+        arch="resnet10",
+        steps=30,
+        batch_size=32,
+        lr=2e-3,
+        warmup_steps=5,
+        holdout=0.25,
+        threads=1,
+    )
+    report = train_vision(cfg)
+    rows = [json.loads(line) for line in (world / "adapt" / "truth.jsonl").open()]
+    classes = [c for r in rows for c in r["classes"]]
+    majority = max(classes.count(c) for c in set(classes)) / len(classes)
+    assert report["held_out_object_top1"] > majority + 0.1, (report, majority)
+
+    from safetensors.torch import load_file
+
+    from trainer.factory import build_model
+    from trainer.model import ModelConfig
+
+    model = build_model(ModelConfig(preset="tiny", fusion="hvp", vision_encoder=str(out)))
+    saved = load_file(str(out))
+    loaded = model.cnn.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert model.cfg.vision_arch == "resnet10" and model.cfg.image_size == 64
+    assert not list(tmp_path.glob(".*partial"))

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from pmu.io import write_json_atomic
 from pmu.train_state import optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
-from trainer.model import save_pretrained, unwrap
+from trainer.factory import save_pretrained
+from trainer.fusion import unwrap
 
 LATEST = "latest.json"
 

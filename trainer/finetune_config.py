@@ -60,6 +60,26 @@ class FinetuneConfig:
     preset: str = opt("tiny", "vision encoder preset when --init is an HF text model")
     vision_encoder: str | None = opt(None, "local HF folder / hub name for the ViT")
     n_fusion_layers: int | None = opt(None, "upper BERT layers that fuse (HF / preset init)")
+    fusion: str = opt(
+        "albef",
+        "fusion model for a preset / HF init (a checkpoint names its own): albef | hvp | "
+        "package.module:name",
+        omit_default=True,
+    )
+    crops: int = opt(
+        -1,
+        "object crops per image the fusion also sees (-1: the model's own: 0 albef, 3 hvp); "
+        "their boxes come from --detector",
+        omit_default=True,
+    )
+    detector: str | None = opt(
+        None,
+        "YOLO weights that find the crops' boxes (e.g. models/detector.safetensors)",
+        omit_default=True,
+    )
+    detector_preset: str = opt("small", "preset of --detector's architecture", omit_default=True)
+    detector_imgsz: int = opt(640, "--detector's input size", omit_default=True)
+    detector_conf: float = opt(0.25, "--detector's confidence threshold", omit_default=True)
     out: str | None = opt(None, "output folder (state, predictions)", "runs/finetune-TASK")
     metrics: str | None = opt(None, "headline metrics JSON (test/dev P/R/F1)", "OUT/metrics.json")
     report: str | None = opt(None, "full report JSON (per type, history)", "OUT/report.json")

@@ -65,9 +65,10 @@ class IEDataset(torch.utils.data.Dataset):
     text-only from then on (logged once, counted in the split). Runs in-process (no workers),
     so the split's counters see every failure."""
 
-    def __init__(self, split: Split, image_size: int | None):
+    def __init__(self, split: Split, image_size: int | None, boxes: dict[str, list] | None = None):
         self.split = split
         self.image_size = image_size
+        self.boxes = boxes  # image path -> its object boxes (the crops), or None
 
     def __len__(self) -> int:
         return len(self.split.features)
@@ -83,41 +84,52 @@ class IEDataset(torch.utils.data.Dataset):
                 feat.image = None
                 self.split.text_only += 1
                 self.split.unreadable_images += 1
-        return i, feat, pixels
+        crops = self.boxes.get(str(feat.image), []) if self.boxes and pixels is not None else None
+        return i, feat, pixels, crops
 
 
-def collate(items, pad_id: int, task: str, image_size: int | None) -> dict[str, Any]:
+def collate(
+    items, pad_id: int, task: str, image_size: int | None, n_crops: int = 0
+) -> dict[str, Any]:
+    """Padded token ids, uint8 images, the crops' boxes ([B, n_crops, 4], zero rows where a
+    sample has fewer) and the task's labels."""
     n = len(items)
-    width = max(len(f.input_ids) for _, f, _ in items)
+    width = max(len(f.input_ids) for _, f, *_ in items)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
-    has_image = torch.tensor([p is not None for *_, p in items], dtype=torch.bool)
+    has_image = torch.tensor([p is not None for _, _, p, _ in items], dtype=torch.bool)
     batch: dict[str, Any] = {"index": [i for i, *_ in items], "has_image": has_image}
-    for row, (_, f, _) in enumerate(items):
+    for row, (_, f, *_) in enumerate(items):
         input_ids[row, : len(f.input_ids)] = torch.tensor(f.input_ids)
         attention_mask[row, : len(f.input_ids)] = 1
     batch.update(input_ids=input_ids, attention_mask=attention_mask)
     if bool(has_image.any()):
         pix = torch.zeros((n, 3, image_size, image_size), dtype=torch.uint8)
-        for row, (*_, p) in enumerate(items):
+        for row, (_, _, p, _) in enumerate(items):
             if p is not None:
                 pix[row] = p
         batch["pixel_values"] = pix
+        if n_crops > 0:
+            boxes = torch.zeros((n, n_crops, 4))
+            for row, (*_, crops) in enumerate(items):
+                for c, box in enumerate((crops or [])[:n_crops]):
+                    boxes[row, c] = torch.tensor(box)
+            batch["boxes"] = boxes
     if task == "mner":
-        n_words = max(1, max(len(f.word_index) for _, f, _ in items))
+        n_words = max(1, max(len(f.word_index) for _, f, *_ in items))
         word_index = torch.zeros((n, n_words), dtype=torch.long)
         word_mask = torch.zeros((n, n_words), dtype=torch.bool)
         labels = torch.zeros((n, n_words), dtype=torch.long)
-        for row, (_, f, _) in enumerate(items):
+        for row, (_, f, *_) in enumerate(items):
             k = len(f.word_index)
             word_index[row, :k] = torch.tensor(f.word_index, dtype=torch.long)
             word_mask[row, :k] = True
             labels[row, :k] = torch.tensor(f.label_ids, dtype=torch.long)
         batch.update(word_index=word_index, word_mask=word_mask, labels=labels)
     else:
-        batch["head_pos"] = torch.tensor([f.head_pos for _, f, _ in items])
-        batch["tail_pos"] = torch.tensor([f.tail_pos for _, f, _ in items])
-        batch["labels"] = torch.tensor([f.label_id for _, f, _ in items])
+        batch["head_pos"] = torch.tensor([f.head_pos for _, f, *_ in items])
+        batch["tail_pos"] = torch.tensor([f.tail_pos for _, f, *_ in items])
+        batch["labels"] = torch.tensor([f.label_id for _, f, *_ in items])
     return batch
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from pmu.errors import InputError
 from pmu.io import atomic_path, write_json_atomic
 from pmu.optim import build_optimizer, build_scheduler
+from pmu.settings import settings_dict
 from trainer import finetune_state, ie_data, plots
 from trainer.finetune_config import TASKS, FinetuneConfig, check_config
 from trainer.finetune_data import (
@@ -251,7 +252,13 @@ def prepare(cfg: FinetuneConfig) -> Finetune:
     model = FinetuneModel(encoder, head).to(device)
 
     image_size = mcfg.image_size if cfg.multimodal else None
-    datasets = {name: IEDataset(sp, image_size) for name, sp in splits.items()}
+    boxes = None
+    if image_size and mcfg.max_crops > 0:  # the crops' boxes: the detector on every image
+        from trainer.finetune_boxes import image_boxes
+
+        images = [str(f.image) for sp in splits.values() for f in sp.features if f.image]
+        boxes = image_boxes(cfg, mcfg.max_crops, images, cfg.output_paths()["out"])
+    datasets = {name: IEDataset(sp, image_size, boxes) for name, sp in splits.items()}
 
     def loader(split: Split, train: bool, epoch: int = 0):
         lengths = [len(f.input_ids) for f in split.features]
@@ -260,7 +267,9 @@ def prepare(cfg: FinetuneConfig) -> Finetune:
         return torch.utils.data.DataLoader(
             datasets[split.name],
             batch_sampler=length_grouped_batches(lengths, size, seed),
-            collate_fn=lambda items: collate(items, tokenizer.pad_token_id, cfg.task, image_size),
+            collate_fn=lambda items: collate(
+                items, tokenizer.pad_token_id, cfg.task, image_size, mcfg.max_crops
+            ),
         )
 
     steps = max(1, cfg.epochs * len(loader(splits["train"], True)))
@@ -450,7 +459,7 @@ def finish(ft: Finetune, progress: Progress, resumed_after: int, wall: float) ->
         "test_majority_baseline": baseline["overall"],
         "params": {
             k: v
-            for k, v in asdict(cfg).items()
+            for k, v in settings_dict(cfg).items()
             if k not in ("extra", "resume", "stop_after_epoch")  # same report when resumed
         },
     }

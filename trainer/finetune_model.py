@@ -16,7 +16,8 @@ def load_encoder(cfg: FinetuneConfig):
     """(model, tokenizer, model config, description) for --init: checkpoint, preset or HF dir."""
     from pipeline.models import WeightsUnavailable
     from pmu.presets import PRESETS
-    from trainer.model import ModelConfig, build_model, build_tokenizer, load_pretrained
+    from trainer.factory import build_model, build_tokenizer, load_pretrained
+    from trainer.model import ModelConfig
 
     init = Path(cfg.init)
     config_file = init / "config.json"
@@ -26,13 +27,12 @@ def load_encoder(cfg: FinetuneConfig):
         if tokenizer is None:
             tokenizer = build_tokenizer(mcfg)
     else:
+        common = dict(vision_encoder=cfg.vision_encoder, fusion=cfg.fusion)
         if cfg.init in PRESETS:
-            mcfg = ModelConfig(preset=cfg.init, vision_encoder=cfg.vision_encoder)
+            mcfg = ModelConfig(preset=cfg.init, **common)
             kind = "preset"
         elif init.is_dir():
-            mcfg = ModelConfig(
-                preset=cfg.preset, text_encoder=str(init), vision_encoder=cfg.vision_encoder
-            )
+            mcfg = ModelConfig(preset=cfg.preset, text_encoder=str(init), **common)
             kind = "hf-dir"
         else:
             raise WeightsUnavailable(
@@ -44,9 +44,11 @@ def load_encoder(cfg: FinetuneConfig):
         mcfg.n_fusion_layers = cfg.n_fusion_layers
         model = build_model(mcfg)
         tokenizer = build_tokenizer(mcfg)
+    mcfg.max_crops = cfg.crops if cfg.crops >= 0 else mcfg.max_crops
     desc = {
         "init": cfg.init,
         "kind": kind,
+        **({"fusion": mcfg.fusion} if mcfg.fusion != "albef" else {}),
         "text_encoder": mcfg.text_encoder or f"preset:{mcfg.preset}",
         "hidden_size": model.hidden_size,
         "n_layers": len(model.bert.encoder.layer),
@@ -65,31 +67,6 @@ def ensure_vocab(model, tokenizer) -> bool:
     return False
 
 
-def fused_text_states(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    pixels: torch.Tensor | None,
-    has_image: torch.Tensor,
-) -> torch.Tensor:
-    """Fused states at the text positions [B, T, H]; samples without an image fuse text-only."""
-    text = model.encode_text(input_ids, attention_mask)
-    if pixels is None or not bool(has_image.any()):
-        return model.fuse(text, attention_mask)
-    img_idx = has_image.nonzero().squeeze(1)
-    txt_idx = (~has_image).nonzero().squeeze(1)
-    t = text.shape[1]
-    parts = [
-        model.fuse(text[img_idx], attention_mask[img_idx], model.encode_image(pixels[img_idx]))[
-            :, :t
-        ]
-    ]
-    if len(txt_idx):
-        parts.append(model.fuse(text[txt_idx], attention_mask[txt_idx]))
-    order = torch.cat([img_idx, txt_idx])
-    return torch.cat(parts)[torch.argsort(order)]
-
-
 class FinetuneModel(nn.Module):
     """Encoder + task head; the forward returns the fused text states for the head."""
 
@@ -99,12 +76,14 @@ class FinetuneModel(nn.Module):
         self.head = head
 
     def states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return fused_text_states(
-            self.encoder,
+        """The fusion's states at the text positions (`text_states` of the fusion interface),
+        with the batch's object boxes when it carries them (`--crops`)."""
+        return self.encoder.text_states(
             batch["input_ids"],
             batch["attention_mask"],
             batch.get("pixel_values"),
             batch["has_image"],
+            batch.get("boxes"),
         )
 
 
@@ -112,7 +91,7 @@ def save_finetuned(model: FinetuneModel, tokenizer, mcfg, id2label, cfg, path: P
     """Encoder as a pretraining checkpoint (reusable as --init) + head weights and labels."""
     from safetensors.torch import save_file
 
-    from trainer.model import save_pretrained
+    from trainer.factory import save_pretrained
 
     save_pretrained(model.encoder, tokenizer, mcfg, path)
     state = {k: v.contiguous().cpu() for k, v in model.head.state_dict().items()}

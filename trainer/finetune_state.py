@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from pmu.errors import InputError
 from pmu.io import atomic_path
+from pmu.settings import settings_dict
 from trainer import checkpoint
 
 # settings that do not change what is trained: a resume may change them
@@ -48,7 +48,7 @@ def fingerprint(cfg, rel2id: str | None, text_only: dict[str, int]) -> dict[str,
 
     params = {
         k: v
-        for k, v in asdict(cfg).items()
+        for k, v in settings_dict(cfg).items()
         if k not in NOT_FINGERPRINTED and k not in HASHED_FILES and k != "rel2id"
     }
     files = {name: file_sha256(getattr(cfg, name)) for name in HASHED_FILES}

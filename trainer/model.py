@@ -1,15 +1,17 @@
-"""The pretraining student: BERT text layers, ViT, and BERT fusion layers over text + patches.
+"""The project's own fusion (`--fusion albef`, the paper's student): BERT text layers, ViT, and
+BERT fusion layers over text + patches; and `ModelConfig`, the config every fusion is built from.
 
 ALBEF-style split of one BERT-like encoder: its embeddings and lower layers encode the text; its
 upper `n_fusion_layers` layers (initialised from the same pretrained weights) run over
 concat(text tokens, projected ViT tokens + an image type embedding), paper eq. 2. With no image
 the fusion layers see the text alone, so a text-only forward equals the original HF encoder.
+It implements the fusion interface of `trainer/fusion.py`; models come from `trainer/factory.py`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from torch import Tensor, nn
 from pipeline import models
 from pmu.errors import InputError
 from pmu.io import atomic_dir
+from pmu.settings import settings_dict
+from trainer.fusion import FusionStates, add_pretrain_heads, crop_boxes, pretrain_outputs
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,6 +34,7 @@ DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
 PROCESSOR_FILE = "preprocessor_config.json"
 ALIGN_ON = ("fused", "vision")
+ALBEF_SUMMARY = "ALBEF-style split BERT: text layers, ViT patches, fusion layers (the paper's)"
 
 
 @dataclass
@@ -58,9 +63,14 @@ class ModelConfig:
     # "vision" (projected ViT states before fusion, so only the image can answer them)
     align_on: str = "fused"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form (e.g. vocab sizes, notes)
+    # Fields added after checkpoints were first written are saved only when not at their
+    # default, so an older model's config.json (and its bytes) stays as it was.
+    fusion: str = field(default="albef", metadata={"omit_default": True})  # trainer/fusion.py
+    max_crops: int = field(default=0, metadata={"omit_default": True})  # object crops fused
+    vision_arch: str = field(default="", metadata={"omit_default": True})  # hvp: its CNN
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return settings_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -102,16 +112,7 @@ class PretrainModel(nn.Module):
             # (text tokens keep BERT's own token-type-0 embedding as their modality embedding).
             self.patch_proj = nn.Sequential(nn.Linear(v_hidden, hidden), nn.LayerNorm(hidden))
             self.image_type_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
-            self.itm_head = nn.Linear(hidden, 2) if cfg.itm_head else None
-            if cfg.proj_dim > 0:
-                self.text_proj = nn.Linear(hidden, cfg.proj_dim)
-                self.image_proj = nn.Linear(v_hidden, cfg.proj_dim)
-                self.temp = nn.Parameter(torch.tensor(float(cfg.temp_init)))
-            else:
-                self.text_proj = self.image_proj = None
-                self.temp = None
-            self.fc_ent = nn.Linear(hidden, cfg.n_entities) if cfg.n_entities > 0 else None
-            self.fc_rel = nn.Linear(hidden, cfg.n_relations) if cfg.n_relations > 0 else None
+            add_pretrain_heads(self, cfg, hidden, hidden, v_hidden)
 
     # -------------------------------------------------------------------------- geometry
 
@@ -180,9 +181,14 @@ class PretrainModel(nn.Module):
         return self.project_image(self.vision_states(pixel_values))
 
     def fuse(
-        self, text_states: Tensor, attention_mask: Tensor | None, image_states: Tensor | None = None
+        self,
+        text_states: Tensor,
+        attention_mask: Tensor | None,
+        image_states: Tensor | None = None,
+        image_mask: Tensor | None = None,
     ) -> Tensor:
-        """Fusion layers over concat(text, image tokens): [B, T(+1+P), H], text positions first."""
+        """Fusion layers over concat(text, image tokens): [B, T(+1+P), H], text positions first
+        (`image_mask`: which image tokens are real; default all)."""
         if image_states is None:
             return self._run_layers(
                 self.bert.encoder.layer[self.n_text_layers :], text_states, attention_mask
@@ -192,10 +198,9 @@ class PretrainModel(nn.Module):
             attention_mask = torch.ones(b, t, dtype=torch.long, device=text_states.device)
         image_states = image_states + self.image_type_embedding.to(image_states.dtype)
         hidden = torch.cat([text_states, image_states.to(text_states.dtype)], dim=1)
-        image_mask = torch.ones(
-            b, image_states.shape[1], dtype=attention_mask.dtype, device=attention_mask.device
-        )
-        mask = torch.cat([attention_mask, image_mask], dim=1)
+        if image_mask is None:
+            image_mask = torch.ones(b, image_states.shape[1], device=attention_mask.device)
+        mask = torch.cat([attention_mask, image_mask.to(attention_mask.dtype)], dim=1)
         return self._run_layers(self.bert.encoder.layer[self.n_text_layers :], hidden, mask)
 
     def text_embedding(
@@ -228,6 +233,39 @@ class PretrainModel(nn.Module):
 
         return pool_patches(patches, box_patch_mask(boxes, self.patch_grid(), min_cover))
 
+    def states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor,
+        boxes: Tensor | None = None,
+        min_cover: float = 0.5,
+    ) -> tuple[FusionStates, dict[str, Tensor]]:
+        """The fusion interface's states (the ViT runs once; boxes [B, O, 4] for COE), and the
+        fused sequence itself (`fused`, `fused_patches`)."""
+        text_states = self.encode_text(input_ids, attention_mask)
+        vis = self.vision_states(pixel_values)
+        image_states = self.project_image(vis)
+        fused = self.fuse(text_states, attention_mask, image_states)
+        t = input_ids.shape[1]
+        fused_patches = fused[:, t + 1 :]  # image patch tokens, CLS of the image skipped
+        # COE / CIR inputs: fused states (paper) or the image's own, before the text joins
+        if self.cfg.align_on == "vision":
+            align_patches, align_cls = image_states[:, 1:], image_states[:, 0]
+        else:
+            align_patches, align_cls = fused_patches, fused[:, 0]
+        objects = None
+        if self.fc_ent is not None and boxes is not None:
+            objects = self.object_states(align_patches, boxes, min_cover)
+        states = FusionStates(
+            cls=fused[:, 0],
+            relation=align_cls,
+            text_cls=text_states[:, 0],
+            image_cls=vis[:, 0],
+            objects=objects,
+        )
+        return states, {"fused": fused, "fused_patches": fused_patches}
+
     def forward(
         self,
         input_ids: Tensor,
@@ -236,30 +274,58 @@ class PretrainModel(nn.Module):
         boxes: Tensor | None = None,
         min_cover: float = 0.5,
     ) -> dict[str, Tensor]:
-        """All pretraining outputs from one pass (the ViT runs once); boxes [B, O, 4] for COE."""
-        text_states = self.encode_text(input_ids, attention_mask)
-        vis = self.vision_states(pixel_values)
-        image_states = self.project_image(vis)
-        fused = self.fuse(text_states, attention_mask, image_states)
-        t = input_ids.shape[1]
-        out: dict[str, Tensor] = {"fused": fused, "fused_cls": fused[:, 0]}
-        out["fused_patches"] = fused[:, t + 1 :]  # image patch tokens, CLS of the image skipped
-        # COE / CIR inputs: fused states (paper) or the image's own, before the text joins
-        if self.cfg.align_on == "vision":
-            align_patches, align_cls = image_states[:, 1:], image_states[:, 0]
-        else:
-            align_patches, align_cls = out["fused_patches"], fused[:, 0]
-        if self.itm_head is not None:
-            out["itm_logits"] = self.itm_head(fused[:, 0])
-        if self.text_proj is not None:
-            out["text_emb"] = self.text_embedding(text_states=text_states)
-            out["image_emb"] = self.image_embedding(vision_states=vis)
-            out["temp"] = self.temp
-        if self.fc_ent is not None and boxes is not None:
-            out["ent_logits"] = self.fc_ent(self.object_states(align_patches, boxes, min_cover))
-        if self.fc_rel is not None:
-            out["rel_logits"] = self.fc_rel(align_cls)
-        return out
+        """All pretraining outputs from one pass: the heads on `states`, plus the fused
+        sequence (`fused`, `fused_patches`)."""
+        states, sequence = self.states(input_ids, attention_mask, pixel_values, boxes, min_cover)
+        return {**sequence, **pretrain_outputs(self, states)}
+
+    def text_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None,
+        has_image: Tensor,
+        boxes: Tensor | None = None,
+    ) -> Tensor:
+        """Fused states at the text positions [B, T, H] (fine-tuning); samples without an image
+        fuse text-only. With `cfg.max_crops` > 0 and `boxes`, each object crop's ViT [CLS]
+        joins the image tokens (the prior fusions' object-level visual tokens)."""
+        text = self.encode_text(input_ids, attention_mask)
+        if pixel_values is None or not bool(has_image.any()):
+            return self.fuse(text, attention_mask)
+        img_idx = has_image.nonzero().squeeze(1)
+        txt_idx = (~has_image).nonzero().squeeze(1)
+        t = text.shape[1]
+        image, image_mask = self.image_tokens(
+            pixel_values[img_idx], None if boxes is None else boxes[img_idx]
+        )
+        fused = self.fuse(text[img_idx], attention_mask[img_idx], image, image_mask)
+        parts = [fused[:, :t]]
+        if len(txt_idx):
+            parts.append(self.fuse(text[txt_idx], attention_mask[txt_idx]))
+        order = torch.cat([img_idx, txt_idx])
+        return torch.cat(parts)[torch.argsort(order)]
+
+    def image_tokens(
+        self, pixel_values: Tensor, boxes: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The image's projected ViT tokens, then (with crops) each object crop's [CLS]; the
+        mask of real tokens (None: all real)."""
+        image = self.encode_image(pixel_values)
+        n_crops = self.cfg.max_crops
+        if boxes is None or n_crops <= 0 or boxes.shape[1] == 0:
+            return image, None
+        boxes = boxes[:, :n_crops]
+        b, c = boxes.shape[:2]
+        crops = crop_boxes(self.normalise(pixel_values), boxes, self.cfg.image_size)
+        crop_cls = self.encode_image(crops.flatten(0, 1))[:, 0].unflatten(0, (b, c))
+        present = boxes[..., 2:].gt(boxes[..., :2]).all(-1)
+        mask = torch.cat([torch.ones(b, image.shape[1], device=image.device), present.float()], 1)
+        return torch.cat([image, crop_cls], dim=1), mask
+
+    def sub_configs(self) -> dict[str, dict[str, Any]]:
+        """The HF configs a checkpoint saves beside `model_config` to rebuild this model."""
+        return {"bert_config": self.bert.config.to_dict(), "vit_config": self.vit.config.to_dict()}
 
 
 def _channels(values) -> Tensor:
@@ -313,19 +379,9 @@ def _random_vit():
         return ViTModel(ViTConfig(), add_pooling_layer=False)
 
 
-def build_tokenizer(cfg: ModelConfig):
-    """The tokenizer that goes with cfg's text encoder (random_init uses the shipped vocab)."""
-    if cfg.tokenizer:
-        return models.load_tokenizer(cfg.preset, cfg.tokenizer)
-    if cfg.text_encoder:
-        return models.load_tokenizer(cfg.preset, cfg.text_encoder)
-    if cfg.random_init:
-        return models.load_tokenizer("tiny")
-    return models.load_tokenizer(cfg.preset)
-
-
-def build_model(cfg: ModelConfig) -> PretrainModel:
-    """Student for `cfg`: preset weights (tiny: seeded random; base: pretrained) or overrides.
+def build_albef(cfg: ModelConfig) -> PretrainModel:
+    """The ALBEF student for `cfg`: preset weights (tiny: seeded random; base: pretrained) or
+    overrides.
 
     `random_init=True` with preset `base` builds bert-base-uncased / ViT-B/16 shapes (the
     BertConfig()/ViTConfig() defaults) with random weights, for benchmarks without downloads.
@@ -357,11 +413,12 @@ def build_model(cfg: ModelConfig) -> PretrainModel:
     return PretrainModel(cfg, bert, vit)
 
 
-def _build_from_configs(cfg: ModelConfig, bert_cfg: dict, vit_cfg: dict) -> PretrainModel:
+def albef_from_configs(cfg: ModelConfig, configs: dict[str, dict]) -> PretrainModel:
+    """The ALBEF student rebuilt from a checkpoint's saved HF configs (weights loaded after)."""
     from transformers import AutoConfig, AutoModel
 
-    bert_config = AutoConfig.for_model(**bert_cfg)
-    vit_config = AutoConfig.for_model(**vit_cfg)
+    bert_config = AutoConfig.for_model(**configs["bert_config"])
+    vit_config = AutoConfig.for_model(**configs["vit_config"])
     kw = {"add_pooling_layer": False}
     with models.seeded(models.TINY_SEED):
         bert = AutoModel.from_config(bert_config, **kw)
@@ -369,50 +426,7 @@ def _build_from_configs(cfg: ModelConfig, bert_cfg: dict, vit_cfg: dict) -> Pret
     return PretrainModel(cfg, bert, vit)
 
 
-# ------------------------------------------------------------------------------ save / load
-
-
-def save_pretrained(
-    model: PretrainModel, tokenizer, cfg: ModelConfig, out_dir, extra: dict | None = None
-) -> Path:
-    """safetensors weights + config.json (+ tokenizer files), written to a temp dir, renamed."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    model = unwrap(model)
-    with atomic_dir(out) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        config = {
-            "model_config": cfg.to_dict(),
-            "bert_config": model.bert.config.to_dict(),
-            "vit_config": model.vit.config.to_dict(),
-            **(extra or {}),
-        }
-        text = json.dumps(config, indent=2, sort_keys=True)
-        (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    return out
-
-
-def load_pretrained(path, device: str | torch.device = "cpu"):
-    """(model, cfg, tokenizer) from a `save_pretrained` folder; no pretrained download needed."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        raise InputError(f"{path} has no {CONFIG_FILE}: not a saved PretrainModel")
-    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    cfg = ModelConfig.from_dict(config["model_config"])
-    model = _build_from_configs(cfg, config["bert_config"], config["vit_config"])
-    state = load_file(str(path / WEIGHTS_FILE), device=str(device))
-    model.load_state_dict(state, strict=True)
-    tokenizer = None
-    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model.to(device), cfg, tokenizer
+# ------------------------------------------------------------------------------ HF export
 
 
 def export_hf(model: PretrainModel, out_dir, tokenizer=None) -> Path:
@@ -427,6 +441,8 @@ def export_hf(model: PretrainModel, out_dir, tokenizer=None) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per sub-model is noise in the trainer's output
+    from trainer.fusion import unwrap
+
     model = unwrap(model)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
@@ -468,10 +484,3 @@ def _export_parts(model: PretrainModel, tmp: Path, tokenizer) -> None:
         {k: v.contiguous().cpu() for k, v in extras.items()},
         str(tmp / "fusion" / FUSION_EXTRAS_FILE),
     )
-
-
-def unwrap(model: nn.Module) -> PretrainModel:
-    """The PretrainModel inside DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model

@@ -217,7 +217,7 @@ def plot_alignment(
     import torch
 
     from pmu.runtime import select_device
-    from trainer.model import build_tokenizer, load_pretrained
+    from trainer.factory import build_tokenizer, load_pretrained
 
     dev = select_device(device)
     model, cfg, tokenizer = load_pretrained(checkpoint, device=dev)

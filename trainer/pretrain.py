@@ -27,16 +27,11 @@ from pmu import runtime
 from pmu.errors import InputError
 from pmu.io import write_json_atomic
 from pmu.optim import build_optimizer, build_scheduler
+from pmu.settings import settings_dict
 from pmu.shards import read_vocabularies
 from trainer import checkpoint, data, losses, plots
-from trainer.model import (
-    ModelConfig,
-    PretrainModel,
-    build_model,
-    build_tokenizer,
-    export_hf,
-    save_pretrained,
-)
+from trainer.factory import build_model, build_tokenizer, save_pretrained
+from trainer.model import ModelConfig, PretrainModel, export_hf
 from trainer.pretrain_config import TrainConfig, check_config, check_inputs
 from trainer.train_log import TrainLog, summary
 
@@ -140,6 +135,7 @@ def setup(cfg: TrainConfig) -> Run:
     entities, relations = read_vocabularies(cfg.shards)
     lambdas = cfg.lambdas
     model_cfg = ModelConfig(
+        fusion=cfg.fusion,
         preset=cfg.preset,
         text_encoder=cfg.text_encoder,
         vision_encoder=cfg.vision_encoder,
@@ -276,7 +272,7 @@ def forward_backward(
                     batch["input_ids"],
                     batch["attention_mask"],
                     batch["pixel_values"],
-                    boxes=batch["boxes"] if cfg.lambda_coe > 0 else None,
+                    boxes=batch["boxes"],  # COE, and the crops of fusions that see them
                     min_cover=cfg.min_cover,
                 )
             pairs = None
@@ -430,7 +426,7 @@ def finish(run: Run, step: int, log: TrainLog) -> dict[str, Any]:
             run.tokenizer,
             run.model_cfg,
             cfg.out,
-            extra={"train": dataclasses.asdict(cfg)},
+            extra={"train": settings_dict(cfg)},
         )
         if cfg.export_hf:
             export_hf(run.core, Path(cfg.out) / "hf", run.tokenizer)

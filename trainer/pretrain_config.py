@@ -34,6 +34,12 @@ class TrainConfig:
     live_dir: str = opt("runs/pretrain/dvclive", "dvclive logs and TSV plots ('' = off)")
     plot: str = opt("runs/pretrain/loss.png", "loss curves as a PNG ('' = off)")
     # model
+    fusion: str = opt(
+        "albef",
+        "fusion model (trainer/fusion.py): albef (the paper's split BERT) | hvp (HVPNeT-style "
+        "visual prefix) | package.module:name (your own: docs/trainer.md)",
+        omit_default=True,
+    )
     preset: str = opt("tiny", "model preset: tiny (random, offline) | base (pretrained)")
     text_encoder: str | None = opt(None, "local HF folder / hub name for the BERT")
     vision_encoder: str | None = opt(None, "local HF folder / hub name for the ViT")

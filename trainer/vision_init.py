@@ -1,7 +1,10 @@
-"""Train the student's ViT on annotated boxes: a stand-in for its ImageNet pretraining.
+"""Train the student's ViT (or the HVP fusion's CNN) on annotated boxes: a stand-in for its
+ImageNet pretraining.
 
     python trainer/vision_init.py --annotations data/world/adapt/truth.jsonl --preset small \
         --out models/student-vit --steps 1500
+    python trainer/vision_init.py --annotations data/world/adapt/truth.jsonl --preset small \
+        --arch resnet10 --out models/student-cnn.safetensors       # for --fusion hvp
 
 The paper's student starts from a pretrained ViT (ImageNet-21k). The `tiny` / `small` presets
 have no such weights, and a ViT trained from scratch by the four pretraining losses alone learns
@@ -10,6 +13,11 @@ the way `adapt-teacher` and `train-detector` stand in for CLIP's and YOLO's pret
 every true box, the mean of the ViT's patch states under it (the patches COE pools, with the
 same `box_patch_mask`) is classified by a linear head, and the image [CLS] predicts which classes
 the image holds (multi-label). Both heads are dropped afterwards.
+
+With `--arch` (a ResNet of trainer/hvp.py) the CNN the HVP fusion encodes images and crops
+with is trained instead, the way that fusion uses it: each box's crop (`crop_boxes`) is
+classified from the CNN's pooled features, and the whole image predicts its classes; the
+output is a `.safetensors` file with its arch and input size, for `--vision-encoder`.
 
 Input: a truth.jsonl (`image` relative to the file, `boxes` in pixels, `classes`), e.g. the
 synthetic world's adapt split. Images are resized to the ViT's square input exactly as in
@@ -53,6 +61,7 @@ class VisionInitConfig:
     min_scale: float = 0.6  # augmentation: random crops of 60-100 % of the side, and flips
     seed: int = 0
     threads: int | None = None
+    arch: str = ""  # "" the preset's ViT; a ResNet of trainer/hvp.py (resnet10, ...) for hvp
 
 
 def load_examples(path: str | os.PathLike, size: int) -> tuple[Any, list[list], list[str]]:
@@ -122,15 +131,30 @@ def collate(pixels, objects, idx, n_classes: int, rng=None, min_scale: float = 0
     return px, boxes, cls, present
 
 
-def forward(vit, obj_head, img_head, px, boxes, grid, min_cover: float = 0.5):
-    """Object logits [B, O, C] from pooled patch states, image logits [B, C] from [CLS]."""
-    from trainer.losses import box_patch_mask, pool_patches
+def _normalised(px):
+    """uint8 pixels -> the student's normalised float input (its default mean and std)."""
+    import torch
+
     from trainer.model import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
 
-    mean = px.new_tensor(DEFAULT_IMAGE_MEAN, dtype=vit.dtype).view(1, 3, 1, 1)
-    std = px.new_tensor(DEFAULT_IMAGE_STD, dtype=vit.dtype).view(1, 3, 1, 1)
-    x = (px.to(vit.dtype) / 255.0 - mean) / std
-    states = vit(pixel_values=x).last_hidden_state
+    mean = torch.tensor(DEFAULT_IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(DEFAULT_IMAGE_STD).view(1, 3, 1, 1)
+    return (px.float() / 255.0 - mean) / std
+
+
+def forward(encoder, obj_head, img_head, px, boxes, grid, min_cover: float = 0.5):
+    """Object logits [B, O, C] and image logits [B, C]. A ViT: the mean patch state under each
+    box, and [CLS]; a CNN (`grid` None): each box's crop, and the whole image, pooled."""
+    x = _normalised(px)
+    if grid is None:
+        from trainer.fusion import crop_boxes
+
+        b, o = boxes.shape[:2]
+        crops = crop_boxes(x, boxes, max(32, x.shape[-1] // 2)).flatten(0, 1)
+        return obj_head(encoder(crops).unflatten(0, (b, o))), img_head(encoder(x))
+    from trainer.losses import box_patch_mask, pool_patches
+
+    states = encoder(pixel_values=x).last_hidden_state
     pooled = pool_patches(states[:, 1:], box_patch_mask(boxes, grid, min_cover))
     return obj_head(pooled), img_head(states[:, 0])
 
@@ -148,6 +172,20 @@ def accuracy(vit, obj_head, img_head, pixels, objects, idx, grid, n_classes: int
             right += int((logits.argmax(-1)[valid] == cls[valid]).sum())
             total += int(valid.sum())
     return right / max(1, total)
+
+
+def _encoder(cfg: VisionInitConfig) -> tuple[Any, int, tuple[int, int] | None, int]:
+    """(the encoder to train, its input size, its patch grid (None: a CNN), its width)."""
+    from pipeline import models
+
+    if cfg.arch:
+        from trainer.hvp import PRESET_CNN, build_cnn
+
+        cnn = build_cnn(cfg.arch).train()
+        return cnn, PRESET_CNN[cfg.preset][1], None, int(cnn.layer4[-1].conv2.out_channels)
+    vit = models.load_vision_encoder(cfg.preset).train()
+    size, patch = int(vit.config.image_size), int(vit.config.patch_size)
+    return vit, size, (size // patch, size // patch), int(vit.config.hidden_size)
 
 
 def _check(cfg: VisionInitConfig) -> None:
@@ -177,9 +215,7 @@ def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
     set_threads(cfg.threads)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    vit = models.load_vision_encoder(cfg.preset).train()
-    size, patch = int(vit.config.image_size), int(vit.config.patch_size)
-    grid = (size // patch, size // patch)
+    vit, size, grid, hidden = _encoder(cfg)
     pixels, objects, classes = load_examples(cfg.annotations, size)
     n, n_classes = len(objects), len(classes)
     order = np.random.default_rng(cfg.seed).permutation(n)
@@ -187,7 +223,6 @@ def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
     held, train_idx = order[:n_held], order[n_held:]
     print(f"vision-init: {len(train_idx)} train / {n_held} held-out images, {n_classes} classes")
 
-    hidden = int(vit.config.hidden_size)
     with models.seeded(cfg.seed):
         obj_head, img_head = torch.nn.Linear(hidden, n_classes), torch.nn.Linear(hidden, n_classes)
     heads = torch.nn.ModuleList([obj_head, img_head])
@@ -207,7 +242,7 @@ def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
         optimizer.step()
         scheduler.step()
         if step % 50 == 0 or step == cfg.steps:
-            history.append({"step": step, "object": float(obj_loss), "image": float(img_loss)})
+            history.append({"step": step, "object": obj_loss.item(), "image": img_loss.item()})
             print(
                 f"vision-init: step {step}/{cfg.steps} object loss {history[-1]['object']:.3f} "
                 f"image loss {history[-1]['image']:.3f}",
@@ -225,7 +260,10 @@ def train_vision(cfg: VisionInitConfig) -> dict[str, Any]:
         "history": history,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    save_vit(vit, Path(cfg.out))
+    if cfg.arch:
+        save_cnn(vit, Path(cfg.out), cfg.arch, size)
+    else:
+        save_vit(vit, Path(cfg.out))
     write_json_atomic(Path(f"{cfg.out}.json"), report)
     print(
         f"vision-init: held-out object top-1 {report['held_out_object_top1']:.3f}; "
@@ -244,17 +282,29 @@ def save_vit(vit, out: Path) -> None:
         (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
+def save_cnn(cnn, out: Path, arch: str, size: int) -> None:
+    """The CNN's weights as .safetensors with its arch and input size (what `--vision-encoder`
+    of the HVP fusion reads)."""
+    from pmu.io import save_safetensors
+
+    meta = {"format": "pmu-cnn-1", "arch": arch, "image_size": str(size)}
+    save_safetensors(cnn.state_dict(), out, meta)
+
+
 def main(argv: list[str] | None = None) -> int:
     d = VisionInitConfig(annotations="", out="")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--annotations", required=True, help="truth.jsonl: image, boxes, classes")
-    p.add_argument("--out", required=True, help="output HF ViT folder (+ OUT.json report)")
+    p.add_argument(
+        "--out", required=True, help="an HF ViT folder, or with --arch a .safetensors file"
+    )
     p.add_argument("--preset", default=d.preset, help="random-init ViT architecture: tiny|small")
     for name in ("steps", "batch_size", "warmup_steps", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("lr", "weight_decay", "holdout", "min_scale"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--arch", default=d.arch, help="a ResNet (resnet10, ...) for --fusion hvp")
     args = p.parse_args(argv)
     return run_main(lambda: train_vision(VisionInitConfig(**vars(args))), debug=False)
 
