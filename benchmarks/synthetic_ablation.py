@@ -26,6 +26,10 @@ Every step is cached in the work folder (an interrupted run resumes where it sto
 wall time of each step and of the whole run is printed. `--jobs N` runs N steps side by side, each
 in its own process (`--jobs 2` on a 2-core machine: the detector, the student ViT and the
 baseline fine-tunings next to the teacher, then two pretrainings or fine-tunings at a time).
+`--table fusions` is the paper's Table 2: the HVPNeT-style fusion (trainer/hvp.py) from scratch
+and with this pretraining (and w/o COE), next to ours, and ours with 3 object crops at
+fine-tuning. The HVP CNN gets the same kind of stand-in start (vision_init --arch resnet10) and
+its crops come from the world's trained detector.
 The world and the seeds are fixed by the arguments; nothing is tuned on the test split.
 """
 
@@ -41,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -140,6 +144,7 @@ class Variant:
 
     labels: str = "A"
     overrides: tuple[tuple[str, Any], ...] = ()
+    fusion: str = "albef"  # trainer/fusion.py: albef (the paper's student) | hvp
 
 
 def _variants() -> dict[str, Variant]:
@@ -152,6 +157,8 @@ def _variants() -> dict[str, Variant]:
         "hard_matched": Variant(overrides=(("hard_labels", True), ("align_pairs", "matched"))),
         "weak": Variant("weak"),
         "weak_hard": Variant("weak", (("hard_labels", True),)),
+        "hvp_full": Variant(fusion="hvp"),
+        "hvp_no_coe": Variant(overrides=(("lambda_coe", 0.0),), fusion="hvp"),
     }
     for name in LABEL_SETS:
         if name not in ("A", "random", "weak") and name not in out:
@@ -160,26 +167,56 @@ def _variants() -> dict[str, Variant]:
 
 
 VARIANTS = _variants()
-# row -> (pretraining variant or None, fine-tune with images), in report order
-ROWS: dict[str, tuple[str | None, bool]] = {
-    "text-only": (None, False),
-    "multimodal, no pretraining": (None, True),
-    "full (ITM+CIT+COE+CIR)": ("full", True),
-    "w/o COE": ("no_coe", True),
-    "w/o CIR": ("no_cir", True),
-    "hard labels": ("hard", True),
+
+
+class Row(NamedTuple):
+    """One fine-tuning row: the pretraining it starts from (None: the model as built), whether
+    it sees images, its fusion, and the object crops it fuses (-1: the fusion's own)."""
+
+    variant: str | None
+    images: bool = True
+    fusion: str = "albef"
+    crops: int = -1
+
+    def needs_boxes(self) -> bool:
+        """Whether it fuses object crops (their boxes come from the detector)."""
+        return self.crops > 0 or (self.crops < 0 and self.fusion == "hvp")
+
+
+# in report order
+ROWS: dict[str, Row] = {
+    "text-only": Row(None, images=False),
+    "multimodal, no pretraining": Row(None),
+    "full (ITM+CIT+COE+CIR)": Row("full"),
+    "w/o COE": Row("no_coe"),
+    "w/o CIR": Row("no_cir"),
+    "hard labels": Row("hard"),
 }
 for _prompt, _labels in PROMPT_SETS.items():
     if _labels != "A":
-        ROWS[f"templates {_prompt}"] = (_labels, True)
+        ROWS[f"templates {_prompt}"] = Row(_labels)
 for _t in TAUS[1:]:
-    ROWS[f"full, tau {_t:g}"] = (f"A-tau{_t:g}", True)
-ROWS["full, matched pairs only"] = ("full_matched", True)
-ROWS["hard labels, matched pairs only"] = ("hard_matched", True)
-ROWS["weak teacher: full"] = ("weak", True)
+    ROWS[f"full, tau {_t:g}"] = Row(f"A-tau{_t:g}")
+ROWS["full, matched pairs only"] = Row("full_matched")
+ROWS["hard labels, matched pairs only"] = Row("hard_matched")
+ROWS["weak teacher: full"] = Row("weak")
 for _t in TAUS[1:]:
-    ROWS[f"weak teacher: full, tau {_t:g}"] = (f"weak-tau{_t:g}", True)
-ROWS["weak teacher: hard labels"] = ("weak_hard", True)
+    ROWS[f"weak teacher: full, tau {_t:g}"] = Row(f"weak-tau{_t:g}")
+ROWS["weak teacher: hard labels"] = Row("weak_hard")
+# the paper's Table 2: its pretraining on a prior fusion (HVPNeT-style), and our fusion with
+# the prior fusions' object crops at fine-tuning
+ROWS["no pretraining, 3 object crops"] = Row(None, crops=3)
+ROWS["full, 3 object crops"] = Row("full", crops=3)
+ROWS["HVP, no pretraining"] = Row(None, fusion="hvp")  # its own 3 crops
+ROWS["HVP + pretraining (full)"] = Row("hvp_full", fusion="hvp")
+ROWS["HVP + pretraining w/o COE"] = Row("hvp_no_coe", fusion="hvp")
+# the paper's Fig. 5 (trainer/plot_attention.py): columns, from the first seed's MNER models
+FIG5 = {
+    "ours": {"no pretraining": "multimodal, no pretraining", "w/o COE": "w/o COE",
+             "full": "full (ITM+CIT+COE+CIR)"},
+    "HVP": {"no pretraining": "HVP, no pretraining", "w/o COE": "HVP + pretraining w/o COE",
+            "full": "HVP + pretraining (full)"},
+}  # fmt: skip
 # --table: which rows a run fine-tunes (docs/world.md: what each costs)
 TABLES = {
     "main": [
@@ -191,6 +228,11 @@ TABLES = {
         "multimodal, no pretraining", "full (ITM+CIT+COE+CIR)", "hard labels",
         *(f"full, tau {t:g}" for t in TAUS[1:]), "full, matched pairs only",
         "hard labels, matched pairs only", *(r for r in ROWS if r.startswith("weak teacher")),
+    ],
+    "fusions": [
+        "text-only", "multimodal, no pretraining", "full (ITM+CIT+COE+CIR)",
+        "no pretraining, 3 object crops", "full, 3 object crops", "HVP, no pretraining",
+        "HVP + pretraining (full)", "HVP + pretraining w/o COE",
     ],
 }  # fmt: skip
 TABLES["all"] = list(ROWS)
@@ -456,6 +498,33 @@ def vision_init(run: Run, s: Scale, seed: int) -> str:
     return str(out)
 
 
+CNN_ARCH = "resnet10"  # the HVP fusion's CNN on the world (trainer/hvp.py PRESET_CNN small)
+
+
+def vision_init_cnn(run: Run, s: Scale, seed: int) -> str:
+    """The HVP fusion's CNN, given the same stand-in start as the student ViT."""
+    from trainer.vision_init import VisionInitConfig, train_vision
+
+    out = student_cnn(run)
+    cfg = VisionInitConfig(
+        annotations=str(run.path("world", "adapt", "truth.jsonl")),
+        out=out,
+        preset="small",
+        arch=CNN_ARCH,
+        steps=s.vision_init_steps,
+        seed=seed,
+    )
+    run.step(
+        "vision-init-cnn",
+        lambda: {"held_out_object_top1": train_vision(cfg)["held_out_object_top1"]},
+    )
+    return out
+
+
+def student_cnn(run: Run) -> str:
+    return str(run.path("models", "student-cnn.safetensors"))
+
+
 def pretrain_dir(run: Run, variant: str, student: Student) -> str:
     return str(run.path("pretrain", student.tag(variant)))
 
@@ -465,6 +534,8 @@ def pretrain(run: Run, variant: str, s: Scale, student: Student, seed: int) -> s
 
     spec = VARIANTS[variant]
     label, overrides = spec.labels, {**dict(spec.overrides), **ALIGN_OVERRIDES[student.align_on]}
+    if spec.fusion != "albef":
+        overrides["fusion"] = spec.fusion
     encoder = student.text_encoder
     out = Path(pretrain_dir(run, variant, student))
     variant = student.tag(variant)
@@ -477,7 +548,7 @@ def pretrain(run: Run, variant: str, s: Scale, student: Student, seed: int) -> s
         plot=str(run.path("pretrain", f"{variant}-loss.png")),
         preset="small",
         text_encoder=encoder,
-        vision_encoder=student.vit,
+        vision_encoder=student_cnn(run) if spec.fusion == "hvp" else student.vit,
         steps=s.pretrain_steps,
         batch_size=s.pretrain_batch,
         lr=1e-4 if encoder else 3e-4,
@@ -508,6 +579,14 @@ def row_slug(row: str) -> str:
     return "_".join(part for part in slug.split("_") if part)
 
 
+def _finetune_slug(row: str, student: Student) -> str:
+    """A fine-tuning row's cache folder: rows that see images get one per student setting."""
+    slug = row_slug(row)
+    if ROWS[row].images:
+        slug = student.tag(slug) if ROWS[row].variant else Student(None, vit=student.vit).tag(slug)
+    return slug
+
+
 def finetune_row(
     run: Run,
     row: str,
@@ -522,12 +601,11 @@ def finetune_row(
     from trainer.finetune_loop import run_finetune
     from trainer.subset_metrics import ner_subset_scores, re_subset_scores
 
-    variant, images = ROWS[row]
+    variant, images, fusion, crops = ROWS[row]
+    boxes = ROWS[row].needs_boxes()
     d = run.path("world", task)
     files = {k: str(d / f"{k}.txt") for k in ("train", "dev", "test")}
-    slug = row_slug(row)
-    if images:  # rows that see images: their own cache per student setting
-        slug = student.tag(slug) if variant else Student(None, vit=student.vit).tag(slug)
+    slug = _finetune_slug(row, student)
     encoder = student.text_encoder
     out = run.path("finetune", slug, task, f"seed-{seed}")
     cfg = FinetuneConfig(
@@ -537,7 +615,13 @@ def finetune_row(
         images=str(d / "images") if images else None,
         init=init,
         # a pretraining checkpoint carries its own ViT; the other image rows take the same start
-        vision_encoder=student.vit if images and not variant else None,
+        vision_encoder=_vision_start(run, student, fusion) if images and not variant else None,
+        fusion=fusion,
+        crops=crops,
+        # the crops' boxes: the world's detector, as detect-objects runs it on the corpus
+        detector=str(run.path("models", "detector.safetensors")) if boxes else None,
+        detector_preset="small",
+        detector_imgsz=s.image_size,
         preset="small",
         out=str(out),
         max_len=64,
@@ -548,6 +632,9 @@ def finetune_row(
         seed=seed,
         device="cpu",
     )
+
+    if task == "mner" and seed == FIRST_SEED and any(row in c.values() for c in FIG5.values()):
+        cfg.save_model = True  # Fig. 5 reads it (OUT/model)
 
     def go() -> dict:
         m = run_finetune(cfg)
@@ -567,6 +654,13 @@ def finetune_row(
         }
 
     return run.step(f"finetune-{slug}-{task}-{seed}", go)
+
+
+FIRST_SEED = 1  # whose MNER models Fig. 5 draws (the default --seeds start with it)
+
+
+def _vision_start(run: Run, student: Student, fusion: str) -> str | None:
+    return student_cnn(run) if fusion == "hvp" else student.vit
 
 
 def teacher_scores(run: Run, name: str) -> dict:
@@ -610,7 +704,7 @@ def label_sets_for(rows: list[str]) -> list[str]:
     the rows' pretrainings read."""
     wanted = ["A", "random"]
     for row in rows:
-        variant = ROWS[row][0]
+        variant = ROWS[row].variant
         if variant:
             wanted.append(VARIANTS[variant].labels)
     return list(dict.fromkeys(wanted))
@@ -628,20 +722,26 @@ def training_tasks(
     """The student ViT, the pretraining variants of `rows`, and one fine-tuning per row, task
     and seed (each after the pretraining or ViT it starts from)."""
     tasks: dict[str, Task] = {}
-    vit_done = ("vision-init",) if student.vit else ()
+    hvp = any(ROWS[row].fusion == "hvp" for row in rows)
+    starts = {"albef": ("vision-init",) if student.vit else (), "hvp": ("vision-init-cnn",)}
     if student.vit:
         tasks["vision-init"] = Task(vision_init, (run, s, seed))
-    for variant in dict.fromkeys(ROWS[row][0] for row in rows if ROWS[row][0]):
-        label = VARIANTS[variant].labels
+    if hvp:
+        tasks["vision-init-cnn"] = Task(vision_init_cnn, (run, s, seed))
+    for variant in dict.fromkeys(ROWS[row].variant for row in rows if ROWS[row].variant):
+        spec = VARIANTS[variant]
         tasks[f"pretrain {variant}"] = Task(
-            pretrain, (run, variant, s, student, seed), (f"label-{label}",) + vit_done
-        )
+            pretrain, (run, variant, s, student, seed), (f"label-{spec.labels}",)
+            + starts[spec.fusion]
+        )  # fmt: skip
     for row in rows:
-        variant, images = ROWS[row]
+        variant, images, fusion, _ = ROWS[row]
         if variant:
             init, after = pretrain_dir(run, variant, student), (f"pretrain {variant}",)
         else:  # no pretraining: the student as built
-            init, after = student.text_encoder or "small", vit_done if images else ()
+            init, after = student.text_encoder or "small", starts[fusion] if images else ()
+        if ROWS[row].needs_boxes():  # the detector finds the crops' boxes
+            after += ("train-detector",)
         for task in tasks_:
             for finetune_seed in seeds:
                 tasks[f"finetune {row} {task} {finetune_seed}"] = Task(
@@ -801,6 +901,69 @@ def gains_table(gains: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def figures(run: Run, args: argparse.Namespace, rows: list[str]) -> list[str]:
+    """Fig. 3 (fused t-SNE: no pretraining against full, HVP against HVP + pretraining) and
+    Fig. 5 (attention case study) for the rows this run has."""
+    from trainer.plot_attention import plot_attention
+    from trainer.plot_fused import load_model, plot_fused
+
+    student = Student(text_encoder(args.text_encoder), args.align_on,
+                      str(run.path("models", "student-vit")) if args.student_vit == "adapted"
+                      else None)  # fmt: skip
+    encoder = student.text_encoder or "small"
+    columns = {
+        "no pretraining": ("multimodal, no pretraining", lambda: load_model(
+            encoder, "albef", student.vit, "small", "cpu")),
+        "full": ("full (ITM+CIT+COE+CIR)", lambda: load_model(
+            pretrain_dir(run, "full", student), "albef", None, "small", "cpu")),
+        "HVP": ("HVP, no pretraining", lambda: load_model(
+            encoder, "hvp", student_cnn(run), "small", "cpu")),
+        "HVP + pretraining": ("HVP + pretraining (full)", lambda: load_model(
+            pretrain_dir(run, "hvp_full", student), "hvp", None, "small", "cpu")),
+    }  # fmt: skip
+    out: list[str] = []
+    models = {name: make() for name, (row, make) in columns.items() if row in rows}
+    if len(models) >= 2:
+        path = run.path("fig3-fused.png")
+        numbers = plot_fused(models, run.path("world"), path)["models"]
+        out += ["", f"## Fused states (the paper's Fig. 3; plot: {path})", "",
+                "| model | entity -> nearest object of its type | majority | image -> nearest "
+                "prompt is its relation | chance |", "|---|---|---|---|---|"]  # fmt: skip
+        out += [f"| {name} | {pct(n['entity_nearest_object_acc'])} | {pct(n['chance_entity'])} "
+                f"| {pct(n['image_nearest_prompt_acc'])} | {pct(n['chance_relation'])} |"
+                for name, n in numbers.items()]  # fmt: skip
+    for fusion, cols in FIG5.items():
+        folders = {name: run.path("finetune", _finetune_slug(row, student), "mner",
+                                  f"seed-{FIRST_SEED}", "model")
+                   for name, row in cols.items() if row in rows}  # fmt: skip
+        folders = {k: v for k, v in folders.items() if v.is_dir()}
+        if len(folders) >= 2:
+            path = run.path(f"fig5-attention-{fusion.lower()}.png")
+            m = plot_attention({k: str(v) for k, v in folders.items()}, run.path("world"), path)
+            out += ["", f"## Attention case study, {fusion} (the paper's Fig. 5; plot: {path})",
+                    "", f"share of the visual attention on the key object: "
+                    f"{m['key_object_share']}; right of {m['sentences']}: "
+                    f"{m['right']}"]  # fmt: skip
+    return out
+
+
+def hvp_gains(results: dict[str, dict[str, list[dict]]], seeds: list[int]) -> list[str]:
+    """Per seed: what the pretraining adds to HVP on the image-dependent items (issue target:
+    >= 5 MNER F1 points in every seed)."""
+    base, full = "HVP, no pretraining", "HVP + pretraining (full)"
+    if base not in results or full not in results:
+        return []
+    lines = [""]
+    for task, runs in results[full].items():
+        gains = [
+            100 * (a["image_dependent"]["f1"] - b["image_dependent"]["f1"])
+            for a, b in zip(runs, results[base][task], strict=True)
+        ]
+        per_seed = ", ".join(f"seed {s}: {g:+.1f}" for s, g in zip(seeds, gains, strict=True))
+        lines.append(f"HVP + pretraining over HVP, image-dependent {task.upper()} F1: {per_seed}")
+    return lines
+
+
 def report(
     args: argparse.Namespace,
     run: Run,
@@ -858,6 +1021,11 @@ def report(
             "",
             f"tau chosen on dev F1 (mean of MNER and MRE): {', '.join(chosen) or 'n/a'}",
         ]
+    fusion_rows = {r: results[r] for r in TABLES["fusions"] if r in results}
+    if any(r.startswith("HVP") for r in fusion_rows):
+        out += ["", "## Pretraining on a prior fusion (the paper's Table 2)", "",
+                ablation_table(fusion_rows), *hvp_gains(results, args.seeds)]  # fmt: skip
+    out += figures(run, args, rows)
     base, full = "multimodal, no pretraining", "full (ITM+CIT+COE+CIR)"
     if base in results and full in results:
         gains = {t: per_class_gains(results, base, full, t) for t in args.tasks}
@@ -883,7 +1051,8 @@ def main() -> int:
         choices=sorted(TABLES),
         default=["main"],
         help="main: the paper's ablation rows; prompts: Table 3 (the six template pairs); "
-        "soft-hard: teacher quality x label temperature x the pairs COE / CIR average over",
+        "soft-hard: teacher quality x label temperature x the pairs COE / CIR average over; "
+        "fusions: Table 2 (the pretraining on an HVPNeT-style fusion; object crops)",
     )
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="instead of --table")
     p.add_argument(

@@ -198,7 +198,7 @@ class HVPModel(nn.Module):
             relation=fused[:, 0],
             text_cls=text_cls,
             image_cls=pooled,
-            objects=objects if self.fc_ent is not None else None,
+            objects=objects,
         )
         return states, {"fused": fused}
 

@@ -254,8 +254,8 @@ class PretrainModel(nn.Module):
             align_patches, align_cls = image_states[:, 1:], image_states[:, 0]
         else:
             align_patches, align_cls = fused_patches, fused[:, 0]
-        objects = None
-        if self.fc_ent is not None and boxes is not None:
+        objects = None  # every box's state (COE; also read by trainer/plot_fused.py)
+        if boxes is not None:
             objects = self.object_states(align_patches, boxes, min_cover)
         states = FusionStates(
             cls=fused[:, 0],
