@@ -21,6 +21,7 @@ from typing import Any
 import typer
 
 from pmu.errors import InputError
+from pmu.outputs import claim_outputs
 from pmu.settings import checked_value, field_type, type_name
 
 GIVEN = (
@@ -206,7 +207,9 @@ def stage_command(
             given = {
                 k: convert(*by_name[k][:1], v, by_name[k][1] or cls) for k, v in values.items()
             }
-            body(build_settings(cls, given))
+            settings = build_settings(cls, given)
+            with claim_outputs(stage_outputs(settings)):
+                body(settings)
 
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         command.__doc__ = body.__doc__
@@ -215,6 +218,20 @@ def stage_command(
         return body
 
     return register
+
+
+def stage_outputs(settings: Any) -> dict[str, Any]:
+    """{flag: path} of what a stage writes: its `out` (the one locked) and the fields marked
+    `output=True`, nested settings included."""
+    outputs = {"--out": getattr(settings, "out", None)}
+    for f, owner in settings_fields(type(settings)):
+        if f.metadata.get("output"):
+            holder = settings
+            if owner is not None:
+                holder = next(getattr(settings, g.name) for g in dataclasses.fields(settings)
+                              if g.metadata.get("settings") is owner)  # fmt: skip
+            outputs[option_name(f)] = getattr(holder, f.name)
+    return outputs
 
 
 def ensure_parent(path: str | Path) -> None:

@@ -161,7 +161,9 @@ class FetchRelationsSettings:
     retries: int = opt(3, "Retries after the first attempt.", min=0)
     backoff: float = opt(2.0, "First retry delay (doubles).", min=0.0)
     cache: str | None = opt(
-        "data/vocab/wikidata_sparql_cache.json", "Cache of the live answer ('' = none)."
+        "data/vocab/wikidata_sparql_cache.json",
+        "Cache of the live answer ('' = none).",
+        output=True,
     )
 
 
@@ -428,9 +430,13 @@ class LabelSettings:
         "data/prepared/rejected.jsonl", "prepare's rejections, counted into the manifest."
     )
     out: str = opt("shards", "Shard folder.")
-    stats: str | None = opt(None, "Where to write timings (JSON); not written if empty.")
+    stats: str | None = opt(
+        None, "Where to write timings (JSON); not written if empty.", output=True
+    )
     metrics: str | None = opt(
-        None, "Where to write the headline counts (JSON, no timings); not written if empty."
+        None,
+        "Where to write the headline counts (JSON, no timings); not written if empty.",
+        output=True,
     )
     preset: str = opt("tiny", "Model preset: tiny | small | base.")
     clip: str | None = opt(None, "Local CLIP checkpoint (.safetensors) for the preset.")

@@ -31,7 +31,8 @@ def opt(
 
     `cli` tunes the generated option: `flags` (its names, e.g. ("--quick",)), `min` / `max`
     (bounds), `choices`, `values=True` (a bool taking true|false, for DVC), `argument=True`
-    (positional), `recorded=False` (not among the parameters an output records)."""
+    (positional), `recorded=False` (not among the parameters an output records), `output=True`
+    (a path the stage writes: checked before any work, like `out`)."""
     return dataclasses.field(default=default, metadata={"help": help, "shown": shown, **cli})
 
 

@@ -107,6 +107,42 @@ def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path, sy
     assert resumed_metrics["train"] == metrics_full["train"]  # same losses at the last step
 
 
+def test_resume_refuses_another_runs_state_and_allows_more_steps(tmp_path, synthetic_shards):
+    from pipeline.random_shards import write_random_shards
+    from pmu.errors import InputError
+
+    cfg = small_config(tmp_path, synthetic_shards, steps=3)
+    pretrain.train(cfg)
+    other_shards = write_random_shards(tmp_path / "other", seed=5)
+    cases = {
+        "params.lr: 0.001 -> 0.0003": {"lr": 3e-4},
+        "params.seed: 0 -> 1": {"seed": 1},
+        "params.lambda_coe: 1.0 -> 0.0": {"lambda_coe": 0.0},
+        "files.manifest.json: content changed": {"shards": str(other_shards)},
+    }
+    for expected, change in cases.items():
+        with pytest.raises(InputError, match="--resume refused") as err:
+            pretrain.train(dataclass_replace(cfg, resume=True, **change))
+        assert expected in str(err.value), str(err.value)
+    assert json.loads((cfg.state_dir / "latest.json").read_text())["step"] == 3  # untouched
+    longer = pretrain.train(dataclass_replace(cfg, resume=True, steps=5, threads=2))
+    assert longer["steps"] == 5
+
+
+def test_cli_refuses_another_runs_state_in_one_line(tmp_path, synthetic_shards):
+    args = [sys.executable, str(REPO / "trainer" / "run.py"), "--shards", str(synthetic_shards),
+            "--out", str(tmp_path / "ckpt"), "--steps", "2", "--batch-size", "4",
+            "--num-workers", "0", "--threads", "1", "--no-export-hf", "--metrics", "",
+            "--report", "", "--live-dir", "", "--plot", ""]  # fmt: skip
+    subprocess.run(args, check=True, capture_output=True, cwd=tmp_path)
+    res = subprocess.run(args + ["--resume", "--lr", "5e-4"], capture_output=True, text=True,
+                         cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("error: --resume refused") and "params.lr" in lines[0]
+    assert "Traceback" not in res.stderr and len(lines) <= 2
+
+
 def dataclass_replace(cfg, **kw):
     import dataclasses
 

@@ -101,6 +101,12 @@ def latest_state(state_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The `trainer` part of a step folder's trainer_state.json (what the run saved)."""
+    state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    return state["trainer"]
+
+
 def load_state(
     path: str | os.PathLike,
     model: torch.nn.Module,

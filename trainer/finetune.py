@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as `python trainer/finetune.py`: make the r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmu.errors import InputError  # noqa: E402
+from pmu.outputs import check_outputs  # noqa: E402
 from pmu.runtime import configure_process  # noqa: E402
 from pmu.settings import config_values, describe_source, refuse_dvc_outputs  # noqa: E402
 from trainer.finetune_config import (  # noqa: E402
@@ -96,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
         cfg, seeds, args = parse_args(argv)
         print(describe_source(args.params_file, SOURCE), flush=True)
-        check_config(cfg)
         cfg = dataclasses.replace(cfg, out=str(cfg.output_paths()["out"]))
-        paths = cfg.output_paths()
-        refuse_dvc_outputs({f"--{k}": str(v) for k, v in paths.items() if v}, args.force)
+        outputs = {f"--{k}": str(v) for k, v in cfg.output_paths().items() if v}
+        check_outputs(outputs)  # writable, before anything is read
+        check_config(cfg)
+        refuse_dvc_outputs(outputs, args.force)
         from trainer.finetune_loop import run_finetune, run_seeds
 
         return run_seeds(cfg, seeds) if seeds else run_finetune(cfg)

@@ -30,6 +30,7 @@ from torch import nn
 from pmu.errors import InputError
 from pmu.io import atomic_path, write_json_atomic
 from pmu.optim import build_optimizer, build_scheduler
+from pmu.outputs import claim_outputs
 from pmu.settings import settings_dict
 from trainer import finetune_state, ie_data, plots
 from trainer.finetune_config import TASKS, FinetuneConfig, check_config
@@ -376,7 +377,14 @@ def save_epoch(ft: Finetune, progress: Progress, improved: bool, clear_old: bool
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train, select the best dev epoch, evaluate on test; return the full report."""
+    """Train, select the best dev epoch, evaluate on test; return the full report. The outputs
+    are checked and the output folder locked before anything is read."""
+    outputs = {f"--{k}": str(v) for k, v in cfg.output_paths().items() if v}
+    with claim_outputs(outputs):
+        return _run_finetune(cfg)
+
+
+def _run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     ft = prepare(cfg)
     progress, clear_old = start_or_resume(ft)

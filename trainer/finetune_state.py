@@ -12,7 +12,6 @@ at any moment leaves a consistent state.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pmu.errors import InputError
+from pmu.fingerprint import fingerprint as fingerprint_of
+from pmu.fingerprint import refuse_other_run
 from pmu.io import atomic_path
 from pmu.settings import settings_dict
 from trainer import checkpoint
@@ -59,21 +59,7 @@ def fingerprint(cfg, rel2id: str | None, text_only: dict[str, int]) -> dict[str,
         for f in sorted(init.iterdir()):
             if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt"):
                 files[f"init/{f.name}"] = file_sha256(f)
-    inputs = {"params": params, "files": files, "text_only": dict(text_only)}
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    return {"sha256": digest, "inputs": inputs}
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            what = "content changed" if prefix == "files." else f"{a!r} -> {b!r}"
-            out.append(f"{prefix}{key}: {what}")
-    return out
+    return fingerprint_of({"params": params, "files": files, "text_only": dict(text_only)})
 
 
 def read_latest(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -86,15 +72,7 @@ def read_latest(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], state_dir: Path) -> None:
     """Refuse a resume whose data or parameters differ from the run that wrote the state."""
-    old = saved["trainer"]["fingerprint"]
-    if old["sha256"] == current["sha256"]:
-        return
-    diff = _differences(old["inputs"], current["inputs"]) or ["(fingerprint differs)"]
-    raise InputError(
-        f"--resume refused: the state in {state_dir} was written by a run with other data or "
-        f"parameters: {'; '.join(diff)}. Rerun with the same settings, or without --resume "
-        "to start over (or use another --out)."
-    )
+    refuse_other_run(saved["trainer"]["fingerprint"], current, state_dir)
 
 
 def write_best(state_dir: Path, step: int, state: dict[str, torch.Tensor]) -> str:

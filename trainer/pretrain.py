@@ -25,8 +25,10 @@ import torch.distributed as dist
 
 from pmu import runtime
 from pmu.errors import InputError
-from pmu.io import write_json_atomic
+from pmu.fingerprint import fingerprint, refuse_other_run
+from pmu.io import file_sha256, write_json_atomic
 from pmu.optim import build_optimizer, build_scheduler
+from pmu.outputs import claim_outputs
 from pmu.settings import settings_dict
 from pmu.shards import read_vocabularies
 from trainer import checkpoint, data, losses, plots
@@ -59,6 +61,7 @@ class Run:
     data_cfg: data.DataConfig
     n_samples: int
     per_epoch: int  # optimiser steps per epoch
+    fingerprint: dict[str, Any]  # what decides the training (a resume must match it)
 
     @property
     def is_main(self) -> bool:
@@ -179,7 +182,7 @@ def setup(cfg: TrainConfig) -> Run:
     per_epoch = data.steps_per_epoch(n_samples, world, cfg.batch_size * cfg.accum)
     run = Run(
         cfg, rank, world, device, core, model, ddp, model_cfg, tokenizer, optimizer,
-        scheduler, data_cfg, n_samples, per_epoch,
+        scheduler, data_cfg, n_samples, per_epoch, run_fingerprint(cfg, model_cfg),
     )  # fmt: skip
     if run.is_main:
         n_params = sum(p.numel() for p in core.parameters())
@@ -193,13 +196,38 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
+# settings that do not change what is trained: a resume may change them (--steps: train on)
+NOT_FINGERPRINTED = (
+    "shards", "out", "metrics", "report", "live_dir", "plot", "steps", "device", "threads",
+    "compile", "compile_backend", "ckpt_every", "keep_ckpts", "resume", "log_every",
+    "bad_warn_every_s", "export_hf",
+)  # fmt: skip
+SHARD_FILES = ("manifest.json", "sizes.json", "entities.json", "relations.json")
+
+
+def run_fingerprint(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, Any]:
+    """The run's settings (less NOT_FINGERPRINTED), its model config and its shards (their
+    manifest, sizes and vocabularies, by content: the folder may move)."""
+    params = {k: v for k, v in settings_dict(cfg).items() if k not in NOT_FINGERPRINTED}
+    shard_dir = Path(cfg.shards)
+    files = {name: file_sha256(shard_dir / name) for name in SHARD_FILES
+             if (shard_dir / name).is_file()}  # fmt: skip
+    return fingerprint({"params": params, "model": model_cfg.to_dict(), "files": files})
+
+
 def resume(run: Run) -> tuple[int, dict[str, Any]]:
-    """(step, saved log state) from the latest checkpoint, or (0, {}) without one."""
+    """(step, saved log state) from the latest checkpoint, or (0, {}) without one; a checkpoint
+    of another run (other shards, settings, model, seed) is refused before anything loads."""
     latest = checkpoint.latest_state(run.cfg.state_dir)
     if latest is None:
         if run.is_main:
             print(f"--resume: no checkpoint in {run.cfg.state_dir}, starting at step 0")
         return 0, {}
+    saved = checkpoint.read_trainer_state(latest).get("fingerprint")
+    if saved is None:  # written before runs had fingerprints
+        print(f"--resume: {latest} records no fingerprint; resuming without the check")
+    else:
+        refuse_other_run(saved, run.fingerprint, run.cfg.state_dir)
     restored = checkpoint.load_state(latest, run.core, run.optimizer, run.scheduler, run.rank)
     if run.is_main:
         print(f"resumed from {latest} at step {restored['step']}")
@@ -318,9 +346,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     """Run (or resume) pretraining; return the run report (report.json; headline: --metrics).
 
     `on_step(step)` is called after every optimiser step (tests use it to interrupt a run).
+    The outputs are checked, and the output folder locked (rank 0), before anything is read.
     """
     check_config(cfg)
-    check_inputs(cfg)
+    lock = "--out" if int(os.environ.get("RANK", "0")) == 0 else None
+    with claim_outputs(cfg.outputs(), lock=lock):
+        check_inputs(cfg)
+        return _train(cfg, on_step)
+
+
+def _train(cfg: TrainConfig, on_step: Callable[[int], None] | None) -> dict[str, Any]:
     run = setup(cfg)
     cfg = run.cfg
     step, saved = resume(run) if cfg.resume else (0, {})
@@ -332,7 +367,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
         step += 1
         log.step(step, loss, parts, grad_norm, run.scheduler.get_last_lr()[0])
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_checkpoint(run, step, log.state())
+            save_checkpoint(run, step, {**log.state(), "fingerprint": run.fingerprint})
         if on_step is not None:
             on_step(step)
     batches.close()

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmu.errors import InputError  # noqa: E402
+from pmu.outputs import check_outputs  # noqa: E402
 from pmu.runtime import configure_process  # noqa: E402
 from pmu.settings import config_values, describe_source, refuse_dvc_outputs  # noqa: E402
 from trainer.pretrain_config import (  # noqa: E402
@@ -70,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_args(argv)
         if int(os.environ.get("RANK", "0")) == 0:
             print(describe_source(args.params_file, f"`{PARAMS_GROUP}:`"), flush=True)
+        check_outputs(cfg.outputs())  # writable, before anything is read
         check_config(cfg)
-        check_inputs(cfg)
+        check_inputs(cfg)  # cheap, and before torch loads
         refuse_dvc_outputs(cfg.outputs(), args.force)
-        from trainer.pretrain import train
+        from trainer.pretrain import train  # locks --out, then checks again
 
         return train(cfg)
 
