@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
 	touch $@
 

@@ -28,6 +28,7 @@ COMMAND_ORDER = (
     "embed-prompts",
     "label-objects",
     "verify",
+    "compare-shards",
     "score-labels",
     "inspect",
     "presets",
@@ -184,6 +185,18 @@ def verify_cmd(s: st.VerifySettings) -> None:
     report, ok = run_stage(s)
     typer.echo(report)
     if not ok:
+        raise typer.Exit(code=1)
+
+
+@stage_command(app, "compare-shards", st.CompareShardsSettings)
+def compare_shards_cmd(s: st.CompareShardsSettings) -> None:
+    """Compare two shard folders member by member (members.sha256): e.g. two machines' runs;
+    exit 1 when any member differs."""
+    from pipeline.compare_shards import run_stage
+
+    report, same = run_stage(s.first, s.second, s.limit)
+    typer.echo(report)
+    if not same:
         raise typer.Exit(code=1)
 
 

@@ -767,6 +767,7 @@ def finish_labeling(job: LabelJob, done: dict[int, dict[str, Any]]) -> dict[str,
     shutil.copyfile(st.entities, out / shards.ENTITIES_FILE)
     shutil.copyfile(st.relations, out / shards.RELATIONS_FILE)
     write_json_atomic(out / shards.SIZES_FILE, sizes)
+    members = shards.write_member_hashes(out, sizes)
 
     label_rejected = [
         dict(r, stage="label-objects") for s in range(n_shards) for r in done[s]["rejected"]
@@ -793,8 +794,9 @@ def finish_labeling(job: LabelJob, done: dict[int, dict[str, Any]]) -> dict[str,
             "by_reason": dict(sorted(Counter(r["reason"] for r in all_rejected).items())),
             "samples": all_rejected,
         },
-        # sha256 of every shard and sizes.json: `pipeline verify` detects later content changes.
-        "files": shards.file_hashes(out, [*sizes, shards.SIZES_FILE]),
+        # sha256 of every shard, sizes.json and the member hashes: `pipeline verify` detects
+        # later content changes.
+        "files": shards.file_hashes(out, [*sizes, shards.SIZES_FILE, members.name]),
     }
     write_json_atomic(out / shards.MANIFEST_FILE, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)

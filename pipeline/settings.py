@@ -472,6 +472,17 @@ class VerifySettings:
 
 
 @dataclass(frozen=True)
+class CompareShardsSettings:
+    first: str = opt(
+        None, "A shard folder, or its members.sha256 file.", argument=True, required=True
+    )
+    second: str = opt(
+        None, "The other shard folder, or its members.sha256 file.", argument=True, required=True
+    )
+    limit: int = opt(20, "Differing members listed at most.", min=1)
+
+
+@dataclass(frozen=True)
 class InspectSettings:
     shard_dir: str = opt(
         None, "Folder with shard-*.tar, manifest.json, vocabs.", argument=True, required=True

@@ -16,8 +16,11 @@ Per sample (key = `sample_key(id)`):
     {key}.rel_prob.npy  float32 [k_rel]            q_rel restricted to those indices
 Beside the shards: sizes.json (shard name -> sample count), manifest.json, entities.json,
 relations.json (the vocabularies, so a trainer needs only the shard folder). manifest.json's
-`files` holds the sha256 and size of every shard and of sizes.json (`file_hashes`), its `vocab`
-those of the vocabularies, so `pipeline verify` notices content changed after labeling.
+`files` holds the sha256 and size of every shard, of sizes.json and of members.sha256
+(`file_hashes`), its `vocab` those of the vocabularies, so `pipeline verify` notices content
+changed after labeling. members.sha256 holds the sha256 of every tar member
+(`sha256sum` format, `HASH  shard-000000.tar/KEY.SUFFIX`), so two machines' shards can be
+compared member by member (`pipeline compare-shards`) without copying the shards.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ SHARD_GLOB = "shard-*.tar"
 MEMBER_ORDER = ("jpg", "txt", "json", "ent_idx.npy", "ent_prob.npy", "rel_idx.npy", "rel_prob.npy")
 SIZES_FILE = "sizes.json"
 MANIFEST_FILE = "manifest.json"
+MEMBERS_FILE = "members.sha256"  # sha256sum lines, one per tar member: diffable across machines
 ENTITIES_FILE = "entities.json"
 RELATIONS_FILE = "relations.json"
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
@@ -203,3 +207,45 @@ def file_hashes(root: str | os.PathLike, names: Iterable[str]) -> dict[str, dict
         name: {"sha256": digest, "bytes": (root / name).stat().st_size}
         for name, digest in zip(names, digests, strict=True)
     }
+
+
+def member_hashes(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(member name, sha256) of every member of one shard, in tar order."""
+    out = []
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            data = tar.extractfile(info).read() if info.isfile() else b""
+            out.append((info.name, hashlib.sha256(data).hexdigest()))
+    return out
+
+
+def write_member_hashes(root: str | os.PathLike, shard_names: Iterable[str]) -> Path:
+    """members.sha256 for the shards named (in name order), written atomically."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, names = Path(root), sorted(set(shard_names))
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        per_shard = list(pool.map(lambda n: member_hashes(root / n), names))
+    lines = [
+        f"{digest}  {name}/{member}\n"
+        for name, members in zip(names, per_shard, strict=True)
+        for member, digest in members
+    ]
+    path = root / MEMBERS_FILE
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def read_member_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """`shard/member` -> sha256 from a members.sha256 file (or the folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MEMBERS_FILE
+    hashes = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise ValueError(f"{path}: not a sha256sum line: {line[:80]!r}")
+        hashes[name] = digest
+    return hashes

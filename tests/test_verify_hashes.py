@@ -69,7 +69,9 @@ def test_untouched_shards_pass_with_hashes(synthetic_shards):
     report = verify_shards(synthetic_shards)
     assert report.ok and not report.notes, report.render()
     manifest = json.loads((synthetic_shards / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"shard-000000.tar", "shard-000001.tar", "sizes.json"}
+    assert set(manifest["files"]) == {
+        "shard-000000.tar", "shard-000001.tar", "sizes.json", "members.sha256"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERING))
@@ -101,3 +103,40 @@ def test_sizes_json_and_extra_or_old_manifests(synthetic_shards):
     manifest_path.write_text(json.dumps(manifest))
     report = verify_shards(synthetic_shards)
     assert report.ok and "records no file hashes" in report.notes[0]  # older manifests: a note
+
+
+def test_member_hashes_compare_two_runs_member_by_member(tmp_path):
+    """members.sha256 lists every tar member; compare-shards says which kinds of member differ
+    between two runs (e.g. two machines'), and reads only those files."""
+    from pipeline.random_shards import write_random_shards
+
+    a = write_random_shards(tmp_path / "a", seed=0)
+    b = write_random_shards(tmp_path / "b", seed=0)
+    lines = (a / "members.sha256").read_text().splitlines()
+    assert len(lines) == 16 * 7 and lines[0].endswith(
+        "  shard-000000.tar/" + _members(a / SHARD)[0][0]
+    )
+    runner = CliRunner()
+    same = runner.invoke(app, ["compare-shards", str(a), str(b / "members.sha256")])
+    assert same.exit_code == 0 and same.output.startswith("identical: all 112 members"), same.output
+
+    path = b / SHARD
+    _rewrite(path, _move_mass(_members(path)))
+    (b / "members.sha256").unlink()
+    from pmu import shards
+
+    shards.write_member_hashes(b, ["shard-000000.tar", "shard-000001.tar"])
+    diff = runner.invoke(app, ["compare-shards", str(a), str(b)])
+    assert diff.exit_code == 1, diff.output
+    assert "1 of 112 common members differ" in diff.output
+    assert "ent_prob.npy: 1 of 16 differ" in diff.output and "jpg: 0 of 16 differ" in diff.output
+
+    missing = runner.invoke(app, ["compare-shards", str(a), str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "members.sha256" in missing.output
+
+
+def test_an_edited_member_list_is_found_by_verify(synthetic_shards):
+    hashes = synthetic_shards / "members.sha256"
+    hashes.write_text(hashes.read_text().replace("0", "1", 1))
+    report = verify_shards(synthetic_shards)
+    assert not report.ok and "members.sha256" in report.render()
