@@ -58,9 +58,14 @@ def _tar_index(tar_path: str, mtime_ns: int, size: int) -> dict[str, tuple[int, 
 
     index: dict[str, tuple[int, int] | str] = {}
     with tarfile.open(tar_path, "r:") as tar:
-        for info in tar:
-            bad = unsafe_member_reason(info)
-            index[info.name] = bad if bad else (info.offset_data, info.size)
+        try:
+            for info in tar:
+                bad = unsafe_member_reason(info)
+                index[info.name] = bad if bad else (info.offset_data, info.size)
+        except tarfile.ReadError:
+            # Cut short (a failed download, a killed writer): the members before the cut are
+            # whole and stay readable; read_image_bytes refuses one whose data is cut.
+            pass
     return index
 
 
@@ -94,6 +99,8 @@ def read_image_bytes(image_path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> byt
     offset, size = entry
     if size > max_bytes:
         raise ImageRejected(TOO_LARGE_FILE, f"{size} bytes")
+    if offset + size > st.st_size:
+        raise ImageRejected(TRUNCATED, f"{member!r} is cut short: the tar ends at {st.st_size}")
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(size)

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -30,12 +31,21 @@ from pipeline.images import (
 )
 from pipeline.pairs import Pair, Rejection, write_jsonl_atomic, write_pairs_parquet
 from pipeline.prepare_work import WORK_VERSION, WorkDir, chain_digest, default_work_dir
-from pipeline.readers.records import RawRecord
+from pipeline.readers.records import CAPTION_TOO_LONG, MAX_CAPTION_INPUT_CHARS, RawRecord
 from pipeline.settings import PrepareSettings
 from pmu.errors import InputError
 from pmu.shards import sample_key
 
-__all__ = ["Pair", "Rejection", "prepare", "validate", "write_pairs_parquet", "format_summary"]
+__all__ = [
+    "CAPTION_TOO_LONG",
+    "MAX_CAPTION_INPUT_CHARS",
+    "Pair",
+    "Rejection",
+    "prepare",
+    "validate",
+    "write_pairs_parquet",
+    "format_summary",
+]
 
 DEFAULT_MAX_CAPTION_CHARS = PrepareSettings.max_caption_chars
 DEFAULT_CHUNK_SIZE = PrepareSettings.chunk_size  # ~20 s of decoding at 230 pairs/s
@@ -51,7 +61,8 @@ SUMMARY_FILE = "summary.json"
 CAPTION_MISSING = "caption: missing"
 CAPTION_EMPTY = "caption: empty"
 CAPTION_NOT_UTF8 = "caption: not UTF-8"
-CAPTION_TOO_LONG = "caption: too long"
+CAPTION_BINARY = "caption: binary data"  # NUL or mostly control characters
+CAPTION_NO_LETTERS = "caption: no letters"  # digits, punctuation, emoji only
 IMAGE_NO_PATH = "image: no path"
 DUPLICATE_ID = "duplicate id"
 DUPLICATE_KEY = "duplicate shard key"  # another id maps to the same tar member name
@@ -67,6 +78,7 @@ class PrepareResult:
     chunks: int = 0
     chunks_resumed: int = 0  # read back from the work folder instead of decoded
     work_discarded: bool = False  # a work folder from other inputs or parameters was removed
+    n_truncated: int = 0  # accepted pairs whose caption was cut to max_caption_chars
 
     def counts(self) -> dict:
         """Counts by source / itm and rejections by reason (deterministic, no timings)."""
@@ -75,7 +87,7 @@ class PrepareResult:
             entry = by_source.setdefault(p.source, {"matched": 0, "mismatched": 0})
             entry["matched" if p.itm == 1 else "mismatched"] += 1
         reasons = Counter(r.reason for r in self.rejected)
-        return {
+        counts = {
             "n_input": self.n_input,
             "n_pairs": len(self.pairs),
             "n_negatives_generated": self.n_negatives,
@@ -83,10 +95,17 @@ class PrepareResult:
             "by_source": dict(sorted(by_source.items())),
             "rejected_by_reason": dict(sorted(reasons.items())),
         }
+        if self.n_truncated:  # only when there are some: earlier summaries keep their bytes
+            counts["n_captions_truncated"] = self.n_truncated
+        return counts
 
 
-def clean_caption(caption: str | bytes | None, max_chars: int) -> tuple[str | None, str, str]:
-    """(stripped text, "", "") for a usable caption, else (None, reason, detail)."""
+def clean_caption(caption: str | bytes | None) -> tuple[str | None, str, str]:
+    """(stripped text, "", "") for something that can be a caption, else (None, reason, detail).
+
+    Long captions are fine here (`shorten_caption` cuts them); refused is what cannot be one:
+    over `MAX_CAPTION_INPUT_CHARS` characters, binary data, or text without a single letter.
+    """
     if caption is None:
         return None, CAPTION_MISSING, ""
     if isinstance(caption, bytes):
@@ -103,9 +122,38 @@ def clean_caption(caption: str | bytes | None, max_chars: int) -> tuple[str | No
     text = caption.strip()
     if not text:
         return None, CAPTION_EMPTY, ""
-    if len(text) > max_chars:
-        return None, CAPTION_TOO_LONG, f"{len(text)} > {max_chars} characters"
+    if len(text) > MAX_CAPTION_INPUT_CHARS:
+        return None, CAPTION_TOO_LONG, f"{len(text)} > {MAX_CAPTION_INPUT_CHARS} characters"
+    if _looks_binary(text):
+        return None, CAPTION_BINARY, f"{_control_chars(text)} control characters"
+    if not any(ch.isalpha() for ch in text):
+        return None, CAPTION_NO_LETTERS, ""
     return text, "", ""
+
+
+def _control_chars(text: str) -> int:
+    # Tab, newline and carriage return are layout; other C0/C1 controls are not text.
+    return sum(1 for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r")
+
+
+def _looks_binary(text: str) -> bool:
+    """NUL, or over a tenth control characters: bytes that happen to decode, not words
+    (a stray form feed in scraped text is not enough)."""
+    return "\0" in text or _control_chars(text) * 10 > len(text)
+
+
+def shorten_caption(text: str, max_chars: int) -> tuple[str, bool]:
+    """(caption, whether it was cut): at most `max_chars` characters, cut at a word boundary
+    (back to the last space when the cut falls inside a word) like a tokenizer's max length
+    would; a single word longer than half the limit is cut where the limit falls."""
+    if len(text) <= max_chars:
+        return text, False
+    cut = max_chars
+    if text[cut - 1].isalnum() and text[cut].isalnum():
+        space = max((text.rfind(ch, 0, cut) for ch in " \t\n\r"), default=-1)
+        if space > max_chars // 2:
+            cut = space
+    return text[:cut].rstrip(), True
 
 
 def image_size(image_path: str, max_pixels: int) -> tuple[int, int] | tuple[str, str]:
@@ -140,14 +188,15 @@ def _validate_chunk(
     max_caption_chars: int,
     mapper,
     bar,
-) -> tuple[list[Pair], list[Keyed]]:
+) -> tuple[list[Pair], list[Keyed], int]:
     """Accept or reject one chunk (records `offset`, `offset + 1`, ... of the reader);
     `seen` (shard key -> the id that owns it) and `sizes` carry across chunks. Rejections come
-    with their record index."""
+    with their record index; the count is of accepted pairs whose caption was cut."""
     pairs: list[Pair] = []
     rejected: list[Keyed] = []
+    n_truncated = 0
     for start in range(0, len(chunk), DECODE_BLOCK):
-        todo: list[tuple[int, RawRecord, str]] = []
+        todo: list[tuple[int, RawRecord, str, bool]] = []
         for i, rec in enumerate(chunk[start : start + DECODE_BLOCK], offset + start):
             key = sample_key(rec.id)
             owner = seen.get(key)
@@ -167,7 +216,7 @@ def _validate_chunk(
                 rejection = Rejection(rec.id, rec.source, "read", reason, detail.rstrip(")"))
                 rejected.append((i, rejection))
                 continue
-            text, reason, detail = clean_caption(rec.caption, max_caption_chars)
+            text, reason, detail = clean_caption(rec.caption)
             if text is None:
                 rejection = Rejection(rec.id, rec.source, "caption", reason, detail)
                 rejected.append((i, rejection))
@@ -176,13 +225,13 @@ def _validate_chunk(
                 rejection = Rejection(rec.id, rec.source, "image", IMAGE_NO_PATH)
                 rejected.append((i, rejection))
                 continue
-            todo.append((i, rec, text))
-        paths = sorted({rec.image_path for _, rec, _ in todo} - sizes.keys())
+            todo.append((i, rec, *shorten_caption(text, max_caption_chars)))
+        paths = sorted({rec.image_path for _, rec, _, _ in todo} - sizes.keys())
         for path, size in zip(
             paths, mapper(image_size, paths, [max_pixels] * len(paths)), strict=True
         ):
             sizes[path] = size
-        for i, rec, text in todo:
+        for i, rec, text, cut in todo:
             first, second = sizes[rec.image_path]
             if isinstance(first, str):
                 rejection = Rejection(rec.id, rec.source, "image", first, second)
@@ -191,8 +240,9 @@ def _validate_chunk(
             pairs.append(
                 Pair(rec.id, rec.source, rec.image_path, text, int(rec.itm), first, second)
             )
+            n_truncated += cut
         bar.update(min(DECODE_BLOCK, len(chunk) - start))
-    return pairs, rejected
+    return pairs, rejected, n_truncated
 
 
 def validate(
@@ -227,6 +277,7 @@ def validate(
             digest = chain_digest(digest, chunk)
             if work is not None and reuse and work.is_done(index, digest):
                 pairs, rejected = work.read(index)
+                truncated = work.truncated(index)
                 for rec in chunk:
                     seen.setdefault(sample_key(rec.id), rec.id)
                 result.chunks_resumed += 1
@@ -234,12 +285,13 @@ def validate(
             else:
                 reuse = False
                 mapper = pool.map if pool else map
-                pairs, rejected = _validate_chunk(
+                pairs, rejected, truncated = _validate_chunk(
                     chunk, offset, seen, sizes, max_pixels, max_caption_chars, mapper, bar
                 )
                 if work is not None:
-                    work.write(index, digest, pairs, rejected)
+                    work.write(index, digest, pairs, rejected, truncated)
             result.pairs.extend(pairs)
+            result.n_truncated += truncated
             keyed.extend(rejected)
     finally:
         bar.close()
@@ -397,6 +449,8 @@ def format_summary(result: PrepareResult, out_dir: str | os.PathLike) -> str:
         lines.append("  rejected by reason:")
         for reason, n in sorted(c["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"    {n:>7}  {reason}")
+    if result.n_truncated:
+        lines.append(f"  {result.n_truncated} long captions cut to --max-caption-chars")
     lines.append(
         f"  {result.chunks} chunks, {result.chunks_resumed} resumed from an interrupted run"
     )

@@ -22,7 +22,9 @@ from pipeline.pairs import Pair, Rejection, write_pairs_parquet
 from pmu.io import write_text_atomic
 
 FINGERPRINT_FILE = "fingerprint.json"
-WORK_VERSION = 3  # 2: rejections keyed by record index; 3: shard-key collisions rejected
+# 2: rejections keyed by record index; 3: shard-key collisions rejected; 4: long captions cut,
+# not rejected
+WORK_VERSION = 4
 
 
 def default_work_dir(out_dir: str | os.PathLike) -> Path:
@@ -127,15 +129,19 @@ class WorkDir:
             return False
         return marker.get("fingerprint") == self.digest and marker.get("records") == records_digest
 
-    def write(self, index: int, records_digest: str, pairs: list, rejected: list) -> None:
-        """The chunk's pairs and (record index, rejection)s, each atomically, then the marker."""
+    def write(
+        self, index: int, records_digest: str, pairs: list, rejected: list, truncated: int = 0
+    ) -> None:
+        """The chunk's pairs and (record index, rejection)s, each atomically, then the marker
+        (which also holds the count of captions that were cut)."""
         marker = self._part(index, ".done.json")
         marker.unlink(missing_ok=True)  # a stale marker must not vouch for the new parts
         write_pairs_parquet(pairs, self._part(index, ".parquet"))
         lines = "".join(json.dumps([key, asdict(r)]) + "\n" for key, r in rejected)
         _write_atomic(self._part(index, ".jsonl"), lines)
         info = {"fingerprint": self.digest, "records": records_digest}
-        _write_atomic(marker, json.dumps({**info, "n_pairs": len(pairs)}) + "\n")
+        counts = {"n_pairs": len(pairs), "n_truncated": truncated}
+        _write_atomic(marker, json.dumps({**info, **counts}) + "\n")
 
     def read(self, index: int) -> tuple[list, list]:
         """(pairs, (record index, rejection)s) of a finished chunk, exactly as they were written."""
@@ -148,6 +154,11 @@ class WorkDir:
             key, row = json.loads(line)
             rejected.append((int(key), Rejection(**row)))
         return [Pair(**r) for r in rows], rejected
+
+    def truncated(self, index: int) -> int:
+        """How many of a finished chunk's pairs have a caption that was cut."""
+        marker = json.loads(self._part(index, ".done.json").read_text(encoding="utf-8"))
+        return int(marker.get("n_truncated", 0))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -115,7 +115,12 @@ class PrepareSettings:
     negative_ratio: float = opt(1.0, "Negatives per positive.", min=0.0, max=1.0)
     seed: int = opt(0, "Seed of the negative-pair shuffle.")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "Reject larger images (header).", min=1)
-    max_caption_chars: int = opt(2000, "Reject longer captions.", min=1)
+    max_caption_chars: int = opt(
+        2000,
+        "Cut longer captions to this many characters, at a word boundary (counted in the "
+        "summary); only captions over 100000 characters are rejected.",
+        min=1,
+    )
     workers: int = opt(1, "Processes decoding images.", min=1)
     chunk_size: int = opt(
         4096, "Records per saved chunk (a killed run resumes after the last one).", min=1

@@ -52,7 +52,7 @@ def test_a_1mb_csv_caption_is_rejected_and_the_rest_kept(tmp_path, images):
     _, rejected, kept = _run(read_table(table), tmp_path / "p")
     assert kept == ["a", "b"]
     assert rejected["huge"]["reason"] == prep.CAPTION_TOO_LONG
-    assert rejected["huge"]["detail"] == "1099999 > 2000 characters"  # after strip()
+    assert rejected["huge"]["detail"] == "1099999 > 100000 characters"  # after strip()
 
 
 @pytest.mark.parametrize("value", [7, 1.5, ["imgs/0.jpg"], True, {"p": "imgs/0.jpg"}])

@@ -60,7 +60,7 @@ def bad_inputs(tmp_path):
         row("bomb", "bomb.png", "ok caption"),
         row("empty-caption", "good1.jpg", ""),
         row("space-caption", "good1.jpg", "  \t\n "),
-        row("long-caption", "good2.jpg", "word " * 1000),
+        row("long-caption", "good2.jpg", "word " * 20_001),  # over 100,000 characters
         row("dup", "good3.jpg", "The first one wins."),
         row("dup", "good1.jpg", "The second one is rejected."),
         row("good1", "good1.jpg", "  A cat sleeps on a sofa.  "),
@@ -143,9 +143,11 @@ def test_limits_are_parameters(bad_inputs, tmp_path):
     prep.prepare(
         read_table(bad_inputs), short, max_caption_chars=23, negatives=False, progress=False
     )
-    reasons = {r["id"]: r["reason"] for r in _rejected(short)}
-    assert reasons["good0"] == prep.CAPTION_TOO_LONG  # "A dog runs on the beach." is 24
-    assert "good1" not in reasons  # 23 characters once stripped: at the limit, kept
+    captions = {r["id"]: r["caption"] for r in pq.read_table(short / prep.PAIRS_FILE).to_pylist()}
+    assert captions["good0"] == "A dog runs on the beach"  # 24 characters: cut, not rejected
+    assert captions["good1"] == "A cat sleeps on a sofa."  # 23 once stripped: at the limit
+    summary = json.loads((short / prep.SUMMARY_FILE).read_text())
+    assert summary["n_captions_truncated"] == 1  # good0 only
 
 
 def test_csv_non_utf8_row_rejected_rest_kept(tmp_path):
@@ -357,7 +359,8 @@ def test_cli_resumes_and_discards_work_of_other_parameters(bad_inputs, tmp_path)
     crash(chunk_size=3, inputs=inputs, max_caption_chars=2000)
     output = cli("--max-caption-chars", "23")  # other parameters: the saved chunks are stale
     assert "discarded" in output and "5 chunks, 0 resumed" in output
-    assert prep.CAPTION_TOO_LONG in {r["reason"] for r in _rejected(out) if r["id"] == "good0"}
+    kept = {r["id"]: r["caption"] for r in pq.read_table(out / prep.PAIRS_FILE).to_pylist()}
+    assert kept["good0"] == "A dog runs on the beach"  # cut to 23 characters, not rejected
     cli()
     assert {f: (out / f).read_bytes() for f in OUTPUTS} == first
 

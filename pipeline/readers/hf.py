@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.readers.records import RawRecord, image_under_root
-from pipeline.readers.rows import Columns, field_value, path_field, row_record
+from pipeline.readers.rows import Columns, field_value, path_field, require_columns, row_record
 from pmu.errors import InputError
 from pmu.io import atomic_path
 
@@ -150,13 +150,9 @@ def open_hf(
         root = Path(image_root) if image_root is not None else Path(".")
     features = dataset.features
     if features is not None:
-        for option, column in (("--image-col", cols.image), ("--caption-col", cols.caption)):
-            if column not in features:
-                images = [c for c, f in features.items() if type(f).__name__ == "Image"]
-                hint = f"choose with {option} among {list(features)}"
-                if images and option == "--image-col":
-                    hint += f" (Image features: {images})"
-                raise InputError(f"{input_path} has no column {column!r}", hint)
+        images = [c for c, f in features.items() if type(f).__name__ == "Image"]
+        note = f"; Image features: {images}" if images else ""
+        require_columns(list(features), cols, input_path, note)
         feature = features[cols.image]
         if type(feature).__name__ == "Image" and getattr(feature, "decode", False):
             dataset = dataset.cast_column(cols.image, _datasets().Image(decode=False))

@@ -38,6 +38,19 @@ def load_visualnews(data_json: str | os.PathLike) -> dict[str, dict]:
     return {str(item["id"]): item for item in items if isinstance(item, dict) and "id" in item}
 
 
+FALSIFIED_NOT_BOOL = "newsclippings: falsified must be true or false"
+
+
+def _itm(falsified: object) -> tuple[int, str | None]:
+    """(itm, problem) from the `falsified` flag: a JSON boolean only (missing: matched). Text
+    such as "false" is refused, not read by truthiness (which would make it a mismatch)."""
+    if falsified is None:
+        return 1, None
+    if isinstance(falsified, bool):
+        return (0 if falsified else 1), None
+    return 1, f"{FALSIFIED_NOT_BOOL} ({falsified!r})"
+
+
 def read_newsclippings(
     annotations: str | os.PathLike,
     visualnews_data: str | os.PathLike,
@@ -61,13 +74,12 @@ def read_newsclippings(
             continue
         cap_id, img_id = str(ann.get("id", "")), str(ann.get("image_id", ""))
         rec_id = f"ncp-{cap_id}-{img_id}" if cap_id and img_id else f"ncp-row-{n}"
-        itm = 0 if ann.get("falsified") else 1
+        itm, problem = _itm(ann.get("falsified"))
         cap_item, img_item = items.get(cap_id), items.get(img_id)
-        problem = None
         if cap_item is None:
-            problem = "newsclippings: caption id not in data.json"
+            problem = problem or "newsclippings: caption id not in data.json"
         elif img_item is None:
-            problem = "newsclippings: image id not in data.json"
+            problem = problem or "newsclippings: image id not in data.json"
         image_path = None
         if img_item is not None and img_item.get("image_path"):
             rel = str(img_item["image_path"]).removeprefix("./")

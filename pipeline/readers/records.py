@@ -9,6 +9,10 @@ from pathlib import Path
 
 # Reason of an image path that leaves the image root (`../`, or absolute elsewhere).
 IMAGE_OUTSIDE_ROOT = "image: outside the image root"
+# Caption rules shared by prepare and the readers that can tell early (a 1 GB tar member).
+CAPTION_TOO_LONG = "caption: too long"
+MAX_CAPTION_INPUT_CHARS = 100_000  # beyond this it is a document or junk, not a caption
+ERROR_CHARS = 200  # a library's error text in a reason is cut here (one line, short)
 
 
 @dataclass
@@ -61,3 +65,10 @@ def image_under_root(
         if os.path.commonpath([os.path.abspath(path), base]) != base:
             return None, f"{IMAGE_OUTSIDE_ROOT} ({value} is not under {root})"
     return str(path), None
+
+
+def short_error(exc: BaseException) -> str:
+    """An exception's text on one short line, for a reason's detail or an error message."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)  # a damaged file's bytes
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."

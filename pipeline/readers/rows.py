@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.readers.records import RawRecord, text_or_bytes, unescape_surrogates
+from pmu.errors import InputError
 
 
 @dataclass
@@ -18,6 +19,47 @@ class Columns:
     image: str = "image_path"
     caption: str = "caption"
     itm: str = "itm"
+
+
+COLUMN_OPTIONS = "--image-col, --caption-col, --id-col, --itm-col"
+SHOWN_COLUMNS = 20  # a wide table's column list is cut here, so the error stays one line
+
+
+def column_list(found: list[str]) -> str:
+    """The column names for an error message, the first `SHOWN_COLUMNS` of them."""
+    shown = ", ".join(repr(c) for c in found[:SHOWN_COLUMNS])
+    more = len(found) - SHOWN_COLUMNS
+    return f"[{shown}{f', ... {more} more' if more > 0 else ''}]"
+
+
+def missing_column(found: list[str], cols: Columns) -> tuple[str, str] | None:
+    """(option, column) of the first needed column that is not in `found`, else None.
+
+    The image and caption columns are needed; the id and itm columns only when named off
+    their defaults (a table without `id` or `itm` columns is fine, but `--id-col uid` that
+    names no column is a typo worth stopping for).
+    """
+    default = Columns()
+    for option, column, needed in (
+        ("--image-col", cols.image, True),
+        ("--caption-col", cols.caption, True),
+        ("--id-col", cols.id, cols.id != default.id),
+        ("--itm-col", cols.itm, cols.itm != default.itm),
+    ):
+        if needed and column not in found:
+            return option, column
+    return None
+
+
+def require_columns(found: list[str], cols: Columns, where: str, note: str = "") -> None:
+    """InputError naming the columns there are, when a needed column is not among them."""
+    missing = missing_column(found, cols)
+    if missing is not None:
+        option, column = missing
+        raise InputError(
+            f"{where} has no column {column!r} (its columns: {column_list(found)})",
+            f"choose with {option}; the column options are {COLUMN_OPTIONS}{note}",
+        )
 
 
 def field_value(row: dict[str, Any], name: str) -> Any:
