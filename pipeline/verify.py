@@ -66,6 +66,17 @@ def _load_json(path: Path, report: VerifyReport) -> Any:
     return None
 
 
+def _sample_counts(sizes: Any, report: VerifyReport) -> dict[str, int]:
+    """sizes.json's entries that are sample counts; each other entry is a problem."""
+    if sizes is None:
+        return {}  # missing or unreadable: reported already
+    for problem in shards.sizes_problems(sizes):
+        report.add(shards.SIZES_FILE, problem)
+    if not isinstance(sizes, dict):
+        return {}
+    return {name: n for name, n in sizes.items() if shards.is_sample_count(n)}
+
+
 def verify_shards(
     shard_dir: str | os.PathLike, tol: float = TOLERANCE, check_hashes: bool = True
 ) -> VerifyReport:
@@ -76,7 +87,7 @@ def verify_shards(
     if not root.is_dir():
         report.add(str(root), "not a directory")
         return report
-    sizes = _load_json(root / shards.SIZES_FILE, report) or {}
+    sizes = _sample_counts(_load_json(root / shards.SIZES_FILE, report), report)
     manifest = _load_json(root / shards.MANIFEST_FILE, report) or {}
     ent_vocab = _load_json(root / shards.ENTITIES_FILE, report) or {}
     rel_vocab = _load_json(root / shards.RELATIONS_FILE, report) or {}
@@ -99,6 +110,8 @@ def verify_shards(
         report.samples += count
         if count != sizes[name]:
             report.add(name, f"{count} samples but sizes.json says {sizes[name]}")
+    if present and report.samples == 0:
+        report.add(str(root), "the shards hold no samples: nothing to train on")
     counts = manifest.get("counts", {}) if isinstance(manifest, dict) else {}
     if counts and counts.get("samples") != sum(sizes.values()):
         report.add(
@@ -295,6 +308,8 @@ def run_stage(settings: VerifySettings) -> tuple[str, bool]:
     """verify as the command runs it: (the report, whether every check passed)."""
     from pipeline import checks
 
-    checks.shard_folder(settings.shard_dir)
+    root = checks.shard_folder(settings.shard_dir)
+    if (root / shards.SIZES_FILE).exists():
+        shards.read_sizes(root)  # a table that is not name -> count: one line, exit 2
     report = verify_shards(settings.shard_dir, settings.tol, check_hashes=not settings.quick)
     return report.render(settings.limit), report.ok

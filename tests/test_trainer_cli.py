@@ -185,7 +185,7 @@ def broken(tmp_path: Path, case: str) -> Path:
         ("empty", "no shards here: {dir} has no sizes.json; label the pairs first"),
         ("absent", "--shards {dir}: no such folder"),
         ("missing-shard", "1 shard(s) listed in sizes.json are missing (shard-000000.tar)"),
-        ("bad-sizes", "sizes.json is not a shard-size table"),
+        ("bad-sizes", "sizes.json is not readable JSON"),
         ("no-samples", "lists 1 shards with 0 samples"),
         ("no-entities", "entities.json missing: the shard folder is incomplete"),
     ],
@@ -263,3 +263,57 @@ def test_finetune_bad_arguments_exit_2_with_one_line(tmp_path, monkeypatch, caps
     captured = capsys.readouterr()
     assert code == 2 and message in captured.err, captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """stderr less python -X importtime's report: what the user sees."""
+    return [x for x in proc.stderr.splitlines() if not x.startswith("import time:")]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    lines = error_lines(proc)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, lines
+    assert lines[0].startswith("error: ") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("value", ["abc", 1.5, None, [4]])
+def test_pretrain_refuses_a_sizes_table_without_whole_counts(tmp_path, value):
+    folder = make_shards(tmp_path)
+    (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": value}))
+    proc = script("run", "--shards", str(folder), "--out", "o", cwd=tmp_path)
+    shown = json.dumps(value)
+    assert_one_line_error(proc, f"entry 'shard-000000.tar': {shown} is not a sample count")
+    assert str(folder / "sizes.json") in error_lines(proc)[0]
+
+
+def rewrite_samples(folder: Path, change) -> None:
+    """Rewrite every shard of `folder` with `change(sample)` applied (None drops it)."""
+    from pmu import shards
+
+    for path in shards.shard_paths(folder):
+        samples = [change(shards.decode_sample(raw)) for raw in shards.iter_raw_samples(path)]
+        kept = [
+            shards.LabelledSample(s["meta"]["id"], s["jpg"], s["caption"], s["meta"],
+                                  s["ent_idx"], s["ent_prob"], s["rel_idx"], s["rel_prob"])
+            for s in samples if s is not None
+        ]  # fmt: skip
+        shards.write_shard(path, kept)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: None, "the shards hold no samples (sizes.json says 4)"),
+        (lambda s: {**s, "caption": " "}, "no valid sample: all 4 rejected (most often, 4x: "
+         "ValueError: empty caption)"),
+    ],
+    ids=["empty-tars", "every-sample-invalid"],
+)  # fmt: skip
+def test_pretrain_on_shards_without_a_valid_sample_exits_2_with_one_line(tmp_path, change, message):
+    folder = make_shards(tmp_path)
+    rewrite_samples(folder, change)
+    args = ["--params", "none", "--shards", str(folder), "--out", "o/model", "--threads", "1"]
+    args += ["--metrics", "o/m.json", "--report", "o/r.json", "--live-dir", "", "--plot", ""]
+    proc = script("run", *args, "--num-workers", "0", cwd=tmp_path)
+    assert_one_line_error(proc, f"--shards {folder}: {message}")
