@@ -66,15 +66,15 @@ def _load_json(path: Path, report: VerifyReport) -> Any:
     return None
 
 
-def _sample_counts(sizes: Any, report: VerifyReport) -> dict[str, int]:
-    """sizes.json's entries that are sample counts; each other entry is a problem."""
+def _sample_counts(sizes: Any, report: VerifyReport) -> dict[str, int | None]:
+    """sizes.json's entries, None where the count is not a sample count (a problem)."""
     if sizes is None:
         return {}  # missing or unreadable: reported already
     for problem in shards.sizes_problems(sizes):
         report.add(shards.SIZES_FILE, problem)
     if not isinstance(sizes, dict):
         return {}
-    return {name: n for name, n in sizes.items() if shards.is_sample_count(n)}
+    return {name: n if shards.is_sample_count(n) else None for name, n in sizes.items()}
 
 
 def verify_shards(
@@ -108,15 +108,16 @@ def verify_shards(
         count = _check_shard(root / name, n_ent, n_rel, tol, seen_keys, report)
         report.shards += 1
         report.samples += count
-        if count != sizes[name]:
+        if sizes[name] is not None and count != sizes[name]:
             report.add(name, f"{count} samples but sizes.json says {sizes[name]}")
     if present and report.samples == 0:
         report.add(str(root), "the shards hold no samples: nothing to train on")
     counts = manifest.get("counts", {}) if isinstance(manifest, dict) else {}
-    if counts and counts.get("samples") != sum(sizes.values()):
+    listed = sum(n for n in sizes.values() if n is not None)
+    if counts and counts.get("samples") != listed:
         report.add(
             shards.MANIFEST_FILE,
-            f"counts.samples={counts.get('samples')} but sizes.json sums to {sum(sizes.values())}",
+            f"counts.samples={counts.get('samples')} but sizes.json sums to {listed}",
         )
     if counts and "objects" in counts and counts["objects"] != report.objects and report.shards:
         report.add(
