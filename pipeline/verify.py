@@ -66,6 +66,17 @@ def _load_json(path: Path, report: VerifyReport) -> Any:
     return None
 
 
+def _sample_counts(sizes: Any, report: VerifyReport) -> dict[str, int | None]:
+    """sizes.json's entries, None where the count is not a sample count (a problem)."""
+    if sizes is None:
+        return {}  # missing or unreadable: reported already
+    for problem in shards.sizes_problems(sizes):
+        report.add(shards.SIZES_FILE, problem)
+    if not isinstance(sizes, dict):
+        return {}
+    return {name: n if shards.is_sample_count(n) else None for name, n in sizes.items()}
+
+
 def verify_shards(
     shard_dir: str | os.PathLike, tol: float = TOLERANCE, check_hashes: bool = True
 ) -> VerifyReport:
@@ -76,7 +87,7 @@ def verify_shards(
     if not root.is_dir():
         report.add(str(root), "not a directory")
         return report
-    sizes = _load_json(root / shards.SIZES_FILE, report) or {}
+    sizes = _sample_counts(_load_json(root / shards.SIZES_FILE, report), report)
     manifest = _load_json(root / shards.MANIFEST_FILE, report) or {}
     ent_vocab = _load_json(root / shards.ENTITIES_FILE, report) or {}
     rel_vocab = _load_json(root / shards.RELATIONS_FILE, report) or {}
@@ -97,13 +108,16 @@ def verify_shards(
         count = _check_shard(root / name, n_ent, n_rel, tol, seen_keys, report)
         report.shards += 1
         report.samples += count
-        if count != sizes[name]:
+        if sizes[name] is not None and count != sizes[name]:
             report.add(name, f"{count} samples but sizes.json says {sizes[name]}")
+    if present and report.samples == 0:
+        report.add(str(root), "the shards hold no samples: nothing to train on")
     counts = manifest.get("counts", {}) if isinstance(manifest, dict) else {}
-    if counts and counts.get("samples") != sum(sizes.values()):
+    listed = sum(n for n in sizes.values() if n is not None)
+    if counts and counts.get("samples") != listed:
         report.add(
             shards.MANIFEST_FILE,
-            f"counts.samples={counts.get('samples')} but sizes.json sums to {sum(sizes.values())}",
+            f"counts.samples={counts.get('samples')} but sizes.json sums to {listed}",
         )
     if counts and "objects" in counts and counts["objects"] != report.objects and report.shards:
         report.add(
@@ -295,6 +309,8 @@ def run_stage(settings: VerifySettings) -> tuple[str, bool]:
     """verify as the command runs it: (the report, whether every check passed)."""
     from pipeline import checks
 
-    checks.shard_folder(settings.shard_dir)
+    root = checks.shard_folder(settings.shard_dir)
+    if (root / shards.SIZES_FILE).exists():
+        shards.read_sizes(root)  # a table that is not name -> count: one line, exit 2
     report = verify_shards(settings.shard_dir, settings.tol, check_hashes=not settings.quick)
     return report.render(settings.limit), report.ok

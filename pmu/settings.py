@@ -174,11 +174,28 @@ def config_values(args: Mapping[str, Any], cls: type) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k in names and v is not None}
 
 
-def describe_source(params: Path | None, groups: str) -> str:
-    """The line a script prints first: where its defaults came from."""
+def changed_defaults(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values (from a params file) that differ from `cls`'s code defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in defaults and v != defaults[k]}
+
+
+def describe_source(
+    params: Path | None, groups: str, changed: Mapping[str, Any] | None = None
+) -> str:
+    """The line a script prints first: where its defaults came from. `changed`: the values the
+    params file sets that differ from the code defaults (None: not known yet, as in --help)."""
     if params is None:
         return f"settings: code defaults (no {PARAMS_FILE} here or above); flags override"
-    return f"settings: defaults from {params} ({groups}); flags override"
+    if changed is None:
+        return f"settings: defaults from {params} ({groups}); flags override"
+    if not changed:
+        return f"settings: read {params} ({groups}): it sets only code defaults; flags override"
+    listed = ", ".join(f"{k}={v}" for k, v in changed.items())
+    return (
+        f"settings: values from {params} ({groups}) in use, not the code defaults: {listed}; "
+        "flags override (--params none: code defaults only)"
+    )
 
 
 # ------------------------------------------------------------------------------ DVC outputs

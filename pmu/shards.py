@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from pmu.errors import InputError
 from pmu.io import atomic_path, file_sha256
 
 CONTRACT_VERSION = 1
@@ -182,8 +183,39 @@ def shard_paths(shard_dir: str | os.PathLike) -> list[Path]:
     return sorted(Path(shard_dir).glob(SHARD_GLOB))
 
 
+def is_sample_count(value: Any) -> bool:
+    """A whole number of samples >= 0 (not a bool, a float or a string of digits)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def sizes_problems(sizes: Any) -> list[str]:
+    """What makes a parsed sizes.json unusable (empty when it is fine): it must map each shard
+    name to a whole sample count."""
+    if not isinstance(sizes, dict):
+        return [f"expected an object of shard name -> sample count, got {type(sizes).__name__}"]
+    return [
+        f"entry {name!r}: {json.dumps(count)} is not a sample count (a whole number >= 0)"
+        for name, count in sizes.items()
+        if not is_sample_count(count)
+    ]
+
+
 def read_sizes(shard_dir: str | os.PathLike) -> dict[str, int]:
-    return json.loads((Path(shard_dir) / SIZES_FILE).read_text(encoding="utf-8"))
+    """sizes.json as {shard name: sample count}; an unreadable or malformed table is an
+    InputError naming the file and its first bad entry (the sums downstream need ints)."""
+    path = Path(shard_dir) / SIZES_FILE
+    redo = "re-run `pipeline label-objects` (it writes sizes.json)"
+    try:
+        sizes = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path} missing: not a shard folder; {redo}") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not readable JSON ({e}); {redo}") from None
+    problems = sizes_problems(sizes)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(f"{path}: {problems[0]}{more}; {redo}")
+    return sizes
 
 
 def read_vocabularies(shard_dir: str | os.PathLike) -> tuple[list[str], list[str]]:

@@ -370,3 +370,48 @@ def test_seeds_report_each_run_and_mean_std(tmp_path):
     assert saved["test"]["f1"]["std"] == pytest.approx(abs(f1[0] - f1[1]) / 2**0.5)
     with pytest.raises(InputError, match="distinct"):
         run_seeds(cfg, [3, 3])
+
+
+def task_flags(task: str, tmp_path, **files) -> list[str]:
+    """The CLI flags of a short run on the sample of `task`, with some files replaced."""
+    d = SAMPLE / task
+    paths = {name: str(d / f"{name}.txt") for name in ("train", "dev", "test")}
+    paths.update({name: str(path) for name, path in files.items()})
+    flags = ["--task", task, "--init", "tiny", "--threads", "1", "--epochs", "1"]
+    flags += ["--out", str(tmp_path / "out")]
+    if task == "mre":
+        flags += ["--rel2id", str(d / "rel2id.json")]
+    return flags + [f"--{name}={path}" for name, path in paths.items()]
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, message: str) -> None:
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, lines
+    assert lines[0].startswith("error: ") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_a_label_type_train_lacks_is_one_line_naming_label_and_file(tmp_path, split):
+    sentences = ie_data.read_ner(SAMPLE / "mner" / f"{split}.txt")
+    text = (SAMPLE / "mner" / f"{split}.txt").read_text()
+    first = sentences[0]
+    at = next(i for i, lab in enumerate(first.labels) if lab == "B-PER")
+    lines = text.splitlines()
+    lines[first.line - 1 + at] = f"{first.tokens[at]}\tB-EVENT"  # a type train has not
+    changed = tmp_path / f"{split}.txt"
+    changed.write_text("\n".join(lines) + "\n")
+    res = run_cli(*task_flags("mner", tmp_path, **{split: changed}))
+    assert_one_line_error(
+        res, f"{changed}:{first.line + at}: label 'B-EVENT' (--{split}) does not occur in --train"
+    )
+
+
+@pytest.mark.parametrize("task", ["mner", "mre"])
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_an_empty_train_file_stops_before_a_model_with_one_line(tmp_path, task, content):
+    empty = tmp_path / "train.txt"
+    empty.write_text(content)
+    res = run_cli(*task_flags(task, tmp_path, train=empty))
+    assert_one_line_error(res, f"no examples in {empty} (--train)")
+    assert "encoder" not in res.stderr  # nothing loaded: no "train N, dev N ... encoder" line

@@ -120,3 +120,24 @@ def test_params_yaml_values_are_type_checked_and_unknown_keys_refused(tmp_path):
     params.write_text("label:\n  temperature: 2\n", encoding="utf-8")
     result = CliRunner().invoke(app, ["label-objects", "--params", str(params)])
     assert result.exit_code == 2 and "unknown `label` settings ['temperature']" in result.output
+
+
+# params.yaml's `demo:` groups: the bundled sample's tiny-model values, which only the DVC stages
+# read, as flags over the trainer's own group (a key not passed would be silently ignored)
+DEMO_STAGES = {"pretrain": ("pretrain",), "finetune": ("finetune-mner", "finetune-mre")}
+
+
+def test_every_demo_value_is_a_flag_of_its_dvc_stages_and_a_declared_param():
+    from trainer.finetune_config import FinetuneConfig
+    from trainer.pretrain_config import TrainConfig
+
+    demo = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))["demo"]
+    assert set(demo) == set(DEMO_STAGES)
+    fields = {"pretrain": TrainConfig, "finetune": FinetuneConfig}
+    for group, stages in DEMO_STAGES.items():
+        assert set(demo[group]) <= {f.name for f in dataclasses.fields(fields[group])}
+        for stage in stages:
+            cmd = " ".join(dvc_stages()[stage]["cmd"].split())
+            for key in demo[group]:
+                assert f"--{key.replace('_', '-')} ${{demo.{group}.{key}}}" in cmd, (stage, key)
+            assert f"demo.{group}" in dvc_stages()[stage]["params"], stage

@@ -2,10 +2,14 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -187,3 +191,42 @@ def test_missing_folder_is_reported(tmp_path):
     report = verify_shards(tmp_path / "nope")
     assert not report.ok and "not a directory" in report.render()
     assert not verify_shards(tmp_path).ok  # empty folder: no sizes/manifest/vocabularies
+
+
+def run_verify(folder) -> subprocess.CompletedProcess:
+    """`python -m pipeline verify FOLDER` as a user runs it (a fresh interpreter)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, "-m", "pipeline", "verify", str(folder)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "shown"),
+    [
+        ({SHARD: "abc"}, f"entry '{SHARD}': \"abc\" is not a sample count"),
+        ({SHARD: 1.5}, f"entry '{SHARD}': 1.5 is not a sample count"),
+        ({SHARD: None}, f"entry '{SHARD}': null is not a sample count"),
+        ({SHARD: [8]}, f"entry '{SHARD}': [8] is not a sample count"),
+        ([8, 8], "expected an object of shard name -> sample count, got list"),
+    ],
+)
+def test_a_sizes_table_without_whole_counts_is_one_line_and_exit_2(synthetic_shards, sizes, shown):
+    (synthetic_shards / "sizes.json").write_text(json.dumps(sizes))
+    proc = run_verify(synthetic_shards)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"error: {synthetic_shards / 'sizes.json'}: {shown}"), lines
+    problems = verify_shards(synthetic_shards).problems  # the library reports it, never raises
+    assert any(p.startswith("sizes.json: ") for p in problems), problems
+    if isinstance(sizes, dict):  # the shard is still listed: only its count is bad
+        assert not any("not listed in sizes.json" in p for p in problems if SHARD in p), problems
+
+
+def test_shards_without_samples_are_a_problem(synthetic_shards):
+    for path in synthetic_shards.glob("shard-*.tar"):
+        _rewrite(path, [])
+    (synthetic_shards / "sizes.json").write_text(json.dumps({SHARD: 0, "shard-000001.tar": 0}))
+    proc = run_verify(synthetic_shards)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the shards hold no samples: nothing to train on" in proc.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import random
 import re
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from PIL import Image
 
 from pipeline.images import pil_open
 from pmu import shards as contract
+from pmu.errors import InputError
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs in shards
 
@@ -121,6 +123,12 @@ class SampleStream(torch.utils.data.IterableDataset):
 # ------------------------------------------------------------------------------ bad samples
 
 
+def bad_reason(exn: Exception) -> str:
+    """Why a sample was rejected, one reason per kind of failure (object addresses would make
+    every sample unique)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exn).__name__}: {exn}")[:200]
+
+
 class BadSamples:
     """Per-process tally of rejected samples; collate ships it to the main process."""
 
@@ -130,8 +138,7 @@ class BadSamples:
         self.consecutive = 0
 
     def handler(self, exn: Exception) -> bool:
-        # one reason per kind of failure: object addresses would make every sample unique
-        reason = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exn).__name__}: {exn}")[:200]
+        reason = bad_reason(exn)
         self.pending[reason] += 1
         self.consecutive += 1
         if self.consecutive > self.max_consecutive:
@@ -189,6 +196,35 @@ def preprocess(raw: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
         "rel_idx": rel_idx,
         "rel_prob": rel_prob.ravel(),
     }
+
+
+def require_valid_sample(cfg: DataConfig) -> None:
+    """At least one sample of the folder passes `preprocess`, else an InputError saying why:
+    the endless loader would otherwise stop deep in a worker with a traceback. Reads in shard
+    order until the first good sample (usually the first one), so it costs next to nothing
+    on usable data and draws no random numbers."""
+    rejected: Counter[str] = Counter()
+    for url in shard_urls(cfg.shard_dir):
+        try:
+            for raw in contract.iter_raw_samples(url):
+                try:
+                    preprocess(raw, cfg)
+                    return
+                except Exception as e:  # noqa: BLE001 - what the loader's handler skips too
+                    rejected[bad_reason(e)] += 1
+        except (OSError, ValueError, tarfile.TarError) as e:
+            rejected[bad_reason(e)] += 1
+    where = f"--shards {cfg.shard_dir}"
+    if not rejected:
+        raise InputError(
+            f"{where}: the shards hold no samples (sizes.json says {total_samples(cfg.shard_dir)})"
+            "; re-run `pipeline label-objects`, `pipeline verify` lists what is wrong"
+        )
+    reason, n = rejected.most_common(1)[0]
+    raise InputError(
+        f"{where}: no valid sample: all {sum(rejected.values())} rejected (most often, {n}x: "
+        f"{reason}); `pipeline verify {cfg.shard_dir}` lists every problem"
+    )
 
 
 def _pad(arrays: list[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -24,7 +24,12 @@ if __package__ in (None, ""):  # run as `python trainer/finetune.py`: make the r
 from pmu.errors import InputError  # noqa: E402
 from pmu.outputs import check_outputs  # noqa: E402
 from pmu.runtime import configure_process  # noqa: E402
-from pmu.settings import config_values, describe_source, refuse_dvc_outputs  # noqa: E402
+from pmu.settings import (  # noqa: E402
+    changed_defaults,
+    config_values,
+    describe_source,
+    refuse_dvc_outputs,
+)
 from trainer.finetune_config import (  # noqa: E402
     PARAMS_GROUP,
     PATH_FIELDS,
@@ -83,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, list[int]
         values[name] = values.get(name) or None  # "" (e.g. from params.yaml) means unset
     cfg = FinetuneConfig(**values)
     args.params_file = params
+    args.params_changes = changed_defaults(FinetuneConfig, defaults)
     return cfg, args.seeds, args
 
 
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> Any:
         configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
         cfg, seeds, args = parse_args(argv)
-        print(describe_source(args.params_file, SOURCE), flush=True)
+        source = SOURCE.replace("TASK", cfg.task)
+        print(describe_source(args.params_file, source, args.params_changes), flush=True)
         cfg = dataclasses.replace(cfg, out=str(cfg.output_paths()["out"]))
         outputs = {f"--{k}": str(v) for k, v in cfg.output_paths().items() if v}
         check_outputs(outputs)  # writable, before anything is read

@@ -1,5 +1,6 @@
-"""Fine-tuning's data: the splits read and encoded (`read_split`), their images found
-(per-split folders, `check_images_found`), batches of similar length and their collation."""
+"""Fine-tuning's data: the splits read and checked (`read_samples`), encoded (`encode_split`),
+their images found (per-split folders, `check_images_found`), batches of similar length and
+their collation."""
 
 from __future__ import annotations
 
@@ -133,13 +134,44 @@ def collate(
     return batch
 
 
-def read_split(
-    cfg: FinetuneConfig, name: str, path: str, tokenizer, labels: dict[str, int], markers
+SPLITS = ("train", "dev", "test")
+EXAMPLES = {"mner": "sentences (IMGID line, token<TAB>label lines)", "mre": "dict-literal lines"}
+
+
+def read_samples(cfg: FinetuneConfig, rel2id: dict[str, int] | None) -> dict[str, list]:
+    """The three splits' samples (NerSentence | RelSample), read before any model loads: a
+    split without examples is an InputError naming its file (an empty train split would
+    "train" nothing, an empty dev or test split score nothing)."""
+    samples = {}
+    for name in SPLITS:
+        path = getattr(cfg, name)
+        rows = ie_data.read_ner(path) if cfg.task == "mner" else ie_data.read_mnre(path, rel2id)
+        if not rows:
+            raise InputError(f"no examples in {path} (--{name}): expected {EXAMPLES[cfg.task]}")
+        samples[name] = rows
+    return samples
+
+
+def check_known_labels(cfg: FinetuneConfig, samples: dict[str, list], labels: dict) -> None:
+    """MNER: every dev / test label is one the tagger has (the four standard types and the
+    types train has): the CRF cannot predict another, and encoding would fail on it."""
+    for name in SPLITS[1:]:
+        for s in samples[name]:
+            unknown = [(i, lab) for i, lab in enumerate(s.labels) if lab not in labels]
+            if unknown:
+                i, lab = unknown[0]
+                raise InputError(
+                    f"{getattr(cfg, name)}:{s.line + i}: label {lab!r} (--{name}) does not "
+                    f"occur in --train {cfg.train}: the tagger cannot predict it; add "
+                    "training sentences with it or map it to a type train has"
+                )
+
+
+def encode_split(
+    cfg: FinetuneConfig, name: str, samples: list, tokenizer, labels: dict[str, int], markers
 ) -> Split:
-    if cfg.task == "mner":
-        samples = ie_data.read_ner(path)
-    else:
-        samples = ie_data.read_mnre(path, labels)
+    """A split's samples encoded for the model, with their image files found."""
+    path = getattr(cfg, name)
     if name == "train" and cfg.max_train_samples:
         samples = samples[: cfg.max_train_samples]
     split = Split(name, path, samples, [])

@@ -38,9 +38,11 @@ from trainer.finetune_data import (
     IEDataset,
     Split,
     check_images_found,
+    check_known_labels,
     collate,
+    encode_split,
     length_grouped_batches,
-    read_split,
+    read_samples,
 )
 from trainer.finetune_model import FinetuneModel, ensure_vocab, load_encoder, save_finetuned
 from trainer.heads import CRFTagger, RelationHead
@@ -190,23 +192,41 @@ class Progress:
                 "fingerprint": fingerprint}  # fmt: skip
 
 
-def read_labels(cfg: FinetuneConfig, tokenizer, encoder, desc) -> tuple[dict, list, Any, Any]:
-    """(label -> id, id -> label, MRE marker ids, rel2id path); MRE grows the vocabulary."""
+def relation_map(cfg: FinetuneConfig) -> tuple[dict[str, int] | None, str | None]:
+    """MRE: (rel2id, its path), which must hold the no-relation label; MNER: (None, None)."""
     if cfg.task == "mner":
-        id2label = ie_data.ner_label_list(ie_data.read_ner(cfg.train))
-        return {lab: i for i, lab in enumerate(id2label)}, id2label, None, None
+        return None, None
     rel2id_path = cfg.rel2id or str(Path(cfg.train).with_name("rel2id.json"))
-    labels = ie_data.load_rel2id(rel2id_path)
-    if cfg.none_label not in labels:
+    rel2id = ie_data.load_rel2id(rel2id_path)
+    if cfg.none_label not in rel2id:
         raise InputError(
             f"{rel2id_path} has no {cfg.none_label!r} label (the no-relation class that "
             f"P/R/F1 exclude): add it, or name yours with --none-label"
         )
-    id2label = [r for r, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    return rel2id, rel2id_path
+
+
+def task_labels(
+    cfg: FinetuneConfig, samples: dict[str, list], rel2id: dict[str, int] | None
+) -> tuple[dict[str, int], list[str]]:
+    """(label -> id, id -> label): MNER's from the whole train split (and checked against dev
+    and test), MRE's from rel2id."""
+    if cfg.task == "mre":
+        return rel2id, [r for r, _ in sorted(rel2id.items(), key=lambda kv: kv[1])]
+    id2label = ie_data.ner_label_list(samples["train"])
+    labels = {lab: i for i, lab in enumerate(id2label)}
+    check_known_labels(cfg, samples, labels)
+    return labels, id2label
+
+
+def add_entity_markers(cfg: FinetuneConfig, tokenizer, encoder, desc, rel2id_path) -> Any:
+    """MRE: the four marker tokens (the vocabulary grows once); their ids. MNER: None."""
+    if cfg.task == "mner":
+        return None
     markers = ie_data.add_markers(tokenizer)
     desc["embeddings_resized"] = ensure_vocab(encoder, tokenizer)
     desc["rel2id"] = rel2id_path
-    return labels, id2label, markers, rel2id_path
+    return markers
 
 
 def prepare(cfg: FinetuneConfig) -> Finetune:
@@ -222,21 +242,19 @@ def prepare(cfg: FinetuneConfig) -> Finetune:
     paths = cfg.output_paths()
     paths["out"].mkdir(parents=True, exist_ok=True)
 
+    # the data and its labels first: an empty split or an unknown label fails before a model
+    rel2id, rel2id_path = relation_map(cfg)
+    samples = read_samples(cfg, rel2id)
+    labels, id2label = task_labels(cfg, samples, rel2id)
     encoder, tokenizer, mcfg, desc = load_encoder(cfg)
     max_pos = encoder.bert.config.max_position_embeddings
     if cfg.max_len > max_pos:
         raise InputError(f"--max-len {cfg.max_len} exceeds the encoder's {max_pos} positions")
-    labels, id2label, markers, rel2id_path = read_labels(cfg, tokenizer, encoder, desc)
+    markers = add_entity_markers(cfg, tokenizer, encoder, desc, rel2id_path)
     splits = {
-        name: read_split(cfg, name, path, tokenizer, labels, markers)
-        for name, path in (("train", cfg.train), ("dev", cfg.dev), ("test", cfg.test))
+        name: encode_split(cfg, name, rows, tokenizer, labels, markers)
+        for name, rows in samples.items()
     }
-    if cfg.task == "mner":  # a dev/test type unseen in train cannot be predicted; say so
-        seen = {lab for sp in splits.values() for s in sp.samples for lab in s.labels}
-        if seen - set(labels):
-            raise InputError(
-                f"labels {sorted(seen - set(labels))} in dev/test do not occur in --train"
-            )
     text_only = {name: sp.text_only for name, sp in splits.items()}
     if not cfg.multimodal:
         log.info("no --images: running text-only (%s samples)", sum(text_only.values()))

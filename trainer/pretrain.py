@@ -136,6 +136,10 @@ def setup(cfg: TrainConfig) -> Run:
     seed_everything(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
 
     entities, relations = read_vocabularies(cfg.shards)
+    # before the model: a folder with no usable sample is an input error, not a loader crash
+    data.require_valid_sample(
+        data.DataConfig(cfg.shards, n_entities=len(entities), n_relations=len(relations))
+    )
     lambdas = cfg.lambdas
     model_cfg = ModelConfig(
         fusion=cfg.fusion,

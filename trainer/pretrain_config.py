@@ -167,11 +167,10 @@ def check_inputs(cfg: TrainConfig) -> int:
     sizes_file = folder / "sizes.json"
     if not sizes_file.is_file():
         raise InputError(f"no shards here: {folder} has no sizes.json; {how}")
-    try:
-        sizes = json.loads(sizes_file.read_text(encoding="utf-8"))
-        n_samples = sum(int(v) for v in sizes.values())
-    except (ValueError, AttributeError, TypeError) as e:
-        raise InputError(f"{sizes_file} is not a shard-size table ({e}); {how}") from None
+    from pmu.shards import read_sizes  # numpy, not torch: still before torch loads
+
+    sizes = read_sizes(folder)  # whole counts, else an InputError naming the entry
+    n_samples = sum(sizes.values())
     if n_samples == 0:
         raise InputError(f"no samples: {sizes_file} lists {len(sizes)} shards with 0 samples")
     missing = sorted(name for name in sizes if not (folder / name).is_file())

@@ -23,7 +23,12 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from pmu.errors import InputError  # noqa: E402
 from pmu.outputs import check_outputs  # noqa: E402
 from pmu.runtime import configure_process  # noqa: E402
-from pmu.settings import config_values, describe_source, refuse_dvc_outputs  # noqa: E402
+from pmu.settings import (  # noqa: E402
+    changed_defaults,
+    config_values,
+    describe_source,
+    refuse_dvc_outputs,
+)
 from trainer.pretrain_config import (  # noqa: E402
     PARAMS_GROUP,
     TrainConfig,
@@ -58,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     except TypeError as e:
         raise InputError(str(e)) from None
     args.params_file = params
+    args.params_changes = changed_defaults(TrainConfig, defaults)
     return cfg, args
 
 
@@ -70,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
         cfg, args = parse_args(argv)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(describe_source(args.params_file, f"`{PARAMS_GROUP}:`"), flush=True)
+            source = describe_source(args.params_file, f"`{PARAMS_GROUP}:`", args.params_changes)
+            print(source, flush=True)
         check_outputs(cfg.outputs())  # writable, before anything is read
         check_config(cfg)
         check_inputs(cfg)  # cheap, and before torch loads
