@@ -132,8 +132,9 @@ def test_prompt_templates_invalidate_embed_prompts_and_labels(project):
 
 
 def test_another_cpu_rebuilds_the_same_dvc_lock(project):
-    """The README's promise, emulated: torch's AVX2 kernels, MKL's and oneDNN's AVX2 paths and
-    one core re-run the whole labeling chain (as `make repro` runs it) to the same dvc.lock."""
+    """Reproducible mode pins what can be emulated on this CPU: torch's AVX2 kernels, MKL's and
+    oneDNN's AVX2 paths and one core re-run the whole labeling chain (as `make repro` runs it)
+    to the same dvc.lock (another CPU model can still differ: docs/reproducibility.md)."""
     root, env, dvc = project
     before = (root / "dvc.lock").read_text()
     other = dict(env, ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")

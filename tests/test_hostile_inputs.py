@@ -1,8 +1,19 @@
-"""Hostile inputs a review found (issue "Readers that say what they found"): each now stops with
-a short error (exit 2) or rejects only what is broken, with a reason, and keeps the rest.
+"""Hostile inputs a review found (issue 22): each now stops with a short error (exit 2) or
+rejects only what is broken, with a reason, and keeps the rest.
 
 Built from tiny files made here; `prepare` runs as the user runs it (a subprocess) where the
-exit code is the point, else as a plain function.
+exit code is the point, else as a plain function. The classes and where each is tested:
+- columns not what the reader expects; duplicate headers; mis-split CSV rows; wrong types
+  coerced; partial files (truncated tars, cut img2dataset shards, damaged parquet); a limit that
+  rejected real (long) captions: here;
+- two writers on one output, a SIGKILL'd writer's lock, unwritable outputs: tests/test_outputs.py
+  (real processes);
+- `--resume` on another run's state: tests/test_pretrain.py (`..._refuses_...`);
+- tracebacks where a one-line error belongs: sizes.json counts (tests/test_verify.py,
+  tests/test_trainer_cli.py), shards with no valid sample (tests/test_trainer_cli.py), a dev
+  label train lacks and empty fine-tuning files (tests/test_finetune.py);
+- demo settings applied to real data: tests/test_trainer_cli.py
+  (`test_in_the_repo_a_plain_run_gets_the_real_recipe`, and the DVC stages' settings).
 """
 
 import io
