@@ -192,7 +192,11 @@ def test_label_objects_records_file_hashes_that_verify_checks(labeling_inputs, t
     result = run("label-objects", *_label_args(labeling_inputs, out))
     assert result.exit_code == 0, result.output
     files = json.loads((out / "manifest.json").read_text())["files"]
-    assert set(files) == {"sizes.json", *json.loads((out / "sizes.json").read_text())}
+    assert set(files) == {
+        "sizes.json",
+        "members.sha256",
+        *json.loads((out / "sizes.json").read_text()),
+    }
     for name, entry in files.items():
         assert entry == {
             "sha256": file_sha256(out / name),
