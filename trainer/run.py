@@ -75,10 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> Any:
         configure_process()  # PMU_REPRODUCIBLE=1: pin the CPU kernels before torch computes
         cfg, args = parse_args(argv)
-        if int(os.environ.get("RANK", "0")) == 0:
+        main_rank = int(os.environ.get("RANK", "0")) == 0
+        if main_rank:
             source = describe_source(args.params_file, f"`{PARAMS_GROUP}:`", args.params_changes)
             print(source, flush=True)
-        check_outputs(cfg.outputs())  # writable, before anything is read
+            # writable, before anything is read (rank 0 only: the check removes the folders it
+            # made, which must not race with another rank creating them)
+            check_outputs(cfg.outputs())
         check_config(cfg)
         check_inputs(cfg)  # cheap, and before torch loads
         refuse_dvc_outputs(cfg.outputs(), args.force)
