@@ -229,6 +229,30 @@ def add_entity_markers(cfg: FinetuneConfig, tokenizer, encoder, desc, rel2id_pat
     return markers
 
 
+def image_coverage(cfg: FinetuneConfig, splits: dict[str, Split]) -> dict[str, int]:
+    """Samples per split that run text-only; too many missing images stop the run."""
+    text_only = {name: sp.text_only for name, sp in splits.items()}
+    if not cfg.multimodal:
+        log.info("no --images: running text-only (%s samples)", sum(text_only.values()))
+    else:
+        check_images_found(cfg, splits)
+        if any(text_only.values()):
+            log.info("images missing for %s samples: those run text-only", text_only)
+    return text_only
+
+
+def build_finetune_model(
+    cfg: FinetuneConfig, encoder: nn.Module, n_labels: int, device: torch.device
+) -> FinetuneModel:
+    """The encoder with the task's head (CRF tagger or relation classifier), seeded."""
+    torch.manual_seed(cfg.seed)
+    if cfg.task == "mner":
+        head: nn.Module = CRFTagger(encoder.hidden_size, n_labels, cfg.dropout)
+    else:
+        head = RelationHead(encoder.hidden_size, n_labels, cfg.dropout)
+    return FinetuneModel(encoder, head).to(device)
+
+
 def prepare(cfg: FinetuneConfig) -> Finetune:
     """Encoder, labels, the three splits, head, loaders, optimizer and schedule."""
     from pmu.runtime import select_device, set_threads
@@ -255,20 +279,8 @@ def prepare(cfg: FinetuneConfig) -> Finetune:
         name: encode_split(cfg, name, rows, tokenizer, labels, markers)
         for name, rows in samples.items()
     }
-    text_only = {name: sp.text_only for name, sp in splits.items()}
-    if not cfg.multimodal:
-        log.info("no --images: running text-only (%s samples)", sum(text_only.values()))
-    else:
-        check_images_found(cfg, splits)
-        if any(text_only.values()):
-            log.info("images missing for %s samples: those run text-only", text_only)
-
-    torch.manual_seed(cfg.seed)
-    if cfg.task == "mner":
-        head: nn.Module = CRFTagger(encoder.hidden_size, len(id2label), cfg.dropout)
-    else:
-        head = RelationHead(encoder.hidden_size, len(id2label), cfg.dropout)
-    model = FinetuneModel(encoder, head).to(device)
+    text_only = image_coverage(cfg, splits)
+    model = build_finetune_model(cfg, encoder, len(id2label), device)
 
     image_size = mcfg.image_size if cfg.multimodal else None
     boxes = None
