@@ -103,3 +103,24 @@ def write_labeling_inputs(
         encoding="utf-8",
     )
     return paths
+
+
+def write_label_stage_inputs(root: Path, n: int = 4) -> dict[str, Path]:
+    """Everything `pipeline label-objects` reads, for `n` pairs: the inputs above, one crafted
+    box per image (objects/boxes.parquet) and the tiny CLIP's prompts (vocab/)."""
+    from pipeline.labeling_data import read_pairs, write_boxes
+    from pipeline.prompts import embed_prompts
+
+    paths = write_labeling_inputs(root, n=n)
+    pairs = read_pairs(paths["pairs"])
+    rows = [
+        {"id": i, "width": w, "height": h, "boxes": [[1.0, 1.0, w / 2, h / 2]]}
+        | {"classes": ["dog"], "confs": [0.9], "error": None}
+        for i, w, h in zip(pairs["id"], pairs["width"], pairs["height"], strict=True)
+    ]
+    paths["boxes"] = root / "objects" / "boxes.parquet"
+    paths["boxes"].parent.mkdir(parents=True, exist_ok=True)
+    write_boxes(paths["boxes"], rows, {"preset": "test", "detector": {}, "params": {}})
+    paths["prompts"] = root / "vocab" / "prompts.safetensors"
+    embed_prompts(paths["entities"], paths["relations"], paths["prompts"])
+    return paths

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from labeling_inputs import write_labeling_inputs
+from labeling_inputs import write_label_stage_inputs, write_labeling_inputs
 from typer.testing import CliRunner
 
 from pipeline.cli import COMMAND_ORDER, app
@@ -118,22 +118,7 @@ def test_stages_need_pairs(tmp_path, command):
 @pytest.fixture
 def labeling_inputs(tmp_path):
     """Pairs, vocabularies, crafted boxes and tiny-CLIP prompts for 4 pairs."""
-    from pipeline.labeling_data import read_pairs, write_boxes
-    from pipeline.prompts import embed_prompts
-
-    paths = write_labeling_inputs(tmp_path, n=4)
-    pairs = read_pairs(paths["pairs"])
-    rows = [
-        {"id": i, "width": w, "height": h, "boxes": [[1.0, 1.0, w / 2, h / 2]]}
-        | {"classes": ["dog"], "confs": [0.9], "error": None}
-        for i, w, h in zip(pairs["id"], pairs["width"], pairs["height"], strict=True)
-    ]
-    paths["boxes"] = tmp_path / "objects" / "boxes.parquet"
-    paths["boxes"].parent.mkdir()
-    write_boxes(paths["boxes"], rows, {"preset": "test", "detector": {}, "params": {}})
-    paths["prompts"] = tmp_path / "vocab" / "prompts.safetensors"
-    embed_prompts(paths["entities"], paths["relations"], paths["prompts"])
-    return paths
+    return write_label_stage_inputs(tmp_path, n=4)
 
 
 def _label_args(paths, out):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from labeling_inputs import write_labeling_inputs
+from labeling_inputs import write_label_stage_inputs
 
 from pmu.errors import InputError
 from pmu.outputs import check_writable, lock_path, writer_lock
@@ -22,21 +22,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORME
 
 @pytest.fixture
 def label_inputs(tmp_path):
-    from pipeline.labeling_data import read_pairs, write_boxes
-    from pipeline.prompts import embed_prompts
-
-    paths = write_labeling_inputs(tmp_path, n=6)
-    pairs = read_pairs(paths["pairs"])
-    rows = [
-        {"id": i, "width": w, "height": h, "boxes": [[1.0, 1.0, w / 2, h / 2]]}
-        | {"classes": ["dog"], "confs": [0.9], "error": None}
-        for i, w, h in zip(pairs["id"], pairs["width"], pairs["height"], strict=True)
-    ]
-    paths["boxes"] = tmp_path / "boxes.parquet"
-    write_boxes(paths["boxes"], rows, {"preset": "test", "detector": {}, "params": {}})
-    paths["prompts"] = tmp_path / "prompts.safetensors"
-    embed_prompts(paths["entities"], paths["relations"], paths["prompts"])
-    return paths
+    return write_label_stage_inputs(tmp_path, n=6)
 
 
 def label_command(paths, out):

@@ -19,9 +19,9 @@ Every fusion is an `nn.Module` with `cfg` (a `trainer.model.ModelConfig`), `hidd
 `states(...)`, `text_states(...)`, `vision_modules()` (the image side, its own learning rate),
 `resize_token_embeddings(n)`, `sub_configs()` (what a checkpoint saves to rebuild it) and the
 heads below (`add_pretrain_heads`); its `forward` is `pretrain_outputs(self, self.states(...))`,
-the dict `trainer.losses.pretrain_loss` takes. `trainer/factory.py` makes every model from its
-registered spec; register a new one with `register_fusion` (docs/trainer.md: "Add your own
-fusion").
+the dict `trainer.losses.pretrain_loss` takes (subclass `FusionModule` to get that forward).
+`trainer/factory.py` makes every model from its registered spec; register a new one with
+`register_fusion` (docs/trainer.md: "Add your own fusion").
 """
 
 from __future__ import annotations
@@ -81,6 +81,22 @@ def pretrain_outputs(module: nn.Module, states: FusionStates) -> dict[str, Tenso
     if module.fc_rel is not None:
         out["rel_logits"] = module.fc_rel(states.relation)
     return out
+
+
+class FusionModule(nn.Module):
+    """A base for fusions: `forward` is the pretraining heads on `states(...)` (plus whatever
+    sequence the fusion returns beside them). Subclasses define `states` and the rest."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor,
+        boxes: Tensor | None = None,
+        min_cover: float = 0.5,
+    ) -> dict[str, Tensor]:
+        states, sequence = self.states(input_ids, attention_mask, pixel_values, boxes, min_cover)
+        return {**sequence, **pretrain_outputs(self, states)}
 
 
 @dataclass(frozen=True)

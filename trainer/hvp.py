@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from pipeline import models
 from pmu.errors import InputError
-from trainer.fusion import FusionStates, add_pretrain_heads, crop_boxes, pretrain_outputs
+from trainer.fusion import FusionModule, FusionStates, add_pretrain_heads, crop_boxes
 from trainer.model import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD, INIT_SEED, ModelConfig, _channels
 
 HVP_SUMMARY = "HVPNeT-style: ResNet pyramid of the image and its object crops as a gated prefix"
@@ -61,7 +61,7 @@ def pyramid(cnn: nn.Module, x: Tensor) -> list[Tensor]:
     return levels
 
 
-class HVPModel(nn.Module):
+class HVPModel(FusionModule):
     """BERT whose every layer attends to a gated visual prefix of the image and its crops."""
 
     def __init__(self, cfg: ModelConfig, bert: nn.Module, cnn: nn.Module, image_size: int):
@@ -201,17 +201,6 @@ class HVPModel(nn.Module):
             objects=objects,
         )
         return states, {"fused": fused}
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        pixel_values: Tensor,
-        boxes: Tensor | None = None,
-        min_cover: float = 0.5,
-    ) -> dict[str, Tensor]:
-        states, sequence = self.states(input_ids, attention_mask, pixel_values, boxes, min_cover)
-        return {**sequence, **pretrain_outputs(self, states)}
 
     def text_states(
         self,

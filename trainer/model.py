@@ -23,7 +23,7 @@ from pipeline import models
 from pmu.errors import InputError
 from pmu.io import atomic_dir
 from pmu.settings import settings_dict
-from trainer.fusion import FusionStates, add_pretrain_heads, crop_boxes, pretrain_outputs
+from trainer.fusion import FusionModule, FusionStates, add_pretrain_heads, crop_boxes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -78,7 +78,7 @@ class ModelConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-class PretrainModel(nn.Module):
+class PretrainModel(FusionModule):
     """Text encoder + vision encoder + fusion layers + the four pretraining heads."""
 
     def __init__(self, cfg: ModelConfig, bert: nn.Module, vit: nn.Module):
@@ -265,19 +265,6 @@ class PretrainModel(nn.Module):
             objects=objects,
         )
         return states, {"fused": fused, "fused_patches": fused_patches}
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        pixel_values: Tensor,
-        boxes: Tensor | None = None,
-        min_cover: float = 0.5,
-    ) -> dict[str, Tensor]:
-        """All pretraining outputs from one pass: the heads on `states`, plus the fused
-        sequence (`fused`, `fused_patches`)."""
-        states, sequence = self.states(input_ids, attention_mask, pixel_values, boxes, min_cover)
-        return {**sequence, **pretrain_outputs(self, states)}
 
     def text_states(
         self,
