@@ -32,6 +32,8 @@ from pmu.errors import InputError
 from pmu.io import file_sha256, write_json_atomic
 
 RERUN_EMBED = "re-run `pipeline embed-prompts` with the same --preset / --clip and vocabularies"
+# What the DataLoader workers import (the forkserver imports it once; see pmu.runtime).
+WORKER_MODULES = ("pipeline.labeling_data", "pipeline.clip_inputs", "torchvision.transforms.v2")
 PROGRESS_DIR = ".progress"  # per-shard done markers; removed once the manifest is written
 
 
@@ -173,12 +175,15 @@ class ShardLabeler:
         from pipeline.clip_inputs import ClipInputSpec, Normaliser
         from pipeline.models import load_clip
         from pipeline.prompts import load_prompts
-        from pmu.runtime import auto_workers, select_device, set_threads
+        from pmu.runtime import auto_workers, select_device, set_threads, start_worker_server
 
         self.job, self.params = job, job.params
         self.threads = set_threads(threads)
         torch.manual_seed(self.params.seed)
         self.dev = select_device(job.settings.device)
+        self.num_workers = auto_workers(self.params.num_workers, self.dev, cpu_default=2)
+        if self.num_workers > 0:
+            start_worker_server(WORKER_MODULES)  # the workers' server imports while CLIP loads
         prompt_tensors, _ = load_prompts(job.settings.prompts)
         self.ent_prompts = prompt_tensors["entity"].to(self.dev)
         self.rel_prompts = prompt_tensors["relation"].to(self.dev)
@@ -193,7 +198,6 @@ class ShardLabeler:
         self.decode = (
             decode if decode != "auto" else "device" if self.dev.type == "cuda" else "workers"
         )
-        self.num_workers = auto_workers(self.params.num_workers, self.dev, cpu_default=2)
         # What this labeler resolved; each done-marker carries it into the manifest.
         self.runtime = {
             "logit_scale": self.logit_scale,
@@ -336,6 +340,7 @@ class ShardLabeler:
         from tqdm import tqdm
 
         from pipeline import labeling_data as data
+        from pmu.runtime import worker_context
 
         p = self.params
         index, pairs, boxes = self._rows(shard_ids)
@@ -371,6 +376,7 @@ class ShardLabeler:
             collate_fn=data.collate_label_batch,
             pin_memory=self.dev.type == "cuda",
             persistent_workers=False,
+            multiprocessing_context=worker_context(self.num_workers, WORKER_MODULES),
         )
         state: _ShardState | None = None
         writes: list[tuple[int, Any]] = []  # (shard, future), oldest first
