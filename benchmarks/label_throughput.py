@@ -61,9 +61,13 @@ def register_bench_preset() -> str:
     """The base architectures with random weights (yolo11n.yaml, ViT-B-32 without pretrained)."""
     from pipeline import models
 
-    models.PRESETS.setdefault(
+    try:  # the presets live in pmu.presets now; older checkouts keep them in pipeline.models
+        from pmu import presets as registry
+    except ImportError:
+        registry = models
+    registry.PRESETS.setdefault(
         BENCH_PRESET,
-        models.Preset(
+        registry.Preset(
             name=BENCH_PRESET,
             detector="yolo11n.yaml",
             clip_model="ViT-B-32",

@@ -115,9 +115,13 @@ class Normaliser:
         return pixels.float().div(255).sub(self.mean).div(self.std)
 
 
-def square_tensor(img: torch.Tensor, spec: ClipInputSpec) -> torch.Tensor:
+def square_tensor(
+    img: torch.Tensor, spec: ClipInputSpec, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8 [3, h, w] -> uint8 [3, S, S] on its device (antialiased bicubic), as `square_pil`
-    does it: letterbox pads to a square of the longest side first, then resizes."""
+    does it: letterbox pads to a square of the longest side first, then resizes. With `out`
+    (a [3, S, S] slot of a batch on the same device) the result is written there, so a batch
+    is assembled on the device without a stack / cat copy afterwards."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
@@ -132,9 +136,13 @@ def square_tensor(img: torch.Tensor, spec: ClipInputSpec) -> torch.Tensor:
             top, left = (side - h) // 2, (side - w) // 2
             canvas[:, top : top + h, left : left + w] = img
             img = canvas
-        return TF.resize(img, [size, size], bicubic, antialias=True)
-    img = TF.resize(img, [spec.resize_size], bicubic, antialias=True)
-    return TF.center_crop(img, [size, size])
+        result = TF.resize(img, [size, size], bicubic, antialias=True)
+    else:
+        img = TF.resize(img, [spec.resize_size], bicubic, antialias=True)
+        result = TF.center_crop(img, [size, size])
+    if out is None:
+        return result
+    return out.copy_(result)
 
 
 def cap_tensor(img: torch.Tensor, max_side: int) -> torch.Tensor:

@@ -9,6 +9,9 @@ from typing import Any
 
 from pipeline.settings import DetectSettings
 
+# What the DataLoader workers import (the forkserver imports it once; see pmu.runtime).
+WORKER_MODULES = ("pipeline.labeling_data", "pipeline.yolo_batch", "cv2")
+
 
 class ImageDetector:
     """YOLO loaded once; detects lists of image paths in chunks of `batch_size` (the unit of work
@@ -21,17 +24,19 @@ class ImageDetector:
 
     def __init__(self, settings: DetectSettings, threads: int | None = None) -> None:
         from pipeline.models import load_detector
-        from pmu.runtime import auto_workers, select_device, set_threads
+        from pmu.runtime import auto_workers, select_device, set_threads, start_worker_server
 
         params = settings.params
         params.check()
         self.params = params
         set_threads(threads)
         self.dev = select_device(settings.device)
+        self.num_workers = auto_workers(params.num_workers, self.dev, cpu_default=0)
+        if self.num_workers > 0:
+            start_worker_server(WORKER_MODULES)  # the workers' server imports while the model loads
         self.model = load_detector(settings.preset, settings.detector)
         self.threads = set_threads(threads)  # importing ultralytics pinned OMP to one thread
         self.names = self.model.names
-        self.num_workers = auto_workers(params.num_workers, self.dev, cpu_default=0)
         self.bytes_to_device = 0  # host -> device traffic of the batches (benchmark proxy)
         if params.impl == "fast":
             import torchvision  # noqa: F401 - NMS; imported here, not inside the first batch
@@ -60,7 +65,7 @@ class ImageDetector:
         import torch
 
         from pipeline import yolo_batch
-        from pmu.runtime import autocast
+        from pmu.runtime import autocast, worker_context
 
         p = self.params
         loader = torch.utils.data.DataLoader(
@@ -70,6 +75,7 @@ class ImageDetector:
             num_workers=self.num_workers,
             collate_fn=yolo_batch.LetterboxCollate(self.new_shape, self.stride),
             pin_memory=self.dev.type == "cuda",
+            multiprocessing_context=worker_context(self.num_workers, WORKER_MODULES),
         )
         by_path: dict[str, dict[str, Any]] = {}
         with torch.inference_mode():
@@ -100,6 +106,7 @@ class ImageDetector:
         import torch
 
         from pipeline import labeling_data as data
+        from pmu.runtime import worker_context
 
         p = self.params
         loader = torch.utils.data.DataLoader(
@@ -108,6 +115,7 @@ class ImageDetector:
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=data.as_list,
+            multiprocessing_context=worker_context(self.num_workers, WORKER_MODULES),
         )
         by_path: dict[str, dict[str, Any]] = {}
         for chunk in loader:

@@ -32,6 +32,8 @@ from pmu.errors import InputError
 from pmu.io import file_sha256, write_json_atomic
 
 RERUN_EMBED = "re-run `pipeline embed-prompts` with the same --preset / --clip and vocabularies"
+# What the DataLoader workers import (the forkserver imports it once; see pmu.runtime).
+WORKER_MODULES = ("pipeline.labeling_data", "pipeline.clip_inputs", "torchvision.transforms.v2")
 PROGRESS_DIR = ".progress"  # per-shard done markers; removed once the manifest is written
 
 
@@ -173,12 +175,15 @@ class ShardLabeler:
         from pipeline.clip_inputs import ClipInputSpec, Normaliser
         from pipeline.models import load_clip
         from pipeline.prompts import load_prompts
-        from pmu.runtime import auto_workers, select_device, set_threads
+        from pmu.runtime import auto_workers, select_device, set_threads, start_worker_server
 
         self.job, self.params = job, job.params
         self.threads = set_threads(threads)
         torch.manual_seed(self.params.seed)
         self.dev = select_device(job.settings.device)
+        self.num_workers = auto_workers(self.params.num_workers, self.dev, cpu_default=2)
+        if self.num_workers > 0:
+            start_worker_server(WORKER_MODULES)  # the workers' server imports while CLIP loads
         prompt_tensors, _ = load_prompts(job.settings.prompts)
         self.ent_prompts = prompt_tensors["entity"].to(self.dev)
         self.rel_prompts = prompt_tensors["relation"].to(self.dev)
@@ -193,7 +198,6 @@ class ShardLabeler:
         self.decode = (
             decode if decode != "auto" else "device" if self.dev.type == "cuda" else "workers"
         )
-        self.num_workers = auto_workers(self.params.num_workers, self.dev, cpu_default=2)
         # What this labeler resolved; each done-marker carries it into the manifest.
         self.runtime = {
             "logit_scale": self.logit_scale,
@@ -272,45 +276,45 @@ class ShardLabeler:
         pre_crops = moved(batch["crops"]) if "crops" in batch else None
         if not batch["undecoded"]:
             return dict(batch, images=pre_images, crops=pre_crops)
-        for t in batch["jpeg"]:
-            self.bytes_to_device += t.numel()
-        decoded = ci.decode_jpegs(batch["jpeg"], self.dev)
+        jpegs = data.batch_jpegs(batch)
+        self.bytes_to_device += sum(batch["jpeg_sizes"])
+        decoded = ci.decode_jpegs(jpegs, self.dev)
         raw_at = {j: u for u, j in enumerate(batch["undecoded"])}
         spec, p = self.clip_spec, self.params
         out: dict[str, Any] = {k: [] for k in ("index", "n_crops", "jpg", "size")}
         out["rejected"] = list(batch["rejected"])
-        images, crops, capped, capped_at = [], [], [], []
-        pre_image, pre_crop = 0, 0
+        # The batch's CLIP inputs are written into one device tensor each (no stack / cat).
+        shape = (3, spec.size, spec.size)
+        images = torch.empty((len(batch["index"]), *shape), dtype=torch.uint8, device=self.dev)
+        crops = torch.empty((sum(batch["n_crops"]), *shape), dtype=torch.uint8, device=self.dev)
+        capped, capped_at = [], []
+        pre_image, pre_crop, k, c = 0, 0, 0, 0
         for j, index in enumerate(batch["index"]):
             jpg, n = batch["jpg"][j], batch["n_crops"][j]
             if j not in raw_at:
-                images.append(pre_images[pre_image : pre_image + 1])
-                crops.append(pre_crops[pre_crop : pre_crop + n])
+                images[k].copy_(pre_images[pre_image])
+                crops[c : c + n].copy_(pre_crops[pre_crop : pre_crop + n])
                 pre_image, pre_crop = pre_image + 1, pre_crop + n
             else:
                 u = raw_at[j]
                 img, windows = decoded[u], batch["windows"][u]
                 if img is None:  # not for the device decoder after all: PIL, here
                     try:
-                        pil = decode_rgb(batch["jpeg"][u].numpy().tobytes(), p.max_pixels)
+                        pil = decode_rgb(jpegs[u].numpy().tobytes(), p.max_pixels)
                     except ImageRejected as e:
                         out["rejected"].append((index, e.reason, e.detail))
                         continue
                     item = data.clip_inputs_pil(pil, windows, spec, p.max_side, p.jpeg_quality)
-                    images.append(moved(item["image"][None]))
-                    crops.append(moved(item["crops"]))
+                    images[k].copy_(moved(item["image"]))
+                    crops[c : c + n].copy_(moved(item["crops"]))
                     jpg = item["jpg"]
                 else:
-                    images.append(ci.square_tensor(img, spec)[None])
-                    crops.append(
-                        torch.stack(
-                            [ci.square_tensor(img[:, t:b, lft:r], spec) for lft, t, r, b in windows]
-                        )
-                        if windows
-                        else img.new_zeros((0, 3, spec.size, spec.size))
-                    )
+                    ci.square_tensor(img, spec, out=images[k])
+                    for w, (lft, t, r, b) in enumerate(windows):
+                        ci.square_tensor(img[:, t:b, lft:r], spec, out=crops[c + w])
                     capped.append(ci.cap_tensor(img, p.max_side))
                     capped_at.append(len(out["jpg"]))
+            k, c = k + 1, c + n
             out["index"].append(index)
             out["n_crops"].append(n)
             out["jpg"].append(jpg)
@@ -318,7 +322,7 @@ class ShardLabeler:
         for at, encoded in zip(capped_at, ci.encode_jpegs(capped, p.jpeg_quality), strict=True):
             out["jpg"][at] = encoded
         if out["index"]:
-            out["images"], out["crops"] = torch.cat(images), torch.cat(crops)
+            out["images"], out["crops"] = images[:k], crops[:c]
         return out
 
     def label(
@@ -336,6 +340,7 @@ class ShardLabeler:
         from tqdm import tqdm
 
         from pipeline import labeling_data as data
+        from pmu.runtime import worker_context
 
         p = self.params
         index, pairs, boxes = self._rows(shard_ids)
@@ -371,6 +376,7 @@ class ShardLabeler:
             collate_fn=data.collate_label_batch,
             pin_memory=self.dev.type == "cuda",
             persistent_workers=False,
+            multiprocessing_context=worker_context(self.num_workers, WORKER_MODULES),
         )
         state: _ShardState | None = None
         writes: list[tuple[int, Any]] = []  # (shard, future), oldest first
@@ -436,21 +442,13 @@ class ShardLabeler:
 
     def _flush_crops(self, state: _ShardState, final: bool) -> None:
         """Encode queued crops in fixed-size batches (the tail only at the end of a shard)."""
-        import torch
-
         B = self.params.crop_batch_size
-        if state.queued < (1 if final else B):
-            return
-        queue = torch.cat(state.crop_queue)
-        take = queue.shape[0] if final else (queue.shape[0] // B) * B
-        for start in range(0, take, B):
-            feats = self._encode(queue[start : start + B])
+        while state.queued >= (1 if final else B):
+            feats = self._encode(_take_rows(state.crop_queue, min(B, state.queued)))
+            state.queued -= int(feats.shape[0])
             state.crop_results.append(
                 soft_labels(feats, self.ent_prompts, self.logit_scale, self.params.tau, self.k_ent)
             )
-        rest = queue[take:]
-        state.crop_queue = [rest] if rest.shape[0] else []
-        state.queued = int(rest.shape[0])
 
     def _close_shard(self, state: _ShardState) -> tuple[Any, ...]:
         """Encode the shard's last crops and assemble its samples (here: the device work);
@@ -502,6 +500,24 @@ class ShardLabeler:
         marker["samples"] = shards.write_shard(out / shards.SHARD_PATTERN.format(shard), samples)
         write_json_atomic(out / PROGRESS_DIR / f"shard-{shard:06d}.json", marker)
         return marker
+
+
+def _take_rows(queue: list[Any], n: int) -> Any:
+    """The first n rows of the queued tensors, removed from the queue: a view when the first
+    tensor holds them all (no copy), else one concatenation of just those rows."""
+    import torch
+
+    parts, need = [], n
+    while need:
+        head = queue[0]
+        if head.shape[0] <= need:
+            parts.append(queue.pop(0))
+            need -= head.shape[0]
+        else:
+            parts.append(head[:need])
+            queue[0] = head[need:]
+            need = 0
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _finished(writes: list[tuple[int, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -270,7 +270,7 @@ class LabelDataset(torch.utils.data.Dataset):
         return {
             "index": i,
             "error": None,
-            "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            "jpeg": data,
             "windows": [padded_box(b, width, height, self.crop_padding) for b in spec.boxes],
             "width": width,
             "height": height,
@@ -279,9 +279,12 @@ class LabelDataset(torch.utils.data.Dataset):
 
 def collate_label_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images, concatenate crops ACROSS images (uint8); rejected items travel as
-    (index, reason, detail); undecoded JPEGs travel as their bytes and crop windows."""
+    (index, reason, detail); undecoded JPEGs travel as their bytes (all of a batch's in one
+    uint8 tensor, `jpeg` + `jpeg_sizes`: one shared-memory transfer and one pinned buffer per
+    batch, not one per image; `batch_jpegs` splits it) and crop windows."""
     ok = [it for it in items if it["error"] is None]
     done = [it for it in ok if "jpeg" not in it]
+    raw = [it["jpeg"] for it in ok if "jpeg" in it]
     batch: dict[str, Any] = {
         "rejected": [
             (it["index"], it["error"], it["detail"]) for it in items if it["error"] is not None
@@ -291,13 +294,23 @@ def collate_label_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
         "jpg": [it.get("jpg") for it in ok],
         "size": [(it["width"], it["height"]) for it in ok],
         "undecoded": [j for j, it in enumerate(ok) if "jpeg" in it],
-        "jpeg": [it["jpeg"] for it in ok if "jpeg" in it],
+        "jpeg": torch.frombuffer(bytearray(b"".join(raw)), dtype=torch.uint8) if raw else None,
+        "jpeg_sizes": [len(r) for r in raw],
         "windows": [it["windows"] for it in ok if "jpeg" in it],
     }
     if done:
         batch["images"] = torch.stack([it["image"] for it in done])
         batch["crops"] = torch.cat([it["crops"] for it in done])
     return batch
+
+
+def batch_jpegs(batch: dict[str, Any]) -> list[torch.Tensor]:
+    """The batch's undecoded JPEGs, one 1-D uint8 view of `batch["jpeg"]` each (no copy)."""
+    flat, out, at = batch["jpeg"], [], 0
+    for size in batch["jpeg_sizes"]:
+        out.append(flat[at : at + size])
+        at += size
+    return out
 
 
 def shard_batches(
