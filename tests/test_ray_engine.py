@@ -152,6 +152,7 @@ def test_ray_engine_gives_the_local_bytes_and_resumes_local_markers(
     assert sorted(_folder_bytes(shards)) == [
         "entities.json",
         "manifest.json",
+        "members.sha256",
         "relations.json",
         "shard-000000.tar",
         "shard-000001.tar",
