@@ -783,7 +783,6 @@ def finish_labeling(job: LabelJob, done: dict[int, dict[str, Any]]) -> dict[str,
     shutil.copyfile(st.entities, out / shards.ENTITIES_FILE)
     shutil.copyfile(st.relations, out / shards.RELATIONS_FILE)
     write_json_atomic(out / shards.SIZES_FILE, sizes)
-    members = shards.write_member_hashes(out, sizes)
 
     label_rejected = [
         dict(r, stage="label-objects") for s in range(n_shards) for r in done[s]["rejected"]
@@ -812,7 +811,7 @@ def finish_labeling(job: LabelJob, done: dict[int, dict[str, Any]]) -> dict[str,
         },
         # sha256 of every shard, sizes.json and the member hashes: `pipeline verify` detects
         # later content changes.
-        "files": shards.file_hashes(out, [*sizes, shards.SIZES_FILE, members.name]),
+        "files": shards.hash_shards(out, sizes),
     }
     write_json_atomic(out / shards.MANIFEST_FILE, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)

@@ -99,7 +99,6 @@ def write_random_shards(
         name = shards.SHARD_PATTERN.format(s)
         sizes[name] = shards.write_shard(out / name, samples[start : start + samples_per_shard])
     write_json_atomic(out / shards.SIZES_FILE, sizes)
-    members = shards.write_member_hashes(out, sizes)
     entities = [{"name": f"entity{i}", "count": 1} for i in range(n_entities)]
     write_json_atomic(out / shards.ENTITIES_FILE, {"source": "synthetic", "entities": entities})
     relations = [{"pid": f"P{i + 1}", "label": f"relation {i}"} for i in range(n_relations)]
@@ -112,7 +111,7 @@ def write_random_shards(
             "preset": "synthetic",
             "counts": {"samples": n_samples, "shards": len(sizes), "rejected": 0},
             "params": {"top_k_ent": k[0], "top_k_rel": k[1], "seed": seed},
-            "files": shards.file_hashes(out, [*sizes, shards.SIZES_FILE, members.name]),
+            "files": shards.hash_shards(out, sizes),
         },
     )
     return out

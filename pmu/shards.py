@@ -17,7 +17,7 @@ Per sample (key = `sample_key(id)`):
 Beside the shards: sizes.json (shard name -> sample count), manifest.json, entities.json,
 relations.json (the vocabularies, so a trainer needs only the shard folder). manifest.json's
 `files` holds the sha256 and size of every shard, of sizes.json and of members.sha256
-(`file_hashes`), its `vocab` those of the vocabularies, so `pipeline verify` notices content
+(`hash_shards`), its `vocab` those of the vocabularies, so `pipeline verify` notices content
 changed after labeling. members.sha256 holds the sha256 of every tar member
 (`sha256sum` format, `HASH  shard-000000.tar/KEY.SUFFIX`), so two machines' shards can be
 compared member by member (`pipeline compare-shards`) without copying the shards.
@@ -310,47 +310,69 @@ def read_vocabularies(shard_dir: str | os.PathLike) -> tuple[list[str], list[str
     return [e["name"] for e in entities], [r["label"] for r in relations]
 
 
-def file_hashes(root: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """{name: {"sha256", "bytes"}} of files in `root`, hashed on a few threads (hashlib
-    releases the GIL), in name order: the manifest's `files` entry."""
+def _on_threads(fn: Any, items: list) -> list:
+    """`fn` over `items` on a few threads (hashlib releases the GIL), results in order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    root = Path(root)
-    names = sorted(set(names))
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda n: file_sha256(root / n), names))
+        return list(pool.map(fn, items))
+
+
+def file_hashes(root: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{name: {"sha256", "bytes"}} of files in `root`, in name order: the manifest's `files`."""
+    root, names = Path(root), sorted(set(names))
+    digests = _on_threads(lambda n: file_sha256(root / n), names)
     return {
         name: {"sha256": digest, "bytes": (root / name).stat().st_size}
         for name, digest in zip(names, digests, strict=True)
     }
 
 
-def member_hashes(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(member name, sha256) of every member of one shard, in tar order."""
+class _HashingReader(io.RawIOBase):
+    """A file read front to back, every byte also fed to a sha256 (tar stream mode reads so)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = self.f.readinto(buf)
+        self.digest.update(memoryview(buf)[:n])
+        return n
+
+
+def member_hashes(path: str | os.PathLike) -> tuple[str, list[tuple[str, str]]]:
+    """(sha256 of the whole shard, [(member name, sha256)] in tar order), in one read."""
     out = []
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            data = tar.extractfile(info).read() if info.isfile() else b""
-            out.append((info.name, hashlib.sha256(data).hexdigest()))
-    return out
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for info in tar:
+                data = tar.extractfile(info).read() if info.isfile() else b""
+                out.append((info.name, hashlib.sha256(data).hexdigest()))
+        while reader.read(1 << 20):  # the end-of-archive padding the stream did not need
+            pass
+    return reader.digest.hexdigest(), out
 
 
-def write_member_hashes(root: str | os.PathLike, shard_names: Iterable[str]) -> Path:
-    """members.sha256 for the shards named (in name order), written atomically."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def hash_shards(root: str | os.PathLike, shard_names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Read every shard once: write members.sha256 (every member's sha256, atomically) and
+    return the manifest's `files` entries of the shards, sizes.json and members.sha256."""
     root, names = Path(root), sorted(set(shard_names))
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        per_shard = list(pool.map(lambda n: member_hashes(root / n), names))
+    per_shard = _on_threads(lambda n: member_hashes(root / n), names)
     lines = [
         f"{digest}  {name}/{member}\n"
-        for name, members in zip(names, per_shard, strict=True)
+        for name, (_, members) in zip(names, per_shard, strict=True)
         for member, digest in members
     ]
-    path = root / MEMBERS_FILE
-    with atomic_path(path) as tmp:
+    with atomic_path(root / MEMBERS_FILE) as tmp:
         Path(tmp).write_text("".join(lines), encoding="utf-8")
-    return path
+    files = file_hashes(root, [SIZES_FILE, MEMBERS_FILE])
+    for name, (digest, _) in zip(names, per_shard, strict=True):
+        files[name] = {"sha256": digest, "bytes": (root / name).stat().st_size}
+    return dict(sorted(files.items()))
 
 
 def read_member_hashes(path: str | os.PathLike) -> dict[str, str]:

@@ -125,7 +125,7 @@ def test_member_hashes_compare_two_runs_member_by_member(tmp_path):
     (b / "members.sha256").unlink()
     from pmu import shards
 
-    shards.write_member_hashes(b, ["shard-000000.tar", "shard-000001.tar"])
+    shards.hash_shards(b, ["shard-000000.tar", "shard-000001.tar"])
     diff = runner.invoke(app, ["compare-shards", str(a), str(b)])
     assert diff.exit_code == 1, diff.output
     assert "1 of 112 common members differ" in diff.output
