@@ -128,16 +128,24 @@ def writer_lock(out: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
-def check_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
-    """Check every output ({flag: path}, unset ones skipped) can be written, and leave no
-    folder behind: an early check, before the run claims them (`claim_outputs`)."""
+def _check_all(outputs: dict[str, str | os.PathLike | None]) -> list[Path]:
+    """check_writable for every set output; the folders made, shallowest first (removed again
+    when one output fails)."""
     created: list[Path] = []
     try:
         for flag, path in outputs.items():
             if path:
                 created += check_writable(path, flag)
-    finally:
+    except InputError:
         _remove_empty(sorted(set(created), key=lambda d: len(d.parts)))
+        raise
+    return sorted(set(created), key=lambda d: len(d.parts))
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
+    """Check every output ({flag: path}, unset ones skipped) can be written, and leave no
+    folder behind: an early check, before the run claims them (`claim_outputs`)."""
+    _remove_empty(_check_all(outputs))
 
 
 @contextlib.contextmanager
@@ -147,14 +155,11 @@ def claim_outputs(
     """Check every output ({flag: path}, unset ones skipped) can be written, then hold the
     writer lock of `outputs[lock]` for the block. Folders made for the check are removed
     again if the block fails and leaves them empty."""
-    created: list[Path] = []
-    for flag, path in outputs.items():
-        if path:
-            created += check_writable(path, flag)
+    created = _check_all(outputs)
     primary = outputs.get(lock) if lock else None
     try:
         with writer_lock(primary) if primary else contextlib.nullcontext():
             yield
     except BaseException:
-        _remove_empty(sorted(set(created), key=lambda d: len(d.parts)))
+        _remove_empty(created)
         raise
