@@ -137,9 +137,13 @@ def _check_all(outputs: dict[str, str | os.PathLike | None]) -> list[Path]:
             if path:
                 created += check_writable(path, flag)
     except InputError:
-        _remove_empty(sorted(set(created), key=lambda d: len(d.parts)))
+        _remove_empty(_shallowest_first(created))
         raise
-    return sorted(set(created), key=lambda d: len(d.parts))
+    return _shallowest_first(created)
+
+
+def _shallowest_first(folders: list[Path]) -> list[Path]:
+    return sorted(set(folders), key=lambda d: len(d.parts))
 
 
 def check_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
