@@ -15,8 +15,10 @@ real ones and nothing is downloaded. One run prints:
 - the model-only limits measured in the same process (YOLO forward at the detect batch, CLIP
   encode_image at the crop batch; bf16 autocast on CUDA) and each stage's ratio to its limit;
 - CPU-side proxies that need no GPU: main-process CPU ms per image (time.process_time of this
-  process over the stage loop, in total and outside the model forwards) and bytes per image moved
-  host -> device;
+  process over the stage loop, in total and outside the model forwards and device-side ops: the
+  "host side", split into the main thread's, the shard writer thread's and the rest, mostly
+  torch's CPU thread pool spin-waiting after each CPU forward; `--threads 1` leaves that out, as
+  a GPU run does) and bytes per image moved host -> device;
 - on CPU: a naive reference loop on a subset (one image at a time, one crop at a time, prompts
   re-encoded for every image) and the speed-up, the CLIP image tower's FLOP rate against this
   machine's fp32 matmul rate, and peak RSS for 1x and Fx the input (each in a fresh subprocess).
@@ -251,9 +253,12 @@ class ForwardMeter:
 
     def __init__(self) -> None:
         self.cpu = {"yolo": 0.0, "clip": 0.0, "device_ops": 0.0}
+        # Thread CPU: the main thread's inside the metered calls, the shard writer's in total.
+        self.thread = {"main_metered": 0.0, "writer": 0.0}
         self.elements = {"yolo": 0, "clip": 0}
         self.bytes = {"yolo": 0, "clip": 0}
         self._patched: list[tuple[Any, str, Any]] = []
+        self._depth = 0  # metered calls nested in the main thread count once
 
     def _wrap(self, owner: Any, name: str, key: str, method: bool = True) -> None:
         original = owner.__dict__.get(name)
@@ -262,11 +267,16 @@ class ForwardMeter:
         meter = self
 
         def timed(*args, **kwargs):
-            t = time.process_time()
+            outermost = meter._depth == 0 and threading.current_thread() is threading.main_thread()
+            meter._depth += outermost
+            t, t_main = time.process_time(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 meter.cpu[key] += time.process_time() - t
+                if outermost:
+                    meter.thread["main_metered"] += time.thread_time() - t_main
+                    meter._depth -= 1
                 if key in meter.elements:
                     x = args[1]
                     meter.elements[key] += int(x.numel())
@@ -296,7 +306,27 @@ class ForwardMeter:
             normaliser = getattr(module, "Normaliser", None)
             if normaliser is not None:
                 self._wrap(normaliser, "__call__", "device_ops")
+        self._time_writer()
         return self
+
+    def _time_writer(self) -> None:
+        """The shard writer thread's CPU (it runs `ShardLabeler._write_shard` only)."""
+        from pipeline.label import ShardLabeler
+
+        original = ShardLabeler.__dict__.get("_write_shard")
+        if original is None:
+            return
+        meter = self
+
+        def timed(*args, **kwargs):
+            t = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                meter.thread["writer"] += time.thread_time() - t
+
+        ShardLabeler._write_shard = timed
+        self._patched.append((ShardLabeler, "_write_shard", original))
 
     def __exit__(self, *exc: Any) -> None:
         for owner, name, original in reversed(self._patched):
@@ -304,7 +334,11 @@ class ForwardMeter:
         self._patched.clear()
 
     def snapshot(self) -> dict[str, float]:
-        return {**{f"cpu_{k}": v for k, v in self.cpu.items()}, **self._counts()}
+        return {
+            **{f"cpu_{k}": v for k, v in self.cpu.items()},
+            **{f"thread_{k}": v for k, v in self.thread.items()},
+            **self._counts(),
+        }
 
     def _counts(self) -> dict[str, float]:
         return {
@@ -392,11 +426,12 @@ def measured(device: str, meter: ForwardMeter):
     sampler = GpuSampler(device)
     with sampler:
         sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, main0 = time.perf_counter(), time.process_time(), time.thread_time()
         yield result
         sync(device)
         result["wall"] = time.perf_counter() - t0
         result["cpu"] = time.process_time() - c0
+        result["main_thread_cpu"] = time.thread_time() - main0
     after = meter.snapshot()
     result.update({k: after[k] - before[k] for k in after})
     result["gpu_util"] = sampler.mean
@@ -476,7 +511,7 @@ def run_detect(ws: dict[str, Path], args: argparse.Namespace, meter: ForwardMete
         params=detect_params,
     )  # fmt: skip
     pairs, paths = unique_images(ws["pairs"])
-    detector = ImageDetector(settings)
+    detector = ImageDetector(settings, *([args.threads] if args.threads else []))
     if args.device.startswith("cuda"):  # cudnn autotuning, allocator growth
         detector.detect(paths[: detect_params.batch_size * 2])
         for attr in ("bytes_to_device",):
@@ -509,7 +544,7 @@ def run_label(
     out = ws["root"] / "shards"
     shutil.rmtree(out, ignore_errors=True)
     job, done = plan_labeling(label_settings(ws, vocab, boxes, out, label_params, args.device))
-    labeler = ShardLabeler(job)
+    labeler = ShardLabeler(job, *([args.threads] if args.threads else []))
     if args.device.startswith("cuda"):  # warm-up on shard 0 (rewritten by the timed run)
         for s, marker in labeler.label([0]):
             done[s] = marker
@@ -784,6 +819,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="detect thresholds to time; labeling uses the first (default: 0 on CPU, 0 and "
         "0.25 on CUDA; the random detector scores ~1e-4, so 0.25 keeps no box)",
     )
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="torch CPU threads of the timed stages (0: every core). 1 leaves out the second "
+        "thread's spin-wait after each CPU forward, which a GPU run does not have",
+    )  # fmt: skip
     p.add_argument("--detect-batch", type=int, default=None, help="images per YOLO forward")
     p.add_argument("--detect-workers", type=int, default=None, help="detect DataLoader workers")
     p.add_argument("--detect-impl", default=None, help="fast | ultralytics (newer checkouts)")
@@ -825,6 +865,8 @@ def stage_figures(m: dict[str, Any], kind: str, limit_per_s: float) -> dict[str,
     key = "yolo" if kind == "detect" else "clip"
     images = m["images"]
     rate = images / m["wall"]
+    host = m["cpu"] - m[f"cpu_{key}"] - m["cpu_device_ops"]
+    main = m["main_thread_cpu"] - m["thread_main_metered"]
     if m.get("bytes_to_device") is not None:
         h2d, how = m["bytes_to_device"], "counted by the stage"
     elif kind == "detect":  # ultralytics' predictor moves the uint8 letterboxed batch
@@ -840,8 +882,11 @@ def stage_figures(m: dict[str, Any], kind: str, limit_per_s: float) -> dict[str,
         "main_cpu_ms_per_image": _per_image(m["cpu"], images, 1e3),
         "main_cpu_ms_per_image_in_forwards": _per_image(m[f"cpu_{key}"], images, 1e3),
         "main_cpu_ms_per_image_in_device_ops": _per_image(m["cpu_device_ops"], images, 1e3),
-        "main_cpu_ms_per_image_host_side": _per_image(
-            m["cpu"] - m[f"cpu_{key}"] - m["cpu_device_ops"], images, 1e3
+        "main_cpu_ms_per_image_host_side": _per_image(host, images, 1e3),
+        "host_side_ms_per_image_main_thread": _per_image(main, images, 1e3),
+        "host_side_ms_per_image_shard_writer": _per_image(m["thread_writer"], images, 1e3),
+        "host_side_ms_per_image_other_threads": _per_image(
+            host - main - m["thread_writer"], images, 1e3
         ),
         "h2d_bytes_per_image": _per_image(h2d, images),
         "h2d_method": how,
@@ -860,7 +905,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from pmu.runtime import set_threads
 
-    threads = set_threads()
+    threads = set_threads(args.threads or None)
     tmp = None
     if args.workdir:
         root = Path(args.workdir)
@@ -877,7 +922,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         limits = model_limits(args)
         print(f"model-only limits: {json.dumps({k: round(v, 1) for k, v in limits.items()})}")
-        set_threads()
+        set_threads(args.threads or None)
         with ForwardMeter() as meter:
             detects = {}
             for conf in args.detect_conf:
@@ -1010,6 +1055,9 @@ def print_report(f: dict[str, Any]) -> None:
         ("  in model forwards", "main_cpu_ms_per_image_in_forwards"),
         ("  in device-side pre/post ops", "main_cpu_ms_per_image_in_device_ops"),
         ("  host side (the rest)", "main_cpu_ms_per_image_host_side"),
+        ("    main thread", "host_side_ms_per_image_main_thread"),
+        ("    shard writer thread", "host_side_ms_per_image_shard_writer"),
+        ("    other threads (torch pool)", "host_side_ms_per_image_other_threads"),
         ("host->device bytes/image", "h2d_bytes_per_image"),
     ]
     width = max(len(r[0]) for r in rows) + 2

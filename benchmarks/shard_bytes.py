@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -216,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", help="tiny | base-random")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu | cuda (run-to-run identity on a GPU)")
-    p.add_argument("--workdir", default="", help="keep the files here (default: temp dir)")
+    p.add_argument(
+        "--workdir", default="",
+        help="keep the files here (default: $TMPDIR/pmu-shard-bytes, removed after); give both "
+        "sides the same folder, since the manifest hashes the absolute image paths",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.preset != "tiny":
         import label_throughput as bench
@@ -225,10 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     from pmu.runtime import set_threads
 
     set_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="pmu-bytes-") as tmp:
-        root = Path(args.workdir or tmp)
-        root.mkdir(parents=True, exist_ok=True)
+    # One fixed folder by default: pairs.parquet holds absolute image paths and the manifest
+    # hashes it, so both sides must build their inputs at the same path.
+    root = Path(args.workdir or Path(tempfile.gettempdir()) / "pmu-shard-bytes")
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    try:
         digests = run(root, args.preset, args.threads, args.device)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
     Path(args.out).write_text(
         json.dumps(digests, indent=1, sort_keys=True) + "\n", encoding="utf-8"
     )

@@ -24,10 +24,17 @@ class ImageDetector:
 
     def __init__(self, settings: DetectSettings, threads: int | None = None) -> None:
         from pipeline.models import load_detector
-        from pmu.runtime import auto_workers, select_device, set_threads, start_worker_server
+        from pmu.runtime import (
+            auto_workers,
+            keep_freed_memory,
+            select_device,
+            set_threads,
+            start_worker_server,
+        )
 
         params = settings.params
         params.check()
+        keep_freed_memory()  # batch tensors reuse heap pages instead of mmap + munmap each time
         self.params = params
         set_threads(threads)
         self.dev = select_device(settings.device)

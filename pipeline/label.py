@@ -175,9 +175,16 @@ class ShardLabeler:
         from pipeline.clip_inputs import ClipInputSpec, Normaliser
         from pipeline.models import load_clip
         from pipeline.prompts import load_prompts
-        from pmu.runtime import auto_workers, select_device, set_threads, start_worker_server
+        from pmu.runtime import (
+            auto_workers,
+            keep_freed_memory,
+            select_device,
+            set_threads,
+            start_worker_server,
+        )
 
         self.job, self.params = job, job.params
+        keep_freed_memory()  # batch tensors reuse heap pages instead of mmap + munmap each time
         self.threads = set_threads(threads)
         torch.manual_seed(self.params.seed)
         self.dev = select_device(job.settings.device)

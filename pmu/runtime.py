@@ -123,6 +123,39 @@ def auto_workers(requested: int, device, cpu_default: int) -> int:
     return cpu_default
 
 
+MALLOC_VAR = "PMU_MALLOC"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+_KEEP_FREED_BYTES = 2**31 - 1  # trim the heap only above 2 GiB free at its top (mallopt's int)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed blocks instead of returning them to the kernel.
+
+    By default glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
+    `mmap` and gives it back with `munmap` when it is freed: each batch's image tensors, YOLO
+    activations and crop batches are mapped, zero-filled page by page on first touch (one page
+    fault per 4 KiB) and unmapped again. On the labeling stages' main process that kernel time
+    was 60-80 % of the CPU left outside the model and the device-side ops (docs/labeling.md).
+    Here large blocks come from the heap and freed memory stays in it, so the next batch reuses
+    pages already mapped. Peak RSS stays the high-water mark of one batch's working set; the
+    memory is not handed back to the system until the process ends.
+
+    Applies to this process only (workers start fresh), on glibc only; `PMU_MALLOC=system`
+    keeps glibc's defaults. Returns whether the setting was applied. Results are unchanged:
+    only where the allocator takes memory from changes."""
+    import ctypes
+    import platform
+
+    choice = os.environ.get(MALLOC_VAR, "").strip().lower() or "reuse"
+    if choice not in {"reuse", "system"}:
+        raise InputError(f"{MALLOC_VAR} must be reuse or system, got {choice!r}", "unset it")
+    if choice == "system" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+
+
 WORKER_START_VAR = "PMU_WORKER_START"
 
 

@@ -150,3 +150,82 @@ def test_worker_start_and_counts_do_not_change_the_bytes(inputs, tmp_path, monke
     raws = list(shards.iter_raw_samples(tar))
     assert len(raws) == 4 and all(len(r) == 8 for r in raws)  # 7 members + __key__
     assert io.BytesIO(raws[0]["jpg"]).read(2) == b"\xff\xd8"
+
+
+_FAULTS_OF_REPEATED_BATCHES = """
+import ctypes, resource
+from pmu import runtime
+applied = runtime.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+def batch():  # one 64 MiB batch tensor: allocated, filled, freed
+    block = libc.malloc(1 << 26)
+    ctypes.memset(block, 1, 1 << 26)
+    libc.free(block)
+batch()  # the first batch maps its pages either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    batch()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(monkeypatch, choice: str) -> tuple[str, int]:
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(runtime.MALLOC_VAR, choice)
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS_OF_REPEATED_BATCHES],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return out[0], int(out[1])
+
+
+def test_freed_batches_reuse_their_pages(monkeypatch):
+    """With glibc's defaults every 64 MiB block is mapped and zero-faulted afresh; kept, the
+    next block reuses the pages (the kernel time that dominated the host side)."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator setting applies to glibc only")
+    applied, kept = _faults(monkeypatch, "reuse")
+    default, system = _faults(monkeypatch, "system")
+    assert (applied, default) == ("True", "False")
+    assert system >= 5 * 32  # at least one fault per 2 MiB page (transparent huge pages)
+    assert kept < system // 10
+    monkeypatch.setenv(runtime.MALLOC_VAR, "jemalloc")
+    with pytest.raises(InputError, match="PMU_MALLOC"):
+        runtime.keep_freed_memory()
+
+
+_LABEL_IN_A_FRESH_PROCESS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from test_label import _label
+paths = {k: Path(v) for k, v in json.loads(sys.argv[2]).items()}
+_label(paths, Path(sys.argv[3]), params={"decode": sys.argv[4]})
+"""
+
+
+@pytest.mark.parametrize("decode", ["device", "workers"])
+def test_the_allocator_setting_does_not_change_the_bytes(inputs, tmp_path, monkeypatch, decode):
+    """A process on glibc's default allocator writes the shards this one writes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _label(inputs, tmp_path / "reuse", params={"decode": decode})
+    monkeypatch.setenv(runtime.MALLOC_VAR, "system")
+    paths = json.dumps({k: str(v) for k, v in inputs.items() if isinstance(v, Path)})
+    tests = Path(__file__).parent
+    monkeypatch.setenv("PYTHONPATH", str(tests.parent))
+    script = [sys.executable, "-c", _LABEL_IN_A_FRESH_PROCESS]
+    subprocess.run(
+        [*script, str(tests), paths, str(tmp_path / "system"), decode],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    assert _folder_bytes(tmp_path / "system") == _folder_bytes(tmp_path / "reuse")
