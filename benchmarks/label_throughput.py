@@ -153,7 +153,7 @@ def build_vocab(ws: dict[str, Path], m: int, l: int, device: str = "cpu") -> dic
         rewrite = True
     names = [e["name"] for e in doc["entities"]][:m]
     if rewrite or len(names) < m:  # the sample's captions have ~150 distinct nouns
-        extra = (w for _, label in read_snapshot() for w in label.split() if len(w) > 2)
+        extra = (w for prop in read_snapshot() for w in prop.label.split() if len(w) > 2)
         for word in extra:
             if len(names) >= m:
                 break

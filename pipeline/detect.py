@@ -34,7 +34,7 @@ class ImageDetector:
 
         params = settings.params
         params.check()
-        keep_freed_memory()  # batch tensors reuse heap pages instead of mmap + munmap each time
+        keep_freed_memory()  # PMU_MALLOC=reuse: batch tensors reuse heap pages, no mmap + munmap
         self.params = params
         set_threads(threads)
         self.dev = select_device(settings.device)

@@ -212,20 +212,20 @@ _label(paths, Path(sys.argv[3]), params={"decode": sys.argv[4]})
 
 @pytest.mark.parametrize("decode", ["device", "workers"])
 def test_the_allocator_setting_does_not_change_the_bytes(inputs, tmp_path, monkeypatch, decode):
-    """A process on glibc's default allocator writes the shards this one writes."""
+    """A process that reuses freed memory writes the shards one on glibc's defaults writes."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    _label(inputs, tmp_path / "reuse", params={"decode": decode})
-    monkeypatch.setenv(runtime.MALLOC_VAR, "system")
+    _label(inputs, tmp_path / "system", params={"decode": decode})
+    monkeypatch.setenv(runtime.MALLOC_VAR, "reuse")
     paths = json.dumps({k: str(v) for k, v in inputs.items() if isinstance(v, Path)})
     tests = Path(__file__).parent
     monkeypatch.setenv("PYTHONPATH", str(tests.parent))
     script = [sys.executable, "-c", _LABEL_IN_A_FRESH_PROCESS]
     subprocess.run(
-        [*script, str(tests), paths, str(tmp_path / "system"), decode],
+        [*script, str(tests), paths, str(tmp_path / "reuse"), decode],
         check=True, capture_output=True,
     )  # fmt: skip
     assert _folder_bytes(tmp_path / "system") == _folder_bytes(tmp_path / "reuse")
