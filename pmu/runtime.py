@@ -137,8 +137,7 @@ def keep_freed_memory() -> bool:
     fault per 4 KiB) and unmapped again. On the labeling stages' main process that kernel time
     was 60-80 % of the CPU left outside the model and the device-side ops (docs/labeling.md).
     Here large blocks come from the heap and freed memory stays in it, so the next batch reuses
-    pages already mapped. Peak RSS stays the high-water mark of one batch's working set; the
-    memory is not handed back to the system until the process ends.
+    pages already mapped. Freed memory is not handed back to the system until the process ends.
 
     Opt-in (`PMU_MALLOC=reuse`; unset or `system` keeps glibc's defaults): in the benchmark the
     main process's peak RSS grew 1.20x from 1x to 10x the input with it, 1.09x without (one run
@@ -150,7 +149,10 @@ def keep_freed_memory() -> bool:
 
     choice = os.environ.get(MALLOC_VAR, "").strip().lower() or "system"
     if choice not in {"reuse", "system"}:
-        raise InputError(f"{MALLOC_VAR} must be reuse or system, got {choice!r}", "unset it")
+        raise InputError(
+            f"{MALLOC_VAR} must be reuse or system, got {choice!r}",
+            "set reuse or system, or unset it",
+        )
     if choice == "system" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
