@@ -191,8 +191,9 @@ def test_freed_batches_reuse_their_pages(monkeypatch):
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("the allocator setting applies to glibc only")
     applied, kept = _faults(monkeypatch, "reuse")
-    default, system = _faults(monkeypatch, "system")
-    assert (applied, default) == ("True", "False")
+    opted_out, system = _faults(monkeypatch, "system")
+    by_default, _ = _faults(monkeypatch, "")  # unset: reuse
+    assert (applied, opted_out, by_default) == ("True", "False", "True")
     assert system >= 5 * 32  # at least one fault per 2 MiB page (transparent huge pages)
     assert kept < system // 10
     monkeypatch.setenv(runtime.MALLOC_VAR, "jemalloc")
@@ -212,20 +213,21 @@ _label(paths, Path(sys.argv[3]), params={"decode": sys.argv[4]})
 
 @pytest.mark.parametrize("decode", ["device", "workers"])
 def test_the_allocator_setting_does_not_change_the_bytes(inputs, tmp_path, monkeypatch, decode):
-    """A process that reuses freed memory writes the shards one on glibc's defaults writes."""
+    """A process that reuses freed memory writes the shards one on glibc's defaults writes
+    (each in a fresh process: the setting is per process and the default is reuse)."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    _label(inputs, tmp_path / "system", params={"decode": decode})
-    monkeypatch.setenv(runtime.MALLOC_VAR, "reuse")
     paths = json.dumps({k: str(v) for k, v in inputs.items() if isinstance(v, Path)})
     tests = Path(__file__).parent
     monkeypatch.setenv("PYTHONPATH", str(tests.parent))
     script = [sys.executable, "-c", _LABEL_IN_A_FRESH_PROCESS]
-    subprocess.run(
-        [*script, str(tests), paths, str(tmp_path / "reuse"), decode],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    for choice in ("system", "reuse"):
+        monkeypatch.setenv(runtime.MALLOC_VAR, choice)
+        subprocess.run(
+            [*script, str(tests), paths, str(tmp_path / choice), decode],
+            check=True, capture_output=True,
+        )  # fmt: skip
     assert _folder_bytes(tmp_path / "system") == _folder_bytes(tmp_path / "reuse")
