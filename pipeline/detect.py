@@ -34,7 +34,7 @@ class ImageDetector:
 
         params = settings.params
         params.check()
-        keep_freed_memory()  # PMU_MALLOC=reuse: batch tensors reuse heap pages, no mmap + munmap
+        keep_freed_memory()  # batches reuse heap pages, no mmap + munmap (PMU_MALLOC=system: off)
         self.params = params
         set_threads(threads)
         self.dev = select_device(settings.device)

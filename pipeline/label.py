@@ -184,7 +184,7 @@ class ShardLabeler:
         )
 
         self.job, self.params = job, job.params
-        keep_freed_memory()  # PMU_MALLOC=reuse: batch tensors reuse heap pages, no mmap + munmap
+        keep_freed_memory()  # batches reuse heap pages, no mmap + munmap (PMU_MALLOC=system: off)
         self.threads = set_threads(threads)
         torch.manual_seed(self.params.seed)
         self.dev = select_device(job.settings.device)
