@@ -654,9 +654,12 @@ def naive_label(paths: list[str], vocab: dict[str, Path], args: argparse.Namespa
             )
             prompt_seconds += time.perf_counter() - tp
             feats = F.normalize(clip.encode_image(clip_input(img)[None]), dim=-1)
-            # dense: the shards' top-k is compared against the full distribution
-            dense = torch.softmax((scale / label_params.tau) * feats @ rel_prompts.T, dim=-1)
-            rel_dense[path] = dense[0].numpy()
+            # the full distribution (k = L), back in relation order: the shards' top-k is
+            # compared against it
+            idx, prob, _, _ = soft_labels(
+                feats, rel_prompts, scale, label_params.tau, len(relations)
+            )
+            rel_dense[path] = prob[0].numpy()[np.argsort(idx[0].numpy())]
             for box in xyxy:
                 window = padded_box(box, img.width, img.height, label_params.crop_padding)
                 crop = F.normalize(clip.encode_image(clip_input(img.crop(window))[None]), dim=-1)

@@ -139,7 +139,7 @@ def keep_freed_memory() -> bool:
     Here large blocks come from the heap and freed memory stays in it, so the next batch reuses
     pages already mapped. Freed memory is not handed back to the system until the process ends.
 
-    The default (`PMU_MALLOC` unset or `reuse`; `system` keeps glibc's defaults). The heap does
+    On by default (`PMU_MALLOC` unset or `reuse`; `system` keeps glibc's defaults). The heap does
     not keep growing: in the benchmark the main process's peak RSS was 1.21x the 1x run's at 20x
     the input and 1.12x at 40x (320 images, 40 shards), against 1.10x at 40x with glibc's
     defaults (docs/labeling.md). Applies to this process only (workers start fresh), on glibc
